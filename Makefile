@@ -1,0 +1,47 @@
+# Two commands set everything up: `make demo` and `make test` (see README.md).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# pytest-xdist workers; the suite's slow end-to-end checks run in parallel with the rest.
+TEST_WORKERS ?= 3
+
+.PHONY: install demo test lint format serve worker browser clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch is pinned to the build on this machine's disk; install it first so pip never
+	# reaches for a newer multi-gigabyte release.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) manage.py demo
+
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not found: browser tests will be skipped (apt-get install chromium)"; }
+
+test: install browser
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+serve: install
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py collectstatic --noinput -v0
+	$(VENV)/bin/gunicorn study_site.wsgi --bind 127.0.0.1:8000 --workers $$(( $$(nproc) * 2 + 1 )) --access-logfile -
+
+worker: install
+	$(VENV)/bin/celery -A study_site worker -Q default,gpu --concurrency 1 -l info
+
+clean:
+	rm -rf $(VENV) var

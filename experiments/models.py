@@ -1,0 +1,259 @@
+"""The study platform's data: collections of pairs, retrieval systems, studies, plans, answers.
+
+A *pair* is one music video: its muted picture is the video item, its soundtrack the music
+item. A *system* is one retrieval system under study (an engine model trained or loaded here,
+a baseline, or results a researcher uploaded); a study compares one or more systems with
+people. Candidate kinds are 'G' (the query's ground truth), 'R' (random) or a system's label
+('S' in a one-system study, 'S1', 'S2', … otherwise).
+"""
+
+import secrets
+
+from django.db import models
+from django.db.models import Q
+
+
+def new_token() -> str:
+    """An unguessable URL-safe token (192 bits)."""
+    return secrets.token_urlsafe(24)
+
+
+def new_media_token() -> str:
+    """Opaque media id: says nothing about the pair, the modality or the item's role."""
+    return secrets.token_hex(16)
+
+
+class Direction(models.TextChoices):
+    V2M = "V2M", "video → music"
+    M2V = "M2V", "music → video"
+
+
+class Split(models.TextChoices):
+    TRAIN = "train", "train"
+    VAL = "val", "validation"
+    TEST = "test", "test"
+
+
+class Collection(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    source = models.CharField(
+        max_length=1000, blank=True, help_text="Folder or manifest imported from"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return self.name
+
+
+class Pair(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        READY = "ready"
+        FAILED = "failed"
+
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="pairs")
+    key = models.CharField(max_length=300, help_text="Stable name from the source (file stem)")
+    title = models.CharField(max_length=300, blank=True)
+    genre = models.CharField(max_length=100, blank=True)
+    split = models.CharField(max_length=5, choices=Split.choices, default=Split.TRAIN)
+    source_video = models.CharField(max_length=1000, blank=True)
+    source_music = models.CharField(max_length=1000, blank=True)
+    video_file = models.FileField(upload_to="items/", blank=True)  # muted web video
+    music_file = models.FileField(upload_to="items/", blank=True)  # audio clip
+    video_token = models.CharField(max_length=32, unique=True, default=new_media_token)
+    music_token = models.CharField(max_length=32, unique=True, default=new_media_token)
+    features_file = models.FileField(upload_to="features/", blank=True)  # npz: music, frames
+    duration_s = models.FloatField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["collection", "key"], name="pair_key_unique"),
+        ]
+        indexes = [models.Index(fields=["collection", "split", "status"])]
+        ordering = ["collection", "key"]
+
+    def __str__(self):
+        return f"{self.collection}/{self.key}"
+
+
+class System(models.Model):
+    """A retrieval system: an engine model (VM-NET or a baseline) or uploaded results."""
+
+    class Kind(models.TextChoices):
+        VMNET = "vmnet", "VM-NET"
+        CCA = "cca", "CCA"
+        PCA = "pca", "PCA"
+        PLSSVD = "plssvd", "PLSSVD"
+        PLS = "pls", "PLS-canonical"
+        EXTERNAL = "external", "uploaded results"
+
+    class Status(models.TextChoices):
+        NEW = "new"
+        RUNNING = "running"
+        READY = "ready"
+        FAILED = "failed"
+
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="systems")
+    name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.VMNET)
+    config = models.JSONField(default=dict, blank=True)
+    checkpoint = models.FileField(upload_to="systems/", blank=True)
+    embeddings = models.FileField(upload_to="systems/", blank=True)  # npz: keys, video, music
+    metrics = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.NEW)
+    progress = models.FloatField(default=0.0)
+    message = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["collection", "name"], name="system_name_unique"),
+        ]
+
+    def __str__(self):
+        return f"{self.name} ({self.get_kind_display()})"
+
+
+class SearchResult(models.Model):
+    """Rank `rank` (1 = best) of `system` for `query`'s item in `direction`."""
+
+    system = models.ForeignKey(System, on_delete=models.CASCADE, related_name="results")
+    direction = models.CharField(max_length=3, choices=Direction.choices)
+    query = models.ForeignKey(Pair, on_delete=models.CASCADE, related_name="+")
+    rank = models.PositiveSmallIntegerField()
+    result = models.ForeignKey(Pair, on_delete=models.CASCADE, related_name="+")
+    score = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["system", "direction", "query", "rank"], name="result_rank_unique"
+            ),
+            models.CheckConstraint(condition=Q(rank__gte=1), name="result_rank_positive"),
+        ]
+        ordering = ["system", "direction", "query", "rank"]
+
+
+class Study(models.Model):
+    class Status(models.TextChoices):
+        DRAFT = "draft"
+        PREPARING = "preparing"
+        READY = "ready"
+        OPEN = "open"
+        CLOSED = "closed"
+        FAILED = "failed"
+
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=100, unique=True)
+    collection = models.ForeignKey(Collection, on_delete=models.PROTECT, related_name="studies")
+    systems = models.ManyToManyField(System, through="StudySystem", related_name="studies")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.DRAFT)
+    progress = models.FloatField(default=0.0)
+    message = models.TextField(blank=True)
+    # Plan configuration
+    per_type = models.PositiveSmallIntegerField(
+        default=20, help_text="Questions per pair type and direction"
+    )
+    comparisons = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Pair types to ask, e.g. [["G","R"],["G","S"],["S","R"]]; empty = the default for the systems',
+    )
+    seed = models.PositiveIntegerField(default=0)
+    # Participant pages
+    language = models.CharField(max_length=10, default="en")
+    instructions = models.TextField(blank=True)
+    consent_text = models.TextField(blank=True)
+    require_consent = models.BooleanField(default=False)
+    play_before_answer = models.BooleanField(default=False)
+    completion_code = models.CharField(max_length=100, blank=True)
+    redirect_url = models.URLField(max_length=500, blank=True)
+    external_id_param = models.CharField(max_length=50, default="PROLIFIC_PID", blank=True)
+    join_token = models.CharField(max_length=64, unique=True, default=new_token)
+    join_cap = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Max subjects from the join link"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "studies"
+
+    def __str__(self):
+        return self.name
+
+
+class StudySystem(models.Model):
+    study = models.ForeignKey(Study, on_delete=models.CASCADE)
+    system = models.ForeignKey(System, on_delete=models.PROTECT)
+    label = models.CharField(
+        max_length=10, default="S", help_text="'S' for one system, else S1, S2, …"
+    )
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["study", "label"], name="study_label_unique"),
+            models.UniqueConstraint(fields=["study", "system"], name="study_system_unique"),
+        ]
+
+
+class Subject(models.Model):
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="subjects")
+    token = models.CharField(max_length=64, unique=True, default=new_token)
+    ordinal = models.PositiveIntegerField(help_text="Index within the study (rotates pair types)")
+    external_id = models.TextField(blank=True)
+    meta = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    consented_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    last_seen = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["study", "ordinal"], name="subject_ordinal_unique"),
+        ]
+
+    def __str__(self):
+        return f"{self.study.slug} #{self.ordinal}"
+
+
+class Question(models.Model):
+    subject = models.ForeignKey(Subject, on_delete=models.CASCADE, related_name="questions")
+    position = models.PositiveSmallIntegerField(help_text="1-based")
+    direction = models.CharField(max_length=3, choices=Direction.choices)
+    pair_type = models.CharField(max_length=20, help_text="e.g. GR, GS, SR, S1-S2")
+    query = models.ForeignKey(Pair, on_delete=models.PROTECT, related_name="+")
+    option_a = models.ForeignKey(Pair, on_delete=models.PROTECT, related_name="+")
+    option_b = models.ForeignKey(Pair, on_delete=models.PROTECT, related_name="+")
+    kind_a = models.CharField(max_length=10)
+    kind_b = models.CharField(max_length=10)
+    machine = models.JSONField(
+        default=dict, blank=True, help_text="Machine judges: label → 'a'|'b'"
+    )
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["subject", "position"], name="question_position_unique"
+            ),
+            models.CheckConstraint(
+                condition=~Q(option_a=models.F("option_b")), name="options_differ"
+            ),
+        ]
+        ordering = ["subject", "position"]
+
+
+class Response(models.Model):
+    question = models.OneToOneField(Question, on_delete=models.CASCADE, related_name="response")
+    subject = models.ForeignKey(Subject, on_delete=models.CASCADE, related_name="responses")
+    choice = models.CharField(max_length=1, choices=[("a", "A"), ("b", "B")])
+    chosen_kind = models.CharField(max_length=10)
+    response_ms = models.PositiveIntegerField(null=True, blank=True)
+    behaviour = models.JSONField(default=dict, blank=True)
+    answered_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(choice__in=["a", "b"]), name="choice_a_or_b")
+        ]

@@ -1,0 +1,158 @@
+"""Shared fixtures: a real Redis and a real Celery worker process, both per test session.
+
+Tests that use the worker need `transactional_db` (the worker is another process and only
+sees committed rows). The worker gets the test database's URL and the test media folder.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A redis-server of our own on a free port; REDIS_URL when no binary is installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+        if not _redis_answers(url):
+            pytest.fail(f"no redis-server binary and nothing answers at {url}")
+        yield url
+        return
+    port = _free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while not _redis_answers(url):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("redis-server did not start")
+        time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def media_root(tmp_path_factory):
+    """Every test session writes media under its own temporary folder."""
+    from django.test import override_settings
+
+    path = tmp_path_factory.mktemp("media")
+    with override_settings(MEDIA_ROOT=str(path)):
+        yield path
+
+
+def subprocess_database_url() -> str:
+    """The URL of the database this test session uses (the test database, once set up)."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    if s["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{s['NAME']}"
+    auth = s["USER"] + (f":{s['PASSWORD']}" if s.get("PASSWORD") else "")
+    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+class Worker:
+    def __init__(self, proc, log: Path, env: dict):
+        self.proc, self.log, self.env = proc, log, env
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def celery_worker(redis_url, media_root, django_db_setup, django_db_blocker, tmp_path_factory):
+    """A real `celery worker` process on the default and gpu queues."""
+    from study_site.celery import app, ping
+
+    with django_db_blocker.unblock():
+        db_url = subprocess_database_url()
+    app.conf.update(broker_url=redis_url, result_backend=redis_url, task_always_eager=False)
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": db_url,
+        "MEDIA_ROOT": str(media_root),
+        "CELERY_ALWAYS_EAGER": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "study_site",
+                "worker",
+                "-Q",
+                "default,gpu",
+                "--concurrency",
+                "1",
+                "-l",
+                "info",
+                "--without-gossip",
+                "--without-mingle",
+                "-n",
+                f"test-{uuid.uuid4().hex[:8]}@%h",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        ping.delay("ready").get(timeout=120)
+    except Exception:
+        proc.kill()
+        pytest.fail("celery worker did not answer:\n" + log.read_text(errors="replace")[-3000:])
+    yield Worker(proc, log, env)
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
