@@ -20,3 +20,13 @@ app.autodiscover_tasks()
 def ping(value):
     """Round-trip check used by the tests and the demo to prove a worker is listening."""
     return {"pong": value, "pid": os.getpid()}
+
+
+def redis_answers(url: str) -> bool:
+    """Whether a Redis server answers PING at `url` within a second."""
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False

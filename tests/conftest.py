@@ -24,22 +24,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _redis_answers(url: str) -> bool:
-    import redis
-
-    try:
-        return redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """A redis-server of our own on a free port; REDIS_URL when no binary is installed."""
+    from study_site.celery import redis_answers
+
     binary = shutil.which("redis-server")
     if binary is None:
         url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-        if not _redis_answers(url):
+        if not redis_answers(url):
             pytest.fail(f"no redis-server binary and nothing answers at {url}")
         yield url
         return
@@ -64,7 +57,7 @@ def redis_url(tmp_path_factory):
     )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 20
-    while not _redis_answers(url):
+    while not redis_answers(url):
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
             pytest.fail("redis-server did not start")

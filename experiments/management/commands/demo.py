@@ -1,0 +1,232 @@
+"""`python manage.py demo`: prepare a real study end to end and serve it.
+
+Generates the engine's synthetic corpus of music videos, imports it, trains VM-NET and a CCA
+baseline through the Celery worker, prepares a study, creates an admin user and 3 subjects,
+then serves the site and the worker until Ctrl-C. A second run reuses what is prepared.
+"""
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from experiments.models import Collection, Pair, Study, StudySystem, System
+from study_site.celery import app, redis_answers
+
+DEMO = "demo"
+
+
+class Command(BaseCommand):
+    help = "Prepare the demo study (corpus, import, training, study, subjects) and serve it."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--no-serve", action="store_true", help="Prepare, print, and exit.")
+        parser.add_argument("--pairs", type=int, default=400, help="Music videos to generate.")
+        parser.add_argument("--test", type=int, default=100, help="Of which held out for testing.")
+        parser.add_argument("--per-type", type=int, default=20)
+        parser.add_argument("--subjects", type=int, default=3)
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+
+    def handle(self, *args, **opts):
+        started = time.monotonic()
+        self.children: list[subprocess.Popen] = []
+        try:
+            self.redis_url = self._ensure_redis()
+            if self.redis_url:
+                self._start_worker()
+            self._prepare(opts)
+            self._report(opts, time.monotonic() - started)
+            if not opts["no_serve"]:
+                self._serve(opts)
+        except KeyboardInterrupt:
+            self.stdout.write("\nStopping.")
+        finally:
+            self._stop_children()
+
+    # --- services -------------------------------------------------------------------------
+
+    def _ensure_redis(self) -> str | None:
+        """Use the configured Redis; else start a local redis-server; else run tasks in-process."""
+        url = settings.CELERY_BROKER_URL
+        if redis_answers(url):
+            self.stdout.write(f"Redis: using {url}")
+            return url
+        binary = shutil.which("redis-server")
+        parsed = urlparse(url)
+        if binary and parsed.hostname in {"localhost", "127.0.0.1", "::1"}:
+            port = parsed.port or 6379
+            log = Path(settings.VAR_DIR) / "redis.log"
+            self.children.append(
+                subprocess.Popen(
+                    [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(settings.VAR_DIR)],
+                    stdout=log.open("w"), stderr=subprocess.STDOUT,
+                )
+            )  # fmt: skip
+            for _ in range(100):
+                if redis_answers(url):
+                    self.stdout.write(
+                        f"Redis: none was running; started redis-server on port {port}"
+                    )
+                    return url
+                time.sleep(0.1)
+        self.stdout.write(
+            self.style.WARNING(
+                f"Redis: nothing answers at {url} and no redis-server could be started "
+                "(install it with `apt-get install redis-server`, or set REDIS_URL). "
+                "Tasks run in-process instead of on a Celery worker."
+            )
+        )
+        app.conf.task_always_eager = True
+        os.environ["CELERY_ALWAYS_EAGER"] = "1"
+        return None
+
+    def _start_worker(self):
+        log = Path(settings.VAR_DIR) / "worker.log"
+        self.children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "study_site", "worker", "-Q", "default,gpu",
+                 "--concurrency", str(os.cpu_count() or 1), "-l", "info", "-n", "demo@%h"],
+                cwd=settings.BASE_DIR, stdout=log.open("a"), stderr=subprocess.STDOUT,
+            )
+        )  # fmt: skip
+        from study_site.celery import ping
+
+        ping.delay("demo").get(timeout=120)
+        self.stdout.write(f"Celery worker: queues default,gpu (log: {log})")
+
+    def _stop_children(self):
+        for child in reversed(self.children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    # --- preparation ----------------------------------------------------------------------
+
+    def _prepare(self, opts):
+        from engine.corpus import make_demo_corpus
+
+        corpus = Path(settings.VAR_DIR) / "demo" / "corpus"
+        collection = Collection.objects.filter(name=DEMO).first()
+        ready = collection and collection.pairs.filter(status=Pair.Status.READY).count()
+        if not ready:
+            if len(list(corpus.glob("*.mp4"))) < opts["pairs"]:
+                self.stdout.write(f"Generating {opts['pairs']} synthetic music videos in {corpus}")
+                make_demo_corpus(corpus, opts["pairs"], seed=0)
+            call_command("import_collection", DEMO, str(corpus), "--test", str(opts["test"]))
+            collection = Collection.objects.get(name=DEMO)
+
+        vmnet, _ = System.objects.get_or_create(
+            collection=collection, name="VM-NET", defaults={"kind": System.Kind.VMNET}
+        )
+        System.objects.get_or_create(
+            collection=collection, name="CCA", defaults={"kind": System.Kind.CCA}
+        )
+        study, created = Study.objects.get_or_create(
+            slug=DEMO,
+            defaults={
+                "name": "Demo: which music suits this video?",
+                "collection": collection,
+                "per_type": opts["per_type"],
+                "instructions": (
+                    "You will see a video or hear a piece of music, then two candidates. "
+                    "Pick the candidate that suits it better. There are no right answers."
+                ),
+                "completion_code": "DEMO-DONE",
+            },
+        )
+        if created:
+            StudySystem.objects.create(study=study, system=vmnet, label="S")
+        if study.status in {Study.Status.DRAFT, Study.Status.FAILED, Study.Status.PREPARING}:
+            call_command("prepare_study", DEMO, "--wait")
+            study.refresh_from_db()
+        if study.status == Study.Status.FAILED:
+            raise CommandError(f"study preparation failed: {study.message}")
+        baseline = System.objects.get(collection=collection, name="CCA")
+        if baseline.status != System.Status.READY:
+            from experiments.tasks import gpu_train_system
+
+            gpu_train_system.delay(baseline.id).get(timeout=600)
+        if study.status == Study.Status.READY:
+            study.status = Study.Status.OPEN
+            study.save(update_fields=["status"])
+
+        self.password = self._admin_password()
+        from experiments.subjects import create_subjects
+
+        missing = opts["subjects"] - study.subjects.count()
+        if missing > 0:
+            create_subjects(study, missing)
+        self.study = study
+
+    def _admin_password(self) -> str:
+        path = Path(settings.VAR_DIR) / "demo" / "admin-password"
+        User = get_user_model()
+        if path.exists() and User.objects.filter(username="admin").exists():
+            return path.read_text().strip()
+        password = secrets.token_urlsafe(12)
+        user, _ = User.objects.get_or_create(
+            username="admin", defaults={"email": "admin@localhost"}
+        )
+        user.is_staff = user.is_superuser = True
+        user.set_password(password)
+        user.save()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(password)
+        path.chmod(0o600)
+        return password
+
+    def _report(self, opts, seconds):
+        from experiments.subjects import subject_url
+
+        base = f"http://{opts['host']}:{opts['port']}"
+        study = self.study
+        out = self.stdout.write
+        out("")
+        out(self.style.SUCCESS(f"Demo ready in {seconds:.0f} s."))
+        out(f"Admin:    {base}/admin/   user: admin   password: {self.password}")
+        out("Participant links:")
+        for subject in study.subjects.order_by("ordinal")[: opts["subjects"]]:
+            out(f"  {subject_url(subject, base)}")
+        out("")
+        out("Retrieval on the held-out test pairs (Recall@K, %):")
+        out(f"  {'system':<10} {'dir':<4} {'R@1':>6} {'R@10':>6} {'R@25':>6}")
+        n_test = study.collection.pairs.filter(split="test", status=Pair.Status.READY).count()
+        for system in System.objects.filter(collection=study.collection).order_by("id"):
+            test = system.metrics.get("test", {})
+            for direction in ("V2M", "M2V"):
+                recall = test.get(direction, {})
+                cells = " ".join(f"{100 * recall.get(str(k), 0):6.1f}" for k in (1, 10, 25))
+                out(f"  {system.name:<10} {direction:<4} {cells}")
+        if n_test:
+            chance = " ".join(f"{100 * min(k / n_test, 1):6.1f}" for k in (1, 10, 25))
+            out(f"  {'chance':<10} {'':<4} {chance}")
+        out("")
+
+    def _serve(self, opts):
+        addr = f"{opts['host']}:{opts['port']}"
+        self.children.append(
+            subprocess.Popen(
+                [sys.executable, "manage.py", "runserver", addr, "--noreload"],
+                cwd=settings.BASE_DIR,
+            )
+        )
+        self.stdout.write(f"Web: http://{addr}/  (Ctrl-C stops the web server and the worker)")
+        while all(child.poll() is None for child in self.children):
+            time.sleep(0.5)
+        raise CommandError("a demo process stopped unexpectedly; see var/worker.log")
