@@ -65,7 +65,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",
+    "study_site.middleware.ContentSecurityPolicyMiddleware",
 ]
+ADMIN_URL_PREFIX = "admin/"
 
 ROOT_URLCONF = "study_site.urls"
 WSGI_APPLICATION = "study_site.wsgi.application"
