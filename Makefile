@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pytest-xdist workers; the suite's slow end-to-end checks run in parallel with the rest.
 TEST_WORKERS ?= 3
 
-.PHONY: install demo test lint format serve worker browser clean
+.PHONY: install demo test lint format serve worker system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,16 @@ install: $(STAMP)
 demo: install
 	$(PY) manage.py demo
 
-browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not found: browser tests will be skipped (apt-get install chromium)"; }
+# Debian packages the tests use: Chromium (browser tests) and real songs (feature parity).
+SYSTEM_PACKAGES := chromium fretsonfire-songs-sectoid
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "not installed: $$missing (tests that need them are skipped; sudo apt-get install $$missing)"; fi; \
+	fi
 
-test: install browser
+test: install system-deps
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: install
