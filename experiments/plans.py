@@ -1,0 +1,198 @@
+"""Question plans: which query and which two candidates each question of a subject shows.
+
+A pure function of the collection's test items, the systems' ranked search results, the study's
+configuration, a seed and the subject's ordinal (no database), so that it can be tested on its
+own and every plan can be regenerated exactly. DESIGN.md ("Question plans") states the rules:
+
+- a video→music block, then a music→video block;
+- per block, `per_type` questions of every comparison, shuffled; no query twice in a block;
+- S = a system's best-ranked result that is not the query's ground truth (G);
+  R = a random test item that is neither G nor any system's S for that query;
+- a comparison that would show one item twice (two systems agree on S) is not asked for that
+  query: another query takes its place;
+- the first-named candidate is shown as A in exactly half of each comparison's questions
+  (one more or less when `per_type` is odd);
+- across subjects each query's comparison rotates: with the block's queries dealt into one
+  class per comparison (a permutation fixed by the seed), subject o asks comparison t of the
+  queries in class (t − o) mod C, so C consecutive subjects ask each query every comparison;
+  which `per_type` queries of a class are used moves on every C subjects.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+DIRECTIONS = ("V2M", "M2V")
+GROUND_TRUTH, RANDOM = "G", "R"
+IMPOSSIBLE = 1e12  # assignment cost of a query that cannot serve a comparison
+
+Comparison = tuple[str, str]
+Results = Mapping[tuple[str, str, str], Sequence[str]]
+
+
+class PlanError(ValueError):
+    """The study cannot be planned (collection too small, results missing, bad configuration)."""
+
+
+@dataclass(frozen=True)
+class PlannedQuestion:
+    position: int  # 1-based, over both blocks
+    direction: str  # 'V2M' | 'M2V'
+    pair_type: str  # 'GR', 'GS', 'SR' with one system; 'G-S1', 'S1-S2', … with several
+    query: str  # pair key of the query item (of the direction's source modality)
+    option_a: str  # pair keys of the candidates (of the other modality)
+    option_b: str
+    kind_a: str  # 'G', 'R' or a system label
+    kind_b: str
+
+
+def default_comparisons(labels: Sequence[str] = ("S",)) -> list[Comparison]:
+    """The paper's G-R, G-S, S-R for each system, plus every system against every other."""
+    comparisons = [(GROUND_TRUTH, RANDOM)]
+    comparisons += [(GROUND_TRUTH, label) for label in labels]
+    comparisons += [(label, RANDOM) for label in labels]
+    comparisons += [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
+    return comparisons
+
+
+def pair_type_name(comparison: Comparison) -> str:
+    """'GR', 'GS', 'SR' for one-letter kinds (the paper's names), else 'G-S1', 'S1-S2'."""
+    first, second = comparison
+    return first + second if len(first) == len(second) == 1 else f"{first}-{second}"
+
+
+def min_test_items(per_type: int = 20, comparisons: Sequence[Comparison] | None = None) -> int:
+    """The fewest test pairs a study needs: every question of a block has its own query."""
+    return per_type * len(comparisons or default_comparisons())
+
+
+def build_plan(
+    test_keys: Sequence[str],
+    results: Results,
+    per_type: int = 20,
+    seed: int = 0,
+    ordinal: int = 0,
+    comparisons: Sequence[Sequence[str]] | None = None,
+    labels: Sequence[str] = ("S",),
+) -> list[PlannedQuestion]:
+    """The plan of subject number `ordinal` (0-based) of a study.
+
+    `results` maps (system label, direction, query key) to that system's ranked result keys.
+    Raises PlanError when the collection cannot give every question its own query.
+    """
+    labels = tuple(labels)
+    comparisons = _checked_comparisons(comparisons, labels)
+    if per_type < 1:
+        raise PlanError("per_type must be at least 1")
+    keys = sorted(set(test_keys))
+    needed = per_type * len(comparisons)
+    if len(keys) < needed:
+        raise PlanError(
+            f"The collection is too small for this study: a block asks {needed} questions "
+            f"({len(comparisons)} comparisons × {per_type}), each with its own query, but the "
+            f"test split has only {len(keys)} ready pairs."
+        )
+    plan: list[PlannedQuestion] = []
+    for d, direction in enumerate(DIRECTIONS):
+        block = _plan_block(
+            keys, results, direction, d, per_type, seed, ordinal, comparisons, labels
+        )
+        plan += [
+            PlannedQuestion(len(plan) + i + 1, direction, *question)
+            for i, question in enumerate(block)
+        ]
+    return plan
+
+
+def _checked_comparisons(comparisons, labels) -> list[Comparison]:
+    if not labels or len(set(labels)) != len(labels):
+        raise PlanError(f"System labels must be distinct and at least one: {labels!r}")
+    if {GROUND_TRUTH, RANDOM} & set(labels):
+        raise PlanError("'G' and 'R' are reserved; they cannot label a system")
+    if not comparisons:
+        return default_comparisons(labels)
+    checked = [tuple(c) for c in comparisons]
+    kinds = {GROUND_TRUTH, RANDOM, *labels}
+    for comparison in checked:
+        if len(comparison) != 2 or not set(comparison) <= kinds or comparison[0] == comparison[1]:
+            raise PlanError(
+                f"Bad comparison {list(comparison)!r}: two different kinds out of {sorted(kinds)}"
+            )
+    if len({frozenset(c) for c in checked}) != len(checked):
+        raise PlanError(f"A comparison is listed twice: {checked!r}")
+    return checked
+
+
+def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparisons, labels):
+    """One direction's questions as (pair_type, query, option_a, option_b, kind_a, kind_b)."""
+    n_types = len(comparisons)
+    # Fixed for the study (seed and direction only), so that rotation across subjects is exact.
+    order = np.random.default_rng([seed, d]).permutation(len(keys))
+    classes = [[keys[i] for i in order[c::n_types]] for c in range(n_types)]
+    rng = np.random.default_rng([seed, d, ordinal, 1])
+
+    def candidates(key):
+        """Each kind's item for this query, or None where a system has nothing to offer."""
+        found = {GROUND_TRUTH: key}
+        for label in labels:
+            ranked = results.get((label, direction, key), ())
+            found[label] = next((r for r in ranked if r != key), None)
+        return found
+
+    found_for = {key: candidates(key) for key in keys}
+
+    def feasible(key, comparison):
+        found = found_for[key]
+        shown = [found[kind] for kind in comparison if kind != RANDOM]
+        if None in shown or len(set(shown)) != len(shown):
+            return False
+        # R needs an item that is neither G nor any system's S for this query.
+        return RANDOM not in comparison or len(keys) > len({v for v in found.values() if v})
+
+    # Subject `ordinal` prefers, for comparison t, the queries of class (t - ordinal) mod C,
+    # from a window that moves on every C subjects, then any other query. An optimal
+    # assignment of queries to question slots keeps those preferences where it can and still
+    # finds queries for every slot when some comparisons are impossible for some queries.
+    position = {key: p for p, key in enumerate(keys[i] for i in order)}
+    cost = np.empty((n_types, len(keys)))
+    for t, comparison in enumerate(comparisons):
+        cls = classes[(t - ordinal) % n_types]
+        start = (ordinal // n_types) * per_type % len(cls)
+        rotated = cls[start:] + cls[:start]
+        rank = {key: r for r, key in enumerate(rotated)}
+        for i, key in enumerate(keys):
+            cost[t, i] = rank.get(key, len(keys) + position[key])
+            if not feasible(key, comparison):
+                cost[t, i] = IMPOSSIBLE
+    slots, items = linear_sum_assignment(np.repeat(cost, per_type, axis=0))
+    chosen: list[list[str]] = [[] for _ in comparisons]
+    for slot, item in zip(slots, items, strict=True):
+        t = slot // per_type
+        if cost[t, item] == IMPOSSIBLE:
+            raise PlanError(
+                f"Not enough {direction} queries for {pair_type_name(comparisons[t])} beside the "
+                f"other comparisons: every question needs its own query, and a comparison needs "
+                "queries where its candidates all differ (systems that agree on a query cannot "
+                "be compared there) and every system needs search results."
+            )
+        chosen[t].append(keys[item])
+
+    block = []
+    for t, comparison in enumerate(comparisons):
+        first_is_a = np.arange(per_type) < per_type // 2
+        if per_type % 2 and rng.random() < 0.5:
+            first_is_a = ~first_is_a
+        rng.shuffle(first_is_a)
+        for key, a_first in zip(chosen[t], first_is_a, strict=True):
+            found = dict(found_for[key])
+            if RANDOM in comparison:
+                excluded = {v for v in found.values() if v is not None}
+                pool = [k for k in keys if k not in excluded]
+                found[RANDOM] = pool[rng.integers(len(pool))]
+            kinds = comparison if a_first else comparison[::-1]
+            block.append(
+                (pair_type_name(comparison), key, found[kinds[0]], found[kinds[1]], *kinds)
+            )
+    return [block[i] for i in rng.permutation(len(block))]

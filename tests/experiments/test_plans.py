@@ -1,0 +1,171 @@
+"""Question plans obey DESIGN.md's rules, checked as properties over many seeds and sizes."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from experiments.plans import (
+    DIRECTIONS,
+    PlanError,
+    build_plan,
+    default_comparisons,
+    min_test_items,
+    pair_type_name,
+)
+
+
+def make_results(keys, labels, seed, k=5, agree=0.0):
+    """Ranked lists as a search would give them; the query's own pair is often ranked first.
+
+    Systems' best results differ, except for a share `agree` of the queries, where every
+    system returns the same list.
+    """
+    rng = np.random.default_rng(seed)
+    results = {}
+    for direction in DIRECTIONS:
+        for key in keys:
+            others = [o for o in keys if o != key]
+            shared = rng.random() < agree
+            ranking = list(rng.permutation(others)[: k + len(labels)])
+            for i, label in enumerate(labels):
+                ranked = ranking[:k] if shared else ranking[i : i + k]
+                if rng.random() < 0.3:  # the ground truth ranked first
+                    ranked = [key, *ranked]
+                results[(label, direction, key)] = ranked
+    return results
+
+
+def top_result(results, label, direction, key):
+    return next(r for r in results[(label, direction, key)] if r != key)
+
+
+def check_plan(plan, keys, results, per_type, labels):
+    comparisons = default_comparisons(labels)
+    block = per_type * len(comparisons)
+    assert [q.position for q in plan] == list(range(1, 2 * block + 1))
+    assert [q.direction for q in plan] == ["V2M"] * block + ["M2V"] * block
+    for direction in DIRECTIONS:
+        questions = [q for q in plan if q.direction == direction]
+        assert len({q.query for q in questions}) == len(questions), "a query repeats in a block"
+        assert Counter(q.pair_type for q in questions) == {
+            pair_type_name(c): per_type for c in comparisons
+        }
+        for comparison in comparisons:
+            typed = [q for q in questions if q.pair_type == pair_type_name(comparison)]
+            a_first = sum(q.kind_a == comparison[0] for q in typed)
+            assert a_first in {per_type // 2, (per_type + 1) // 2}
+            assert all({q.kind_a, q.kind_b} == set(comparison) for q in typed)
+        for q in questions:
+            assert q.option_a != q.option_b
+            assert {q.option_a, q.option_b} <= set(keys)
+            tops = {top_result(results, label, direction, q.query) for label in labels}
+            for kind, item in ((q.kind_a, q.option_a), (q.kind_b, q.option_b)):
+                if kind == "G":
+                    assert item == q.query
+                elif kind == "R":
+                    assert item != q.query and item not in tops
+                else:
+                    assert item == top_result(results, kind, direction, q.query) != q.query
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    per_type=st.integers(1, 7),
+    extra=st.integers(0, 15),
+    seed=st.integers(0, 2**32 - 1),
+    ordinal=st.integers(0, 50),
+    two_systems=st.booleans(),
+)
+def test_every_plan_follows_the_rules(per_type, extra, seed, ordinal, two_systems):
+    labels = ("S1", "S2") if two_systems else ("S",)
+    keys = [
+        f"p{i:03d}" for i in range(min_test_items(per_type, default_comparisons(labels)) + extra)
+    ]
+    results = make_results(keys, labels, seed)
+    plan = build_plan(keys, results, per_type, seed=seed, ordinal=ordinal, labels=labels)
+    check_plan(plan, keys, results, per_type, labels)
+    # Reproducible, and independent of the order the keys come in.
+    again = build_plan(keys[::-1], results, per_type, seed=seed, ordinal=ordinal, labels=labels)
+    assert again == plan
+
+
+@settings(max_examples=25, deadline=None)
+@given(per_type=st.integers(1, 6), seed=st.integers(0, 2**32 - 1), rounds=st.integers(1, 3))
+def test_pair_types_rotate_so_each_query_gets_every_type(per_type, seed, rounds):
+    comparisons = default_comparisons()
+    n_types = len(comparisons)
+    keys = [f"k{i}" for i in range(per_type * n_types * rounds)]
+    results = make_results(keys, ("S",), seed)
+    counts = Counter()
+    for ordinal in range(n_types * rounds):
+        for q in build_plan(keys, results, per_type, seed=seed, ordinal=ordinal):
+            counts[q.direction, q.query, q.pair_type] += 1
+    # Every query is asked once with every comparison, in both directions.
+    assert set(counts.values()) == {1}
+    assert len(counts) == len(keys) * n_types * 2
+
+
+def test_subjects_get_different_plans_and_a_seed_reproduces_them():
+    keys = [f"k{i}" for i in range(80)]
+    results = make_results(keys, ("S",), 1)
+    plans = [build_plan(keys, results, seed=7, ordinal=o) for o in range(3)]
+    assert plans[0] != plans[1] != plans[2]
+    assert build_plan(keys, results, seed=7, ordinal=1) == plans[1]
+    assert build_plan(keys, results, seed=8, ordinal=1) != plans[1]
+    assert (
+        len(plans[0]) == 120 and plans[0][59].direction == "V2M" and plans[0][60].direction == "M2V"
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), agree=st.floats(0.0, 0.5))
+def test_systems_that_agree_on_a_query_are_not_compared_there(seed, agree):
+    labels = ("S1", "S2")
+    per_type = 3
+    keys = [f"k{i}" for i in range(40)]
+    results = make_results(keys, labels, seed, agree=agree)
+    plan = build_plan(keys, results, per_type, seed=seed, labels=labels)
+    check_plan(plan, keys, results, per_type, labels)
+    for q in plan:
+        if q.pair_type == "S1-S2":
+            s1, s2 = (top_result(results, s, q.direction, q.query) for s in labels)
+            assert s1 != s2
+
+
+def test_too_small_a_collection_is_a_clear_error():
+    keys = [f"k{i}" for i in range(59)]
+    with pytest.raises(PlanError, match="too small.*60 questions.*only 59"):
+        build_plan(keys, make_results(keys, ("S",), 0))
+
+
+def test_systems_that_always_agree_cannot_be_compared():
+    keys = [f"k{i}" for i in range(40)]
+    results = make_results(keys, ("S1", "S2"), 0, agree=1.0)
+    with pytest.raises(PlanError, match="S1-S2"):
+        build_plan(keys, results, per_type=3, labels=("S1", "S2"))
+
+
+def test_missing_search_results_are_a_clear_error():
+    keys = [f"k{i}" for i in range(60)]
+    with pytest.raises(PlanError, match="search results"):
+        build_plan(keys, {})
+
+
+def test_custom_comparisons_and_bad_ones():
+    keys = [f"k{i}" for i in range(10)]
+    results = make_results(keys, ("S",), 3)
+    plan = build_plan(keys, results, per_type=4, comparisons=[["G", "S"], ["S", "R"]])
+    assert Counter(q.pair_type for q in plan) == {"GS": 8, "SR": 8}
+    for bad in ([["G", "G"]], [["G", "X"]], [["G", "R"], ["R", "G"]]):
+        with pytest.raises(PlanError, match="Bad comparison|listed twice"):
+            build_plan(keys, results, per_type=1, comparisons=bad)
+
+
+def test_two_system_defaults_name_their_pair_types():
+    assert [pair_type_name(c) for c in default_comparisons(("S1", "S2"))] == [
+        "GR", "G-S1", "G-S2", "S1-R", "S2-R", "S1-S2",
+    ]  # fmt: skip
+    assert [pair_type_name(c) for c in default_comparisons()] == ["GR", "GS", "SR"]
