@@ -4,4 +4,7 @@ from . import views
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("s/<str:token>/", views.subject_page, name="subject"),
+    path("join/<str:join_token>/", views.join, name="join"),
+    path("m/<str:media_token>", views.media, name="media"),
 ]

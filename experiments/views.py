@@ -1,7 +1,332 @@
-from django.http import HttpResponse
+"""Participant pages.
+
+A subject has one URL, `/s/<token>/`. As in oTree, the server decides which step is current
+(welcome → questions, with a break between the blocks → done), and every GET of that URL shows
+it, so refresh, Back and a repeated POST are harmless. Each POST names what it answers (the
+step, or the question's position); a POST for a step that is no longer current changes nothing
+and redirects to the current one. Answers are written under a lock on the subject row; the
+one-to-one constraint on `Response.question` is the last line.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+from django.db import IntegrityError, transaction
+from django.db.models import Count, Q
+from django.http import (
+    Http404,
+    HttpResponse,
+    HttpResponseBadRequest,
+    HttpResponseNotModified,
+    StreamingHttpResponse,
+)
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone, translation
+from django.utils.http import http_date
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods
+
+from .forms import AnswerForm, StartForm
+from .models import Direction, Pair, Question, Response, Study, Subject
+
+# Query parameters that crowd-sourcing platforms append to a study link, kept on entry.
+ENTRY_PARAMS = ("PROLIFIC_PID", "STUDY_ID", "SESSION_ID", "workerId", "assignmentId", "hitId")
+LAST_SEEN_EVERY_S = 60  # a GET refreshes `last_seen` at most this often (no write per view)
 
 
 def home(request):
     return HttpResponse(
         "Video–music preference studies. Participants: use the link you were given."
     )
+
+
+# --- Which step is current ---------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """What the subject should see now: 'closed', 'welcome', 'question', 'break' or 'done'."""
+
+    name: str
+    question: Question | None = None
+    answered: int = 0
+    total: int = 0
+
+
+def break_key(question: Question) -> str:
+    return f"break:{question.position}"
+
+
+def current_step(subject: Subject) -> Step:
+    counts = subject.questions.aggregate(total=Count("id"), answered=Count("response"))
+    total, answered = counts["total"], counts["answered"]
+    if subject.completed_at or (total and answered == total):
+        return Step("done", answered=answered, total=total)
+    if subject.study.status != Study.Status.OPEN or not total:
+        return Step("closed", answered=answered, total=total)
+    if subject.consented_at is None:
+        return Step("welcome", answered=answered, total=total)
+    question = (
+        subject.questions.filter(response__isnull=True)
+        .select_related("query", "option_a", "option_b")
+        .order_by("position")
+        .first()
+    )
+    previous = subject.questions.filter(position=question.position - 1).first()
+    starts_block = previous is not None and previous.direction != question.direction
+    passed = subject.meta.get("steps", {})
+    name = "break" if starts_block and break_key(question) not in passed else "question"
+    return Step(name, question=question, answered=answered, total=total)
+
+
+def subject_path(subject: Subject) -> str:
+    return reverse("subject", args=[subject.token])
+
+
+# --- The subject's page ------------------------------------------------------------------
+
+
+@never_cache
+@require_http_methods(["GET", "HEAD", "POST"])
+def subject_page(request, token):
+    subject = get_object_or_404(Subject.objects.select_related("study"), token=token)
+    if request.method == "POST":
+        return _subject_post(request, subject)
+    _capture_external_id(request, subject)
+    now = timezone.now()
+    if subject.last_seen is None or (now - subject.last_seen).total_seconds() > LAST_SEEN_EVERY_S:
+        Subject.objects.filter(pk=subject.pk).update(last_seen=now)
+    return _render_step(request, subject, current_step(subject))
+
+
+def _subject_post(request, subject: Subject):
+    action = request.POST.get("step", "answer")
+    form = AnswerForm(request.POST) if action == "answer" else None
+    if form is not None and not form.is_valid():
+        return HttpResponseBadRequest("Not a valid answer: choose A or B.")
+    with transaction.atomic():
+        subject = Subject.objects.select_for_update().select_related("study").get(pk=subject.pk)
+        step = current_step(subject)
+        now = timezone.now()
+        if step.name == "welcome" and action == "start":
+            start = StartForm(request.POST, require_consent=subject.study.require_consent)
+            if not start.is_valid():
+                return _render_step(request, subject, step, start_form=start)
+            subject.consented_at = now
+        elif step.name == "break" and action == "continue" and _names(request, step):
+            subject.meta.setdefault("steps", {})[break_key(step.question)] = now.isoformat()
+        elif step.name == "question" and form and _names(request, step):
+            _record(subject, step, form.cleaned_data)
+            subject.completed_at = now if step.answered + 1 == step.total else None
+        elif step.name == "closed":
+            return _render_step(request, subject, step)
+        else:  # a stale or repeated POST: nothing to do but show the current step
+            return redirect(subject_path(subject), permanent=False)
+        subject.last_seen = now
+        subject.save(update_fields=["consented_at", "meta", "completed_at", "last_seen"])
+    return redirect(subject_path(subject))
+
+
+def _names(request, step: Step) -> bool:
+    """Whether the POST is for the current question (not an earlier tab's or Back page's)."""
+    return request.POST.get("position") == str(step.question.position)
+
+
+def _record(subject: Subject, step: Step, answer: dict) -> None:
+    question = step.question
+    try:
+        with transaction.atomic():
+            Response.objects.create(
+                question=question,
+                subject=subject,
+                choice=answer["choice"],
+                chosen_kind=question.kind_a if answer["choice"] == "a" else question.kind_b,
+                response_ms=answer["response_ms"],
+                behaviour=answer["behaviour"],
+            )
+    except IntegrityError:
+        pass  # answered in the meantime: the first answer stands
+
+
+def _capture_external_id(request, subject: Subject) -> None:
+    param = subject.study.external_id_param
+    value = request.GET.get(param, "")[:500] if param else ""
+    if value and not subject.external_id:
+        Subject.objects.filter(pk=subject.pk, external_id="").update(external_id=value)
+        subject.external_id = value
+
+
+def _render_step(request, subject: Subject, step: Step, start_form=None, status=200):
+    study = subject.study
+    context = {"subject": subject, "study": study, "step": step, "action": subject_path(subject)}
+    if step.name == "welcome":
+        context["form"] = start_form or StartForm(require_consent=study.require_consent)
+    elif step.name == "question":
+        context.update(_question_context(subject, step))
+    elif step.name == "break":
+        context["video_query"] = step.question.direction == Direction.V2M
+        context["prefetch"] = _media_urls(step.question)
+    elif step.name == "closed":
+        status = 403
+    with translation.override(study.language):
+        return render(request, f"experiments/{step.name}.html", context, status=status)
+
+
+def _question_context(subject: Subject, step: Step) -> dict:
+    question = step.question
+    video_query = question.direction == Direction.V2M
+    following = (
+        subject.questions.filter(position=question.position + 1)
+        .select_related("query", "option_a", "option_b")
+        .first()
+    )
+    return {
+        "question": question,
+        "number": question.position,
+        "video_query": video_query,
+        "query_url": media_url(question.query, video=video_query),
+        "candidates": [
+            ("a", media_url(question.option_a, video=not video_query)),
+            ("b", media_url(question.option_b, video=not video_query)),
+        ],
+        "prefetch": _media_urls(following) if following else [],
+    }
+
+
+def _media_urls(question: Question) -> list[str]:
+    video_query = question.direction == Direction.V2M
+    return [
+        media_url(question.query, video=video_query),
+        media_url(question.option_a, video=not video_query),
+        media_url(question.option_b, video=not video_query),
+    ]
+
+
+# --- Joining through a study's public link -----------------------------------------------
+
+
+@never_cache
+@require_GET
+def join(request, join_token):
+    """Create a subject on demand (up to the cap); a returning participant resumes.
+
+    A participant is recognised by the study's external-id parameter (e.g. PROLIFIC_PID)
+    or, without one, by the session cookie, so refreshing the join link creates nobody new.
+    """
+    study = get_object_or_404(Study, join_token=join_token)
+    param = study.external_id_param
+    external_id = request.GET.get(param, "")[:500] if param else ""
+    session_key = f"join:{study.pk}"
+    with transaction.atomic():
+        study = Study.objects.select_for_update().get(pk=study.pk)
+        if external_id:
+            subject = study.subjects.filter(external_id=external_id).order_by("pk").first()
+        else:
+            subject = study.subjects.filter(token=request.session.get(session_key, "")).first()
+        if subject is None:
+            if study.status != Study.Status.OPEN:
+                return _study_page(request, study, "closed", status=403)
+            if study.join_cap is not None and study.subjects.count() >= study.join_cap:
+                return _study_page(request, study, "full", status=403)
+            from .subjects import create_subject  # TODO: top-level once the module lands
+
+            meta = {"entry": {k: request.GET[k][:500] for k in ENTRY_PARAMS if k in request.GET}}
+            subject = create_subject(study, external_id=external_id, meta=meta)
+    request.session[session_key] = subject.token
+    return redirect(subject_path(subject))
+
+
+def _study_page(request, study: Study, name: str, status: int):
+    with translation.override(study.language):
+        return render(request, f"experiments/{name}.html", {"study": study}, status=status)
+
+
+# --- Media -------------------------------------------------------------------------------
+
+
+def media_url(pair: Pair, video: bool) -> str:
+    return reverse("media", args=[pair.video_token if video else pair.music_token])
+
+
+CONTENT_TYPES = {".mp4": "video/mp4", ".m4a": "audio/mp4", ".mp3": "audio/mpeg"}
+RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+CHUNK = 64 * 1024
+
+
+@require_http_methods(["GET", "HEAD"])
+def media(request, media_token):
+    """A video or music item behind an opaque token, with HTTP Range support.
+
+    Only items of a collection with an open study are served (staff may preview any).
+    The response says nothing about the pair, the item's modality role or its kind.
+    """
+    pairs = Pair.objects.filter(Q(video_token=media_token) | Q(music_token=media_token))
+    if not (request.user.is_active and request.user.is_staff):
+        pairs = pairs.filter(collection__studies__status=Study.Status.OPEN)
+    pair = pairs.first()
+    if pair is None:
+        raise Http404("No such media item.")
+    field = pair.video_file if pair.video_token == media_token else pair.music_file
+    if not field:
+        raise Http404("No such media item.")
+    try:
+        path = field.path
+        stat = os.stat(path)
+    except (OSError, NotImplementedError) as error:
+        raise Http404("No such media item.") from error
+    extension = os.path.splitext(path)[1].lower()
+    content_type = CONTENT_TYPES.get(extension, "application/octet-stream")
+    return ranged_file_response(request, path, stat, content_type)
+
+
+def ranged_file_response(request, path: str, stat: os.stat_result, content_type: str):
+    """A file response that honours one `Range: bytes=…` (what media elements send).
+
+    Several ranges, or a Range with a stale If-Range, get the whole file, as RFC 9110 allows.
+    """
+    size = stat.st_size
+    etag = f'"{stat.st_mtime_ns:x}-{size:x}"'
+    if request.headers.get("If-None-Match") == etag:
+        return HttpResponseNotModified(headers={"ETag": etag})
+    start, end = 0, size - 1
+    status = 200
+    spec = request.headers.get("Range", "")
+    if_range = request.headers.get("If-Range")
+    match = RANGE.match(spec.strip()) if spec and (if_range in (None, etag)) else None
+    if match and (match[1] or match[2]):
+        first, last = match[1], match[2]
+        if first:
+            start = int(first)
+            end = min(int(last), size - 1) if last else size - 1
+        else:  # a suffix: the last N bytes
+            start = max(size - int(last), 0)
+        if start >= size or start > end:
+            response = HttpResponse(status=416, content_type=content_type)
+            response["Content-Range"] = f"bytes */{size}"
+            response["Accept-Ranges"] = "bytes"
+            return response
+        status = 206
+    length = end - start + 1
+    body = [] if request.method == "HEAD" else _read(path, start, length)
+    response = StreamingHttpResponse(body, status=status, content_type=content_type)
+    response["Content-Length"] = str(length)
+    response["Accept-Ranges"] = "bytes"
+    response["ETag"] = etag
+    response["Last-Modified"] = http_date(stat.st_mtime)
+    response["Cache-Control"] = "private, max-age=86400"
+    if status == 206:
+        response["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return response
+
+
+def _read(path: str, start: int, length: int):
+    with open(path, "rb") as file:
+        file.seek(start)
+        while length > 0:
+            chunk = file.read(min(CHUNK, length))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk

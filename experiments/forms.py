@@ -1,0 +1,71 @@
+"""Forms for the participant pages and the researchers' admin pages."""
+
+import json
+
+from django import forms
+from django.utils.translation import gettext_lazy as _
+
+MAX_RESPONSE_MS = 6 * 3600 * 1000  # beyond six hours a "response time" means nothing
+MAX_BEHAVIOUR_CHARS = 4000
+
+
+class AnswerForm(forms.Form):
+    """One answer: which candidate, for which question, plus what the page's script measured.
+
+    The script's fields are optional and parsed defensively: a value that makes no sense is
+    stored as "unknown", never a reason to refuse the answer.
+    """
+
+    choice = forms.ChoiceField(choices=[("a", "A"), ("b", "B")])
+    position = forms.IntegerField(min_value=1, max_value=32767)
+    response_ms = forms.CharField(required=False)
+    behaviour = forms.CharField(required=False, strip=False)
+
+    def clean_response_ms(self) -> int | None:
+        raw = self.cleaned_data["response_ms"]
+        if len(raw) > 12:
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            return None
+        return value if 0 <= value <= MAX_RESPONSE_MS else None
+
+    def clean_behaviour(self) -> dict:
+        raw = self.cleaned_data["behaviour"]
+        # PostgreSQL's jsonb refuses NUL characters.
+        if not raw or len(raw) > MAX_BEHAVIOUR_CHARS or "\\u0000" in raw:
+            return {}
+        try:  # NaN/Infinity are not JSON that PostgreSQL accepts
+            value = json.loads(raw, parse_constant=_reject)
+        except (ValueError, RecursionError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+def _reject(constant):
+    raise ValueError(constant)
+
+
+class StartForm(forms.Form):
+    consent = forms.BooleanField(
+        required=False, label=_("I have read the information above and agree to take part.")
+    )
+
+    def __init__(self, *args, require_consent: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["consent"].required = require_consent
+        self.fields["consent"].error_messages["required"] = _(
+            "Please tick the box to agree before you start."
+        )
+
+
+class SubjectLinksForm(forms.Form):
+    count = forms.IntegerField(
+        min_value=1, max_value=5000, initial=10, label="Number of new subject links"
+    )
+    base_url = forms.URLField(
+        label="Site address",
+        help_text="The public address participants use, e.g. https://study.example.org",
+        assume_scheme="https",
+    )

@@ -1,0 +1,143 @@
+"""Small real studies for the tests: tiny but real media files, a system, a study, subjects.
+
+The media are encoded once per test session with PyAV (a muted H.264 MP4 and an AAC M4A per
+variant, see `clips`) and copied into each pair, so every pair has files a browser can play.
+"""
+
+import functools
+import tempfile
+from pathlib import Path
+
+from django.core.files.base import ContentFile
+
+from experiments.models import (
+    Collection,
+    Direction,
+    Pair,
+    SearchResult,
+    Split,
+    Study,
+    StudySystem,
+    Subject,
+    System,
+)
+
+from .clips import music_video
+
+VARIANTS = 4  # distinct clips; pairs reuse them in turn
+
+
+@functools.cache
+def _clip(variant: int, video: bool) -> bytes:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "clip.mp4"
+        music_video(path, variant, seconds=2.0, size=(160, 96), video=video, audio=not video)
+        return path.read_bytes()
+
+
+def tiny_video(variant: int = 0) -> bytes:
+    """A muted 2 s H.264 MP4 (160×96): a coloured field with a moving stripe."""
+    return _clip(variant % VARIANTS, video=True)
+
+
+def tiny_music(variant: int = 0) -> bytes:
+    """A 2 s AAC clip in an MP4 container (what the platform serves as .m4a)."""
+    return _clip(variant % VARIANTS, video=False)
+
+
+def make_collection(n_pairs: int = 8, name: str = "tiny", split: str = Split.TEST) -> Collection:
+    """A collection of `n_pairs` ready pairs, each with a real muted video and music clip."""
+    collection = Collection.objects.create(name=name)
+    for i in range(n_pairs):
+        pair = Pair(
+            collection=collection,
+            key=f"clip{i:03d}",
+            title=f"Clip {i}",
+            split=split,
+            status=Pair.Status.READY,
+            duration_s=2.0,
+        )
+        pair.video_file.save(f"v{i}.mp4", ContentFile(tiny_video(i)), save=False)
+        pair.music_file.save(f"m{i}.m4a", ContentFile(tiny_music(i)), save=False)
+        pair.save()
+    return collection
+
+
+def make_system(collection: Collection, name: str = "vmnet") -> System:
+    """A ready system whose ranked results put a neighbour first and the ground truth second."""
+    system = System.objects.create(
+        collection=collection, name=name, status=System.Status.READY, progress=1.0
+    )
+    pairs = list(collection.pairs.filter(split=Split.TEST).order_by("key"))
+    rows = []
+    for i, query in enumerate(pairs):
+        ranked = [pairs[(i + 1) % len(pairs)], query, pairs[(i + 2) % len(pairs)]]
+        for direction in Direction.values:
+            rows += [
+                SearchResult(
+                    system=system,
+                    direction=direction,
+                    query=query,
+                    rank=rank,
+                    result=result,
+                    score=1.0 - rank / 10,
+                )
+                for rank, result in enumerate(ranked, start=1)
+            ]
+    SearchResult.objects.bulk_create(rows)
+    return system
+
+
+def make_study(
+    n_pairs: int = 8, per_type: int = 1, status: str = Study.Status.OPEN, **fields
+) -> Study:
+    """An open one-system study over a fresh tiny collection (6·per_type questions a subject)."""
+    collection = make_collection(n_pairs, name=fields.pop("collection_name", "tiny"))
+    system = make_system(collection)
+    study = Study.objects.create(
+        name=fields.pop("name", "Tiny study"),
+        slug=fields.pop("slug", "tiny"),
+        collection=collection,
+        per_type=per_type,
+        status=status,
+        **fields,
+    )
+    StudySystem.objects.create(study=study, system=system, label="S")
+    return study
+
+
+def make_subject(study: Study, external_id: str = "", meta: dict | None = None) -> Subject:
+    """A subject with its stored question plan, made the way the platform makes them."""
+    try:
+        from experiments.subjects import create_subject
+    except ImportError:  # until the plan module lands: a simple fixed plan
+        return _fallback_subject(study, external_id, meta)
+    return create_subject(study, external_id=external_id, meta=meta)
+
+
+def _fallback_subject(study, external_id, meta):
+    from experiments.models import Question
+
+    subject = Subject.objects.create(
+        study=study, ordinal=study.subjects.count(), external_id=external_id, meta=meta or {}
+    )
+    pairs = list(study.collection.pairs.filter(split=Split.TEST).order_by("key"))
+    position = 0
+    for direction in Direction.values:
+        for t, pair_type in enumerate(["GR", "GS", "SR"] * study.per_type):
+            query = pairs[t % len(pairs)]
+            g, s, r = query, pairs[(t + 1) % len(pairs)], pairs[(t + 3) % len(pairs)]
+            first, second = {"GR": (g, r), "GS": (g, s), "SR": (s, r)}[pair_type]
+            position += 1
+            Question.objects.create(
+                subject=subject,
+                position=position,
+                direction=direction,
+                pair_type=pair_type,
+                query=query,
+                option_a=first,
+                option_b=second,
+                kind_a=pair_type[0],
+                kind_b=pair_type[1],
+            )
+    return subject
