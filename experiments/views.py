@@ -30,6 +30,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from .forms import AnswerForm, StartForm
 from .models import Direction, Pair, Question, Response, Study, Subject
+from .subjects import create_subject
 
 # Query parameters that crowd-sourcing platforms append to a study link, kept on entry.
 ENTRY_PARAMS = ("PROLIFIC_PID", "STUDY_ID", "SESSION_ID", "workerId", "assignmentId", "hitId")
@@ -230,8 +231,6 @@ def join(request, join_token):
                 return _study_page(request, study, "closed", status=403)
             if study.join_cap is not None and study.subjects.count() >= study.join_cap:
                 return _study_page(request, study, "full", status=403)
-            from .subjects import create_subject  # TODO: top-level once the module lands
-
             meta = {"entry": {k: request.GET[k][:500] for k in ENTRY_PARAMS if k in request.GET}}
             subject = create_subject(study, external_id=external_id, meta=meta)
     request.session[session_key] = subject.token

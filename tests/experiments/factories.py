@@ -21,6 +21,7 @@ from experiments.models import (
     Subject,
     System,
 )
+from experiments.subjects import create_subject
 
 from .clips import music_video
 
@@ -108,36 +109,4 @@ def make_study(
 
 def make_subject(study: Study, external_id: str = "", meta: dict | None = None) -> Subject:
     """A subject with its stored question plan, made the way the platform makes them."""
-    try:
-        from experiments.subjects import create_subject
-    except ImportError:  # until the plan module lands: a simple fixed plan
-        return _fallback_subject(study, external_id, meta)
     return create_subject(study, external_id=external_id, meta=meta)
-
-
-def _fallback_subject(study, external_id, meta):
-    from experiments.models import Question
-
-    subject = Subject.objects.create(
-        study=study, ordinal=study.subjects.count(), external_id=external_id, meta=meta or {}
-    )
-    pairs = list(study.collection.pairs.filter(split=Split.TEST).order_by("key"))
-    position = 0
-    for direction in Direction.values:
-        for t, pair_type in enumerate(["GR", "GS", "SR"] * study.per_type):
-            query = pairs[t % len(pairs)]
-            g, s, r = query, pairs[(t + 1) % len(pairs)], pairs[(t + 3) % len(pairs)]
-            first, second = {"GR": (g, r), "GS": (g, s), "SR": (s, r)}[pair_type]
-            position += 1
-            Question.objects.create(
-                subject=subject,
-                position=position,
-                direction=direction,
-                pair_type=pair_type,
-                query=query,
-                option_a=first,
-                option_b=second,
-                kind_a=pair_type[0],
-                kind_b=pair_type[1],
-            )
-    return subject

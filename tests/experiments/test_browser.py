@@ -1,0 +1,136 @@
+"""One participant in real Chromium: start, answer part, close the browser, resume, finish.
+
+Chromium is Debian's (`apt-get install chromium`), driven by Playwright's Python package. The
+test skips where it is missing, unless REQUIRE_BROWSER=1 (CI), where it fails.
+Set SCREENSHOT_DIR to keep desktop and phone screenshots of a question page.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from experiments.models import Response
+
+from .factories import make_study, make_subject
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def chromium(monkeypatch):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail(f"REQUIRE_BROWSER=1 but no Chromium at {CHROMIUM}")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop in this thread; the ORM calls the test makes
+    # between page actions are still plain synchronous calls.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def counter(page) -> str:
+    return page.locator("#counter").inner_text()
+
+
+def wait_for_media(page):
+    """Every media element on the page has decoded its first frame (served, by range)."""
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('audio, video')).every(m => m.readyState >= 2)",
+        timeout=10_000,
+    )
+
+
+def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server):
+    study = make_study(per_type=1, completion_code="DONE-7")
+    subject = make_subject(study)
+    link = f"{live_server.url}/s/{subject.token}/"
+
+    # First visit: welcome, Start, two answers (a click, then a key).
+    context = chromium.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.goto(link)
+    assert page.locator("html").get_attribute("lang") == "en"
+    page.get_by_role("button", name="Start").click()
+    assert counter(page) == "Question 1 of 6"
+    wait_for_media(page)
+    if shots := os.environ.get("SCREENSHOT_DIR"):
+        page.screenshot(path=str(Path(shots) / "question-desktop.png"), full_page=True)
+    page.get_by_role("button", name="Choose A").click()
+    page.wait_for_url(link)
+    assert counter(page) == "Question 2 of 6"
+    page.keyboard.press("ArrowRight")
+    page.locator("#counter", has_text="Question 3 of 6").wait_for()
+    context.close()
+
+    answers = list(Response.objects.filter(subject=subject).order_by("question__position"))
+    assert [a.choice for a in answers] == ["a", "b"]
+    assert all(a.response_ms is not None and a.response_ms > 0 for a in answers)
+    assert all(set(a.behaviour) >= {"plays", "hidden", "blur"} for a in answers)
+
+    # A fresh browser (no cookies) on a phone resumes at question 3.
+    phone = chromium.new_context(
+        viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+    )
+    page = phone.new_page()
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(link)
+    assert counter(page) == "Question 3 of 6"
+    wait_for_media(page)
+    if shots:
+        page.screenshot(path=str(Path(shots) / "question-phone.png"), full_page=True)
+    page.get_by_role("button", name="Choose B").click()
+
+    # The break between the blocks, then the music → video block.
+    page.get_by_role("heading", name="Time for a short break").wait_for()
+    page.get_by_role("button", name="Continue").click()
+    assert counter(page) == "Question 4 of 6"
+    wait_for_media(page)
+    # One candidate video plays at a time.
+    playing = page.evaluate(
+        """async () => {
+            const [a, b] = ['a', 'b'].map(r => document.querySelector(`video[data-role=${r}]`));
+            await a.play();
+            await b.play();
+            return {a: !a.paused, b: !b.paused};
+        }"""
+    )
+    assert playing == {"a": False, "b": True}
+    for key in ("a", "b", "a"):
+        current = counter(page)
+        page.keyboard.press(key)
+        if current != "Question 6 of 6":
+            page.locator(
+                "#counter", has_text=f"Question {int(current.split()[1]) + 1} of 6"
+            ).wait_for()
+
+    page.get_by_role("heading", name="Thank you!").wait_for()
+    assert page.locator("#completion-code").inner_text() == "DONE-7"
+    phone.close()
+
+    subject.refresh_from_db()
+    assert subject.completed_at is not None
+    positions = Response.objects.filter(subject=subject).values_list(
+        "question__position", flat=True
+    )
+    assert sorted(positions) == [1, 2, 3, 4, 5, 6]
+    assert errors == []
