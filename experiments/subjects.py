@@ -1,0 +1,173 @@
+"""Creating subjects: each gets the next ordinal and its question plan, stored as rows.
+
+Everything a participant's pages need is written here, once, from the database: the study's
+test pairs, its systems' stored search results and embeddings. Neither the engine nor the
+broker is called, so creating a subject (from the admin, the join link or the command line)
+is quick and never waits on a worker.
+"""
+
+import os
+from functools import cache
+
+import numpy as np
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.urls import reverse
+
+from experiments.models import (
+    Pair,
+    Question,
+    SearchResult,
+    Split,
+    Study,
+    StudySystem,
+    Subject,
+)
+from experiments.plans import PlannedQuestion, build_plan
+
+ORDINAL_ATTEMPTS = 5  # two subjects created at once may both take the next ordinal
+
+
+def plan_for(study: Study, ordinal: int) -> list[PlannedQuestion]:
+    """The plan of the study's subject number `ordinal`; PlanError when there can be none."""
+    return build_plan(ordinal=ordinal, **_plan_inputs(study))
+
+
+def create_subject(study: Study, external_id: str = "", meta: dict | None = None) -> Subject:
+    """A new subject of `study` with its stored questions (and the machines' answers)."""
+    inputs = _plan_inputs(study)
+    pair_ids = dict(Pair.objects.filter(collection_id=study.collection_id).values_list("key", "pk"))
+    judges = _machine_judges(study)
+    for attempt in range(ORDINAL_ATTEMPTS):
+        try:
+            with transaction.atomic():
+                # Serialises concurrent creations on PostgreSQL; SQLite locks the whole file.
+                Study.objects.select_for_update().filter(pk=study.pk).exists()
+                last = study.subjects.aggregate(last=Max("ordinal"))["last"]
+                ordinal = 0 if last is None else last + 1
+                plan = build_plan(ordinal=ordinal, **inputs)
+                subject = Subject.objects.create(
+                    study=study, ordinal=ordinal, external_id=external_id, meta=meta or {}
+                )
+                Question.objects.bulk_create(
+                    Question(
+                        subject=subject,
+                        position=q.position,
+                        direction=q.direction,
+                        pair_type=q.pair_type,
+                        query_id=pair_ids[q.query],
+                        option_a_id=pair_ids[q.option_a],
+                        option_b_id=pair_ids[q.option_b],
+                        kind_a=q.kind_a,
+                        kind_b=q.kind_b,
+                        machine={
+                            label: choice
+                            for label, judge in judges.items()
+                            if (choice := judge(q)) is not None
+                        },
+                    )
+                    for q in plan
+                )
+                return subject
+        except IntegrityError:
+            if attempt == ORDINAL_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def create_subjects(study: Study, n: int) -> list[Subject]:
+    return [create_subject(study) for _ in range(n)]
+
+
+def subject_url(subject: Subject, base_url: str) -> str:
+    """The subject's link, e.g. https://study.example.org/s/<token>/."""
+    return base_url.rstrip("/") + reverse("subject", args=[subject.token])
+
+
+def _plan_inputs(study: Study) -> dict:
+    links = StudySystem.objects.filter(study=study).order_by("label")
+    label_of = dict(links.values_list("system_id", "label"))
+    test_keys = list(
+        Pair.objects.filter(
+            collection_id=study.collection_id, split=Split.TEST, status=Pair.Status.READY
+        ).values_list("key", flat=True)
+    )
+    results: dict[tuple[str, str, str], list[str]] = {}
+    rows = SearchResult.objects.filter(system_id__in=label_of).order_by(
+        "system", "direction", "query", "rank"
+    )
+    for system_id, direction, query, result in rows.values_list(
+        "system_id", "direction", "query__key", "result__key"
+    ):
+        results.setdefault((label_of[system_id], direction, query), []).append(result)
+    return {
+        "test_keys": test_keys,
+        "results": results,
+        "per_type": study.per_type,
+        "seed": study.seed,
+        "comparisons": study.comparisons or None,
+        "labels": sorted(label_of.values()) or ("S",),
+    }
+
+
+def _machine_judges(study: Study) -> dict:
+    """label → judge(question) → 'a' | 'b' | None: the candidate the system prefers.
+
+    A system with embeddings prefers the candidate nearer the query (cosine); one with only
+    ranked results (uploaded) prefers the one it ranks higher; None where it cannot tell.
+    """
+    judges = {}
+    for link in StudySystem.objects.filter(study=study).select_related("system"):
+        system = link.system
+        if system.embeddings and system.embeddings.storage.exists(system.embeddings.name):
+            judges[link.label] = _embedding_judge(system.embeddings.path)
+        else:
+            judges[link.label] = _ranking_judge(system.pk)
+    return judges
+
+
+def _embedding_judge(path: str):
+    index, spaces = _load_embeddings(path, os.stat(path).st_mtime_ns)
+
+    def judge(q: PlannedQuestion):
+        queries, candidates = ("video", "music") if q.direction == "V2M" else ("music", "video")
+        try:
+            query = spaces[queries][index[q.query]]
+            a, b = (spaces[candidates][index[key]] for key in (q.option_a, q.option_b))
+        except KeyError:
+            return None
+        sim_a, sim_b = float(query @ a), float(query @ b)
+        return None if sim_a == sim_b else ("a" if sim_a > sim_b else "b")
+
+    return judge
+
+
+@cache
+def _load_embeddings(path: str, mtime_ns: int):
+    """Keys → row and L2-normalised embeddings; read once per file version and process."""
+    with np.load(path) as data:
+        index = {str(key): i for i, key in enumerate(data["keys"])}
+        spaces = {
+            name: data[name] / np.maximum(np.linalg.norm(data[name], axis=1, keepdims=True), 1e-12)
+            for name in ("video", "music")
+        }
+    return index, spaces
+
+
+def _ranking_judge(system_id: int):
+    ranks = {
+        (direction, query, result): rank
+        for direction, query, result, rank in SearchResult.objects.filter(
+            system_id=system_id
+        ).values_list("direction", "query__key", "result__key", "rank")
+    }
+
+    def judge(q: PlannedQuestion):
+        missing = float("inf")
+        rank_a = ranks.get((q.direction, q.query, q.option_a), missing)
+        rank_b = ranks.get((q.direction, q.query, q.option_b), missing)
+        if rank_a == rank_b:
+            return None
+        return "a" if rank_a < rank_b else "b"
+
+    return judge
