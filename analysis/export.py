@@ -1,0 +1,191 @@
+"""One study's results in every format a paper or a spreadsheet wants.
+
+`build_report(df)` computes everything once; `render(report, fmt)` writes it as markdown, csv,
+json, latex or xlsx; `zip_all(report)` bundles every format with the box plot (PNG, SVG)
+and the per-subject preferences.
+"""
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from . import agreement, machine, plots, stats
+from .mixed import fit_preference_model
+from .preference import COLUMNS, answers, preference_table, subject_preferences
+
+# format → (file extension, content type)
+FORMATS = {
+    "markdown": ("md", "text/markdown; charset=utf-8"),
+    "csv": ("csv", "text/csv; charset=utf-8"),
+    "json": ("json", "application/json"),
+    "latex": ("tex", "application/x-tex; charset=utf-8"),
+    "xlsx": ("xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
+    "png": ("png", "image/png"),
+    "svg": ("svg", "image/svg+xml"),
+    "zip": ("zip", "application/zip"),
+}
+TEXT_FORMATS = ("markdown", "csv", "json", "latex")
+
+
+@dataclass
+class Report:
+    title: str
+    responses: pd.DataFrame = field(repr=False)
+    table: pd.DataFrame  # Table IV: index (judge, pair_type), columns V2M, M2V, Total
+    statistics: pd.DataFrame  # analysis.stats.cell_statistics
+    subjects: pd.DataFrame  # analysis.preference.subject_preferences
+    agreement: pd.DataFrame  # human–machine agreement per comparison
+    kappa: pd.DataFrame | None  # Fleiss' kappa per comparison (needs `item`)
+    mixed: pd.DataFrame | None  # mixed-model preference per comparison (optional)
+    n_subjects: int
+    n_answers: int
+
+    @property
+    def counts(self) -> dict:
+        return {"subjects": self.n_subjects, "answers": self.n_answers}
+
+
+def results_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Table IV as in the paper: the human rows, then a "Machine" GR row per machine judge."""
+    human = preference_table(df)
+    parts = {"Human": human}
+    gr = machine.machine_gr_accuracy(df)
+    for label, row in gr.iterrows():
+        judge = "Machine" if len(gr) == 1 else f"Machine {label}"
+        parts[judge] = row.to_frame("GR").T
+    table = pd.concat(parts, names=["judge", "pair_type"])
+    return table[COLUMNS]
+
+
+def build_report(
+    df: pd.DataFrame, title="Human preference test", mixed=False, n_resamples=9999, seed=0
+) -> Report:
+    """Everything the exports show. `mixed=True` also fits the mixed model per comparison."""
+    d = answers(df)
+    has_items = "item" in d.columns and d["item"].notna().all() and len(d) > 0
+    fits = None
+    if mixed and has_items:
+        fits = pd.DataFrame(
+            [
+                fit_preference_model(df, p).as_dict()
+                for p in preference_table(df).index
+                if (d["pair_type"] == p).any()
+            ]
+        )
+    return Report(
+        title=title,
+        responses=df,
+        table=results_table(df),
+        statistics=stats.cell_statistics(df, n_resamples=n_resamples, seed=seed),
+        subjects=subject_preferences(df),
+        agreement=machine.machine_agreement(df),
+        kappa=agreement.comparison_kappa(df) if has_items else None,
+        mixed=fits,
+        n_subjects=int(d["subject"].nunique()),
+        n_answers=len(d),
+    )
+
+
+def cells(report: Report) -> pd.DataFrame:
+    """Long form: one row per judge × pair type × direction, the share and its statistics."""
+    long = report.table.stack(future_stack=True).rename("percent").reset_index()
+    long = long.rename(columns={"level_2": "direction"})
+    human = long["judge"] == "Human"
+    stats_ = report.statistics.drop(columns="percent").reset_index()
+    merged = long.merge(stats_, on=["pair_type", "direction"], how="left")
+    merged.loc[~human.to_numpy(), stats_.columns.drop(["pair_type", "direction"])] = np.nan
+    return merged
+
+
+def _records(frame: pd.DataFrame | None):
+    if frame is None:
+        return None
+    return json.loads(frame.reset_index().to_json(orient="records", double_precision=6))
+
+
+def render(report: Report, fmt: str) -> str | bytes:
+    """The report as text (markdown, csv, json, latex) or bytes (xlsx, png, svg, zip)."""
+    if fmt == "markdown":
+        parts = [
+            f"# {report.title}",
+            f"Subjects: {report.n_subjects}, answers: {report.n_answers}",
+            "## Preference (%, Table IV)",
+            report.table.to_markdown(floatfmt=".2f"),
+            "## Statistics (per cell; tests against 50%)",
+            report.statistics.to_markdown(floatfmt=".4g"),
+        ]
+        if len(report.agreement):
+            parts += [
+                "## Human–machine agreement (%)",
+                report.agreement.to_markdown(floatfmt=".2f"),
+            ]
+        if report.kappa is not None:
+            parts += [
+                "## Agreement among subjects (Fleiss' kappa)",
+                report.kappa.to_markdown(floatfmt=".3f"),
+            ]
+        if report.mixed is not None:
+            parts += [
+                "## Mixed-effects logistic model",
+                report.mixed.to_markdown(index=False, floatfmt=".3f"),
+            ]
+        return "\n\n".join(parts) + "\n"
+    if fmt == "csv":
+        return cells(report).to_csv(index=False)
+    if fmt == "json":
+        payload = {
+            "title": report.title,
+            "counts": report.counts,
+            "table": _records(report.table),
+            "statistics": _records(report.statistics),
+            "agreement": _records(report.agreement),
+            "kappa": _records(report.kappa),
+            "mixed": _records(report.mixed),
+            "subjects": _records(report.subjects),
+        }
+        return json.dumps(payload, indent=2)
+    if fmt == "latex":
+        table = report.table.to_latex(
+            float_format="%.2f",
+            na_rep="--",
+            escape=True,
+            caption=f"{report.title}: percent of answers preferring the first-named item.",
+            label="tab:preference",
+        )
+        statistics = report.statistics.to_latex(
+            float_format="%.4g", na_rep="--", escape=True, caption="Tests against 50% per cell."
+        )
+        return table + "\n" + statistics
+    if fmt == "xlsx":
+        out = io.BytesIO()
+        with pd.ExcelWriter(out, engine="openpyxl") as writer:
+            report.table.to_excel(writer, sheet_name="Table IV")
+            report.statistics.to_excel(writer, sheet_name="Statistics")
+            report.subjects.to_excel(writer, sheet_name="Subjects", index=False)
+            report.agreement.to_excel(writer, sheet_name="Human-machine")
+            if report.kappa is not None:
+                report.kappa.to_excel(writer, sheet_name="Fleiss kappa")
+            if report.mixed is not None:
+                report.mixed.to_excel(writer, sheet_name="Mixed model", index=False)
+        return out.getvalue()
+    if fmt in ("png", "svg"):
+        out = io.BytesIO()
+        plots.preference_boxplot(report.responses, out, title=report.title, format=fmt)
+        return out.getvalue()
+    if fmt == "zip":
+        return zip_all(report)
+    raise ValueError(f"unknown format {fmt!r}; one of {sorted(FORMATS)}")
+
+
+def zip_all(report: Report) -> bytes:
+    """Every format, the box plot as PNG and SVG, and the per-subject preferences."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for fmt in [*TEXT_FORMATS, "xlsx", "png", "svg"]:
+            zf.writestr(f"preference.{FORMATS[fmt][0]}", render(report, fmt))
+        zf.writestr("subjects.csv", report.subjects.to_csv(index=False))
+    return out.getvalue()

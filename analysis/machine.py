@@ -1,0 +1,99 @@
+"""The machine as a subject: a retrieval system "prefers" the candidate nearer to the query in
+its embedding space (cosine similarity). The platform stores each system's choice per
+question; in the analysis frame a column `machine_<label>` holds the kind it chose (like
+`chosen` for the human), e.g. `machine_S` in a one-system study.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .preference import COLUMNS, DIRECTIONS, answers, ordered_pair_types
+
+MACHINE_PREFIX = "machine_"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def machine_choices(
+    keys: Sequence[str], video: np.ndarray, music: np.ndarray, questions: pd.DataFrame
+) -> np.ndarray:
+    """For each question (`direction`, `query`, `option_a`, `option_b`: pair keys), 'a' or 'b':
+    the candidate whose embedding is nearer (higher cosine similarity) to the query's.
+
+    `video[i]` and `music[i]` embed pair `keys[i]`. A V2M question's query is a video item and
+    its candidates are music items; M2V the other way round. An exact tie goes to 'a'.
+    """
+    row = pd.Index(keys)
+    unknown = set(questions[["query", "option_a", "option_b"]].to_numpy().ravel()) - set(row)
+    if unknown:
+        raise KeyError(f"no embedding for items: {sorted(unknown)[:5]}")
+    video, music = _unit(video), _unit(music)
+    v2m = (questions["direction"] == "V2M").to_numpy()[:, None]
+    q = row.get_indexer(questions["query"])
+    a = row.get_indexer(questions["option_a"])
+    b = row.get_indexer(questions["option_b"])
+    query = np.where(v2m, video[q], music[q])
+    sim_a = np.einsum("ij,ij->i", query, np.where(v2m, music[a], video[a]))
+    sim_b = np.einsum("ij,ij->i", query, np.where(v2m, music[b], video[b]))
+    return np.where(sim_a >= sim_b, "a", "b")
+
+
+def machine_labels(df: pd.DataFrame) -> list[str]:
+    """The labels of the machine judges present in the frame ('S', 'S1', …)."""
+    return [c.removeprefix(MACHINE_PREFIX) for c in df.columns if c.startswith(MACHINE_PREFIX)]
+
+
+def machine_preference_table(df: pd.DataFrame, pair_types=None) -> pd.DataFrame:
+    """Like Table IV, but the judges are the machines: rows (machine, pair_type), columns V2M,
+    M2V, Total, the percent of questions on which the machine chose the first-named kind.
+    Questions a machine did not judge (its column empty) are left out of its cells."""
+    d = answers(df)
+    if pair_types is None:
+        pair_types = ordered_pair_types(d["pair_type"].unique())
+    tables = {}
+    for label in machine_labels(d):
+        judged = d[d[MACHINE_PREFIX + label].notna()]
+        prefers = judged[MACHINE_PREFIX + label] == judged["first"]
+        by_cell = prefers.groupby([judged["pair_type"], judged["direction"]]).mean().unstack()
+        table = by_cell.reindex(index=pair_types, columns=DIRECTIONS) * 100.0
+        table["Total"] = prefers.groupby(judged["pair_type"]).mean().reindex(pair_types) * 100.0
+        tables[label] = table
+    if not tables:
+        return pd.DataFrame(
+            columns=COLUMNS, index=pd.MultiIndex.from_tuples([], names=["machine", "pair_type"])
+        )
+    out = pd.concat(tables, names=["machine", "pair_type"])
+    out.columns.name = None
+    return out.astype(float)
+
+
+def machine_gr_accuracy(df: pd.DataFrame) -> pd.DataFrame:
+    """The table's "Machine GR" row(s): per machine, the percent of G-R questions on which it
+    chose G, per direction and in total."""
+    table = machine_preference_table(df, pair_types=["GR"])
+    return table.xs("GR", level="pair_type") if len(table) else table.droplevel("pair_type")
+
+
+def machine_agreement(df: pd.DataFrame) -> pd.DataFrame:
+    """Human–machine agreement per comparison: rows (machine, pair_type), columns V2M, M2V,
+    Total, the percent of answers in which the subject chose what the machine chose."""
+    d = answers(df)
+    pair_types = ordered_pair_types(d["pair_type"].unique())
+    rows = []
+    for label in machine_labels(d):
+        judged = d[d[MACHINE_PREFIX + label].notna()]
+        agree = (judged[MACHINE_PREFIX + label] == judged["chosen"]) * 100.0
+        for pair_type in pair_types:
+            cell = agree[judged["pair_type"] == pair_type]
+            where = judged.loc[cell.index, "direction"]
+            row = {"machine": label, "pair_type": pair_type, "n_answers": len(cell)}
+            row.update({direction: cell[where == direction].mean() for direction in DIRECTIONS})
+            row["Total"] = cell.mean()
+            rows.append(row)
+    columns = ["machine", "pair_type", *COLUMNS, "n_answers"]
+    return pd.DataFrame(rows, columns=columns).set_index(["machine", "pair_type"])

@@ -1,0 +1,103 @@
+"""A mixed-effects logistic model of one comparison's answers.
+
+    logit P(subject s prefers the first kind on item i) = β0 + u_s + v_i,
+    u_s ~ N(0, σ_subject²), v_i ~ N(0, σ_item²)   (random intercepts, crossed)
+
+fitted with statsmodels' `BinomialBayesMixedGLM.fit_vb` (variational Bayes). The reported
+preference is expit(β0): the chance that a typical subject prefers the first kind on a
+typical item. Pooled shares (Table IV) are pulled towards 50% by subject and item spread;
+β0 is not.
+
+The interval: fit_vb's mean-field posterior treats β0 as independent of the random
+intercepts, which makes its sd of β0 far too small (in simulations its 95% interval held the
+true β0 about half the time). We keep fit_vb's means and variance components, and take β0's sd
+from the inverse of the full posterior precision (Laplace) at those means:
+H = A'WA + diag(prior precisions), A = [fixed | random-effect design], W = p(1-p).
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+from scipy.stats import norm
+from statsmodels.genmod.bayes_mixed_glm import BinomialBayesMixedGLM
+
+from .preference import answers
+
+
+@dataclass(frozen=True)
+class PreferenceFit:
+    comparison: str
+    direction: str  # 'V2M', 'M2V' or 'Total'
+    n_answers: int
+    n_subjects: int
+    n_items: int
+    log_odds: float  # posterior mean of β0
+    log_odds_sd: float
+    preference: float  # expit(β0), in percent
+    ci_low: float  # percent
+    ci_high: float
+    subject_sd: float  # σ_subject (posterior mean of its log, exponentiated)
+    item_sd: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_preference_model(
+    df: pd.DataFrame, comparison: str, direction: str = "Total", confidence: float = 0.95
+) -> PreferenceFit:
+    """Fit the model to the answers of pair type `comparison` (in one direction or both).
+
+    Needs the `item` column (the query id). Items of the two directions are different queries
+    (a video vs a music item), so items are keyed by direction and item.
+    """
+    d = answers(df)
+    if "item" not in d.columns:
+        raise ValueError("the mixed model needs an 'item' column (the query id)")
+    d = d[d["pair_type"] == comparison]
+    if direction != "Total":
+        d = d[d["direction"] == direction]
+    if d.empty:
+        raise ValueError(f"no answers for {comparison} ({direction})")
+    data = pd.DataFrame(
+        {
+            "y": d["prefers_first"].astype(float).to_numpy(),
+            "subject": d["subject"].astype(str).to_numpy(),
+            "item": (d["direction"] + ":" + d["item"].astype(str)).to_numpy(),
+        }
+    )
+    model = BinomialBayesMixedGLM.from_formula(
+        "y ~ 1", {"subject": "0 + C(subject)", "item": "0 + C(item)"}, data
+    )
+    fit = model.fit_vb()
+    beta, beta_sd = float(fit.fe_mean[0]), _laplace_sd(model, fit)
+    z = norm.ppf(0.5 + confidence / 2)
+    # vc_mean holds the posterior means of log σ, in the order of the vc_formulas' names.
+    sds = dict(zip(model.vcp_names, np.exp(fit.vcp_mean), strict=True))
+    return PreferenceFit(
+        comparison=comparison,
+        direction=direction,
+        n_answers=len(data),
+        n_subjects=data["subject"].nunique(),
+        n_items=data["item"].nunique(),
+        log_odds=beta,
+        log_odds_sd=beta_sd,
+        preference=100.0 * expit(beta),
+        ci_low=100.0 * expit(beta - z * beta_sd),
+        ci_high=100.0 * expit(beta + z * beta_sd),
+        subject_sd=float(sds["subject"]),
+        item_sd=float(sds["item"]),
+    )
+
+
+def _laplace_sd(model: BinomialBayesMixedGLM, fit) -> float:
+    """β0's posterior sd with its correlation to the random intercepts taken into account."""
+    design = np.hstack([model.exog, model.exog_vc.toarray()])
+    precision = np.concatenate(
+        [np.full(model.k_fep, 1.0 / model.fe_p**2), np.exp(-2.0 * fit.vcp_mean[model.ident])]
+    )
+    p = expit(design @ np.concatenate([fit.fe_mean, fit.vc_mean]))
+    hessian = (design * (p * (1.0 - p))[:, None]).T @ design + np.diag(precision)
+    return float(np.sqrt(np.linalg.inv(hessian)[0, 0]))

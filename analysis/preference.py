@@ -1,0 +1,101 @@
+"""Preference shares (the paper's Table IV), pooled over answers and per subject.
+
+The input is the analysis contract (DESIGN.md): one row per answer with `study, subject,
+position, direction ('V2M'|'M2V'), pair_type, chosen, response_ms`, plus `first` and
+`second` (the two kinds compared, e.g. 'G' and 'R' for pair type 'GR'). The preference for
+a pair type is the share of answers whose `chosen` kind equals `first`. Optional columns:
+`item` (query id), `is_catch` (catch questions are left out), `machine_<label>`.
+"""
+
+import re
+
+import pandas as pd
+
+DIRECTIONS = ["V2M", "M2V"]
+COLUMNS = [*DIRECTIONS, "Total"]
+PAPER_PAIR_TYPES = ["GR", "GS", "SR"]
+
+_KIND = re.compile(r"[A-Z]\d*")
+
+
+def split_pair_type(pair_type: str) -> tuple[str, str]:
+    """The two kinds a pair type compares, in order: 'GR' → ('G', 'R'), 'GS1' → ('G', 'S1'),
+    'S1-S2' → ('S1', 'S2')."""
+    parts = pair_type.split("-") if "-" in pair_type else _KIND.findall(pair_type)
+    if len(parts) != 2 or "".join(parts) != pair_type.replace("-", "") or not all(parts):
+        raise ValueError(f"not a pair type of two kinds: {pair_type!r}")
+    return parts[0], parts[1]
+
+
+def _order_key(pair_type: str):
+    """Paper order: G-R first, then ground truth vs systems, systems vs random, systems."""
+    first, second = split_pair_type(pair_type)
+    if (first, second) == ("G", "R"):
+        group = 0
+    elif first == "G":
+        group = 1
+    elif second == "R":
+        group = 2
+    else:
+        group = 3
+    return group, pair_type
+
+
+def ordered_pair_types(pair_types) -> list[str]:
+    """The pair types in the paper's order; the paper's three always shown for a one-system study."""
+    present = set(pair_types)
+    if present <= set(PAPER_PAIR_TYPES):
+        present |= set(PAPER_PAIR_TYPES)
+    return sorted(present, key=_order_key)
+
+
+def answers(df: pd.DataFrame) -> pd.DataFrame:
+    """The answers that count: catch questions dropped, `first`/`second` filled in from the
+    pair type where missing, and `prefers_first` (bool) added."""
+    missing = {"subject", "direction", "pair_type", "chosen"} - set(df.columns)
+    if missing:
+        raise ValueError(f"responses lack columns: {sorted(missing)}")
+    d = df
+    if "is_catch" in d.columns:
+        d = d[~d["is_catch"].fillna(False).astype(bool)]
+    d = d.copy()
+    if "first" not in d.columns or "second" not in d.columns:
+        kinds = d["pair_type"].map(split_pair_type)
+        d["first"] = kinds.str[0]
+        d["second"] = kinds.str[1]
+    d["prefers_first"] = d["chosen"] == d["first"]
+    return d
+
+
+def _shares(d: pd.DataFrame, by: list[str], column: str = "prefers_first") -> pd.Series:
+    return d.groupby(by, observed=True)[column].mean() * 100.0
+
+
+def preference_table(df: pd.DataFrame, pair_types=None) -> pd.DataFrame:
+    """Table IV: percent of answers preferring the first-named kind, per pair type (rows) and
+    direction (`V2M`, `M2V`, `Total`), pooled over answers. Empty cells are NaN."""
+    d = answers(df)
+    rows = ordered_pair_types(d["pair_type"].unique()) if pair_types is None else list(pair_types)
+    table = _shares(d, ["pair_type", "direction"]).unstack("direction")
+    table = table.reindex(index=rows, columns=DIRECTIONS)
+    table["Total"] = _shares(d, ["pair_type"]).reindex(rows)
+    table.index.name, table.columns.name = "pair_type", None
+    return table.astype(float)
+
+
+def subject_preferences(df: pd.DataFrame, with_total: bool = False) -> pd.DataFrame:
+    """One row per subject × pair type × direction: `n` answers, `preferred` (answers choosing
+    the first kind) and `preference` in percent. `with_total` adds direction 'Total' rows
+    (a subject's answers of both directions pooled)."""
+    d = answers(df)
+    parts = [d]
+    if with_total:
+        parts.append(d.assign(direction="Total"))
+    d = pd.concat(parts, ignore_index=True)
+    grouped = d.groupby(["subject", "pair_type", "direction"], observed=True)["prefers_first"]
+    out = grouped.agg(n="size", preferred="sum").reset_index()
+    out["preferred"] = out["preferred"].astype(int)
+    out["preference"] = 100.0 * out["preferred"] / out["n"]
+    order = {p: i for i, p in enumerate(ordered_pair_types(out["pair_type"].unique()))}
+    ranks = out["pair_type"].map(order) * len(COLUMNS) + out["direction"].map(COLUMNS.index)
+    return out.iloc[ranks.argsort(kind="stable")].reset_index(drop=True)

@@ -1,0 +1,97 @@
+"""Significance of each Table IV cell (pair type × direction, and Total).
+
+Per cell:
+- `binom_p`: two-sided exact binomial test of the pooled answers against 50%
+  (scipy.stats.binomtest), with its Clopper–Pearson interval `binom_ci_low/high`;
+- `wilcoxon_p`: Wilcoxon signed-rank test of the per-subject preferences against 50%
+  (scipy.stats.wilcoxon; subjects at exactly 50% drop out, as in Wilcoxon's original test);
+- `boot_ci_low/high`: a seeded percentile bootstrap over subjects of the pooled share (whole
+  subjects are resampled, so the interval respects that one subject's answers are related);
+- counts: `n_answers`, `n_subjects`, `preferred`.
+All shares are in percent.
+"""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .preference import COLUMNS, answers, ordered_pair_types, subject_preferences
+
+STAT_COLUMNS = [
+    "n_answers",
+    "n_subjects",
+    "preferred",
+    "percent",
+    "binom_p",
+    "binom_ci_low",
+    "binom_ci_high",
+    "subject_median",
+    "wilcoxon_stat",
+    "wilcoxon_p",
+    "boot_ci_low",
+    "boot_ci_high",
+]
+
+
+def _pooled_share(preferred, n, axis=-1):
+    return 100.0 * preferred.sum(axis=axis) / n.sum(axis=axis)
+
+
+def cell_test(subjects: pd.DataFrame, confidence=0.95, n_resamples=9999, seed=0) -> dict:
+    """The statistics of one cell from its per-subject rows (`n`, `preferred`, `preference`)."""
+    n_answers, preferred = int(subjects["n"].sum()), int(subjects["preferred"].sum())
+    out = dict.fromkeys(STAT_COLUMNS, np.nan)
+    out.update(n_answers=n_answers, n_subjects=len(subjects), preferred=preferred)
+    if n_answers == 0:
+        return out
+    binom = stats.binomtest(preferred, n_answers, 0.5)
+    ci = binom.proportion_ci(confidence, method="exact")
+    out.update(
+        percent=100.0 * preferred / n_answers,
+        binom_p=binom.pvalue,
+        binom_ci_low=100.0 * ci.low,
+        binom_ci_high=100.0 * ci.high,
+        subject_median=float(subjects["preference"].median()),
+    )
+    differences = subjects["preference"].to_numpy() - 50.0
+    if np.count_nonzero(differences):
+        w = stats.wilcoxon(differences)
+        out.update(wilcoxon_stat=float(w.statistic), wilcoxon_p=float(w.pvalue))
+    if len(subjects) >= 2:
+        with warnings.catch_warnings():
+            # All subjects alike gives a degenerate (zero-width) interval; that is the answer.
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            boot = stats.bootstrap(
+                (subjects["preferred"].to_numpy(), subjects["n"].to_numpy()),
+                _pooled_share,
+                paired=True,
+                confidence_level=confidence,
+                n_resamples=n_resamples,
+                method="percentile",
+                rng=np.random.default_rng(seed),
+            )
+        out.update(
+            boot_ci_low=float(boot.confidence_interval.low),
+            boot_ci_high=float(boot.confidence_interval.high),
+        )
+    return out
+
+
+def cell_statistics(
+    df: pd.DataFrame, confidence=0.95, n_resamples=9999, seed=0, pair_types=None
+) -> pd.DataFrame:
+    """One row per pair type × direction (V2M, M2V, Total), columns STAT_COLUMNS."""
+    subjects = subject_preferences(df, with_total=True)
+    if pair_types is None:
+        pair_types = ordered_pair_types(answers(df)["pair_type"].unique())
+    rows = {}
+    for pair_type in pair_types:
+        for direction in COLUMNS:
+            cell = subjects[
+                (subjects["pair_type"] == pair_type) & (subjects["direction"] == direction)
+            ]
+            rows[(pair_type, direction)] = cell_test(cell, confidence, n_resamples, seed)
+    index = pd.MultiIndex.from_tuples(rows, names=["pair_type", "direction"])
+    return pd.DataFrame(list(rows.values()), index=index, columns=STAT_COLUMNS)
