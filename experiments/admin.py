@@ -1,0 +1,574 @@
+"""The researchers' side, in the Django admin.
+
+Collections (pair counts per status and split, failed pairs with their errors), systems (state,
+progress, metrics) and studies: create one from a collection and its systems, prepare it (a
+Celery task), open and close it, hand out subject links (CSV) or its public join link, watch
+each subject's progress, export the answers and see the results.
+"""
+
+import csv
+import json
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import models
+from django.db.models import Count, IntegerField, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
+from django.http import HttpResponseRedirect, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, path, reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.text import slugify
+
+from .forms import SubjectLinksForm
+from .models import (
+    Collection,
+    Pair,
+    Response,
+    Study,
+    StudySystem,
+    Subject,
+    System,
+)
+from .plans import PlanError
+from .subjects import create_subjects, subject_url
+
+admin.site.site_header = "Video–music preference studies"
+admin.site.site_title = "Studies"
+
+
+def changelist_url(model, **filters) -> str:
+    query = "&".join(f"{key}={value}" for key, value in filters.items())
+    return reverse(f"admin:experiments_{model._meta.model_name}_changelist") + f"?{query}"
+
+
+# --- Collections and pairs ---------------------------------------------------------------
+
+
+@admin.register(Collection)
+class CollectionAdmin(admin.ModelAdmin):
+    list_display = ["name", "pairs_by_status", "pairs_by_split", "created_at"]
+    search_fields = ["name", "source"]
+    readonly_fields = ["created_at", "pairs_by_status", "pairs_by_split"]
+
+    def get_queryset(self, request):
+        counts = {
+            f"n_{value}": Count("pairs", filter=Q(pairs__status=value))
+            for value in Pair.Status.values
+        }
+        counts |= {
+            f"n_{value}": Count("pairs", filter=Q(pairs__split=value))
+            for value in ["train", "val", "test"]
+        }
+        return super().get_queryset(request).annotate(**counts)
+
+    def _counts(self, collection, field, values):
+        if not hasattr(collection, f"n_{values[0]}"):  # the add form: nothing to count
+            return "–"
+        return format_html_join(
+            " · ",
+            '<a href="{}">{} {}</a>',
+            (
+                (
+                    changelist_url(
+                        Pair, collection__id__exact=collection.pk, **{f"{field}__exact": value}
+                    ),
+                    getattr(collection, f"n_{value}"),
+                    value,
+                )
+                for value in values
+            ),
+        )
+
+    @admin.display(description="pairs by status")
+    def pairs_by_status(self, collection):
+        return self._counts(collection, "status", Pair.Status.values)
+
+    @admin.display(description="pairs by split")
+    def pairs_by_split(self, collection):
+        return self._counts(collection, "split", ["train", "val", "test"])
+
+
+@admin.register(Pair)
+class PairAdmin(admin.ModelAdmin):
+    list_display = ["key", "collection", "title", "genre", "split", "status", "short_error"]
+    list_filter = ["collection", "status", "split"]
+    search_fields = ["key", "title", "genre", "error"]
+    list_select_related = ["collection"]
+    readonly_fields = [
+        "collection",
+        "key",
+        "source_video",
+        "source_music",
+        "video_file",
+        "music_file",
+        "video_token",
+        "music_token",
+        "features_file",
+        "duration_s",
+        "status",
+        "error",
+        "previews",
+    ]
+    fields = ["title", "genre", "split", *readonly_fields]
+
+    def has_add_permission(self, request):
+        return False  # pairs come from importing a collection
+
+    @admin.display(description="error")
+    def short_error(self, pair):
+        return pair.error[:120]
+
+    @admin.display(description="preview")
+    def previews(self, pair):
+        return format_html(
+            '<video src="{}" controls muted width="320"></video><br><audio src="{}" controls></audio>',
+            reverse("media", args=[pair.video_token]),
+            reverse("media", args=[pair.music_token]),
+        )
+
+
+# --- Systems ---------------------------------------------------------------------------
+
+
+@admin.register(System)
+class SystemAdmin(admin.ModelAdmin):
+    list_display = ["name", "collection", "kind", "status", "progress_percent", "metrics_summary"]
+    list_filter = ["status", "kind", "collection"]
+    search_fields = ["name"]
+    list_select_related = ["collection"]
+    readonly_fields = ["status", "progress_percent", "message", "metrics_table", "created_at"]
+    exclude = ["progress", "metrics"]
+
+    @admin.display(description="progress")
+    def progress_percent(self, system):
+        return f"{system.progress:.0%}"
+
+    @admin.display(description="metrics")
+    def metrics_summary(self, system):
+        return ", ".join(
+            f"{key} {value:.3f}"
+            for key, value in system.metrics.items()
+            if isinstance(value, int | float)
+        )[:200]
+
+    @admin.display(description="metrics")
+    def metrics_table(self, system):
+        return format_html("<pre>{}</pre>", json.dumps(system.metrics, indent=2, sort_keys=True))
+
+
+# --- Studies ---------------------------------------------------------------------------
+
+
+class StudySystemFormSet(forms.BaseInlineFormSet):
+    def clean(self):
+        super().clean()
+        collection = self.instance.collection if self.instance.collection_id else None
+        for form in self.forms:
+            system = form.cleaned_data.get("system")
+            if form.cleaned_data.get("DELETE") or system is None or collection is None:
+                continue
+            if system.collection_id != collection.pk:
+                form.add_error("system", f"{system} belongs to another collection.")
+
+
+class StudySystemInline(admin.TabularInline):
+    model = StudySystem
+    formset = StudySystemFormSet
+    extra = 1
+    fields = ["system", "label"]
+
+
+def with_progress(subjects):
+    """Subjects with `answered` and `total` counts (a subquery: two joins would multiply)."""
+    answered = (
+        Response.objects.filter(subject=OuterRef("pk"))
+        .values("subject")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    return subjects.annotate(
+        answered=Coalesce(Subquery(answered, output_field=IntegerField()), 0),
+        total=Count("questions"),
+    )
+
+
+@admin.register(Study)
+class StudyAdmin(admin.ModelAdmin):
+    list_display = ["name", "collection", "status", "progress_percent", "subjects_summary"]
+    list_filter = ["status", "collection"]
+    search_fields = ["name", "slug"]
+    prepopulated_fields = {"slug": ["name"]}
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+    inlines = [StudySystemInline]
+    actions = [
+        "prepare_studies",
+        "open_studies",
+        "close_studies",
+        "subject_links",
+        "export_responses",
+    ]
+    readonly_fields = [
+        "status",
+        "progress_percent",
+        "message",
+        "join_link",
+        "subjects_summary",
+        "created_at",
+    ]
+    PLAN_FIELDS = ["collection", "per_type", "comparisons", "seed"]
+    fieldsets = [
+        (None, {"fields": ["name", "slug", "collection"]}),
+        ("Question plan", {"fields": ["per_type", "comparisons", "seed"]}),
+        (
+            "Participant pages",
+            {
+                "fields": [
+                    "language",
+                    "instructions",
+                    "consent_text",
+                    "require_consent",
+                    "play_before_answer",
+                    "completion_code",
+                    "redirect_url",
+                    "external_id_param",
+                    "join_cap",
+                ]
+            },
+        ),
+        (
+            "State",
+            {
+                "fields": [
+                    "status",
+                    "progress_percent",
+                    "message",
+                    "join_link",
+                    "subjects_summary",
+                    "created_at",
+                ]
+            },
+        ),
+    ]
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("collection")
+            .annotate(
+                n_subjects=Count("subjects", distinct=True),
+                n_completed=Count(
+                    "subjects", filter=Q(subjects__completed_at__isnull=False), distinct=True
+                ),
+            )
+        )
+
+    def get_readonly_fields(self, request, obj=None):
+        # Subjects' stored plans were built from these: changing them would mix two designs.
+        if obj is not None and obj.subjects.exists():
+            return [*self.readonly_fields, *self.PLAN_FIELDS]
+        return self.readonly_fields
+
+    @admin.display(description="progress")
+    def progress_percent(self, study):
+        return f"{study.progress:.0%}"
+
+    @admin.display(description="subjects")
+    def subjects_summary(self, study):
+        if study.pk is None:
+            return "–"
+        return format_html(
+            '<a href="{}">{} subjects, {} completed</a>',
+            changelist_url(Subject, study__id__exact=study.pk),
+            getattr(study, "n_subjects", None) or study.subjects.count(),
+            getattr(study, "n_completed", None)
+            or study.subjects.filter(completed_at__isnull=False).count(),
+        )
+
+    @admin.display(description="public join link")
+    def join_link(self, study):
+        if study.pk is None:
+            return "–"
+        link = reverse("join", args=[study.join_token])
+        cap = f" (at most {study.join_cap} subjects)" if study.join_cap else ""
+        return format_html('<a href="{}">{}</a>{}', link, link, cap)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        try:
+            results = reverse("admin:experiments_study_results", args=[object_id])
+        except NoReverseMatch:  # the results module is not installed
+            results = None
+        extra_context = {**(extra_context or {}), "results_url": results}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    # Actions
+
+    @admin.action(description="Prepare (compute search results, then mark ready)")
+    def prepare_studies(self, request, queryset):
+        from .tasks import prepare_study
+
+        for study in queryset:
+            if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
+                self.message_user(
+                    request, f"{study}: already {study.status}, not prepared.", messages.WARNING
+                )
+                continue
+            Study.objects.filter(pk=study.pk).update(
+                status=Study.Status.PREPARING, message="Queued"
+            )
+            try:
+                prepare_study.delay(study.pk)
+            except Exception as error:  # the broker is unreachable: say so, change nothing
+                Study.objects.filter(pk=study.pk).update(status=study.status, message=study.message)
+                self.message_user(request, f"{study}: could not queue: {error}", messages.ERROR)
+                continue
+            self.message_user(request, f"{study}: preparation queued.", messages.SUCCESS)
+
+    @admin.action(description="Open for participants")
+    def open_studies(self, request, queryset):
+        self._move(request, queryset, [Study.Status.READY, Study.Status.CLOSED], Study.Status.OPEN)
+
+    @admin.action(description="Close")
+    def close_studies(self, request, queryset):
+        self._move(request, queryset, [Study.Status.OPEN], Study.Status.CLOSED)
+
+    def _move(self, request, queryset, sources, target):
+        moved = queryset.filter(status__in=sources).update(status=target)
+        if moved:
+            self.message_user(request, f"{moved} study(ies) now {target}.", messages.SUCCESS)
+        if skipped := queryset.exclude(status=target).count():
+            allowed = " or ".join(sources)
+            self.message_user(
+                request,
+                f"{skipped} study(ies) skipped: only {allowed} ones can be made {target}.",
+                messages.WARNING,
+            )
+
+    @admin.action(description="Generate subject links…")
+    def subject_links(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Choose exactly one study.", messages.WARNING)
+            return None
+        return HttpResponseRedirect(
+            reverse("admin:experiments_study_links", args=[queryset.get().pk])
+        )
+
+    @admin.action(description="Export responses (CSV)")
+    def export_responses(self, request, queryset):
+        studies = queryset.order_by("pk")
+        return csv_response("responses.csv", (_response_rows(study) for study in studies))
+
+    # Pages of one study
+
+    def get_urls(self):
+        own = [
+            path(
+                "<int:study_id>/links/",
+                self.admin_site.admin_view(self.links_view),
+                name="experiments_study_links",
+            ),
+            path(
+                "<int:study_id>/links.csv",
+                self.admin_site.admin_view(self.links_csv_view),
+                name="experiments_study_links_csv",
+            ),
+            path(
+                "<int:study_id>/responses.csv",
+                self.admin_site.admin_view(self.responses_view),
+                name="experiments_study_responses",
+            ),
+        ]
+        try:
+            from .results import study_results
+        except ImportError:  # the results page lands separately
+            pass
+        else:
+            own.append(
+                path(
+                    "<int:study_id>/results/",
+                    self.admin_site.admin_view(study_results),
+                    name="experiments_study_results",
+                )
+            )
+        return own + super().get_urls()
+
+    def _study(self, request, study_id, permission="view"):
+        study = get_object_or_404(Study, pk=study_id)
+        allowed = getattr(self, f"has_{permission}_permission")(request, study)
+        if not allowed:
+            raise PermissionDenied
+        return study
+
+    def links_view(self, request, study_id):
+        """A form for N new subjects; its answer is a CSV of their links."""
+        study = self._study(request, study_id, "change")
+        form = SubjectLinksForm(
+            request.POST or None, initial={"base_url": request.build_absolute_uri("/")}
+        )
+        if request.method == "POST" and form.is_valid():
+            if study.status not in (Study.Status.READY, Study.Status.OPEN):
+                form.add_error(None, f"The study is {study.status}: prepare it first.")
+            else:
+                try:
+                    subjects = create_subjects(study, form.cleaned_data["count"])
+                except PlanError as error:
+                    form.add_error(None, str(error))
+                else:
+                    base = form.cleaned_data["base_url"]
+                    rows = (
+                        {"ordinal": s.ordinal, "token": s.token, "url": subject_url(s, base)}
+                        for s in subjects
+                    )
+                    return csv_response(f"{study.slug}-new-links.csv", [rows])
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Subject links for {study}",
+            "study": study,
+            "form": form,
+            "opts": self.model._meta,
+            "subjects": study.subjects.count(),
+            "join_url": join_url(request, study),
+        }
+        return TemplateResponse(request, "admin/experiments/study/links.html", context)
+
+    def links_csv_view(self, request, study_id):
+        """Every subject's link with its progress."""
+        study = self._study(request, study_id)
+        base = request.build_absolute_uri("/")
+        subjects = with_progress(study.subjects.order_by("ordinal"))
+        rows = (
+            {
+                "ordinal": s.ordinal,
+                "external_id": s.external_id,
+                "url": subject_url(s, base),
+                "answered": s.answered,
+                "total": s.total,
+                "last_seen": s.last_seen.isoformat() if s.last_seen else "",
+                "completed_at": s.completed_at.isoformat() if s.completed_at else "",
+            }
+            for s in subjects
+        )
+        return csv_response(f"{study.slug}-links.csv", [rows])
+
+    def responses_view(self, request, study_id):
+        study = self._study(request, study_id)
+        return csv_response(f"{study.slug}-responses.csv", [_response_rows(study)])
+
+
+def join_url(request, study) -> str:
+    """The absolute join link; with Prolific's placeholder for the study's id parameter."""
+    url = request.build_absolute_uri(reverse("join", args=[study.join_token]))
+    param = study.external_id_param
+    return f"{url}?{param}={{{{%{param}%}}}}" if param else url
+
+
+def _response_rows(study):
+    from .export import response_rows
+
+    return response_rows(study)
+
+
+class _Echo:
+    def write(self, value):
+        return value
+
+
+def csv_response(filename: str, row_groups) -> StreamingHttpResponse:
+    """A streamed CSV download of dict rows (the first row's keys are the header)."""
+    writer = csv.writer(_Echo())
+
+    def lines():
+        header = None
+        for rows in row_groups:
+            for row in rows:
+                if header is None:
+                    header = list(row)
+                    yield writer.writerow(header)
+                yield writer.writerow([row.get(key, "") for key in header])
+
+    response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{slugify(filename[:-4])}.csv"'
+    return response
+
+
+# --- Subjects: live progress -------------------------------------------------------------
+
+
+class CompletedFilter(admin.SimpleListFilter):
+    title = "completed"
+    parameter_name = "completed"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "completed"), ("no", "not completed")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(completed_at__isnull=self.value() == "no")
+        return queryset
+
+
+class ResponseInline(admin.TabularInline):
+    model = Response
+    fields = ["question_position", "choice", "chosen_kind", "response_ms", "answered_at"]
+    readonly_fields = fields
+    ordering = ["question__position"]
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("question")
+
+    @admin.display(description="question")
+    def question_position(self, response):
+        return response.question.position
+
+
+@admin.register(Subject)
+class SubjectAdmin(admin.ModelAdmin):
+    list_display = [
+        "__str__",
+        "external_id",
+        "answered_of_total",
+        "consented_at",
+        "last_seen",
+        "completed_at",
+    ]
+    list_filter = ["study", CompletedFilter]
+    search_fields = ["external_id", "token"]
+    list_select_related = ["study"]
+    ordering = ["study", "ordinal"]
+    readonly_fields = [
+        "study",
+        "ordinal",
+        "token",
+        "participant_link",
+        "external_id",
+        "meta",
+        "created_at",
+        "consented_at",
+        "last_seen",
+        "completed_at",
+        "answered_of_total",
+    ]
+    inlines = [ResponseInline]
+
+    def get_queryset(self, request):
+        return with_progress(super().get_queryset(request))
+
+    def has_add_permission(self, request):
+        return False  # subjects are made with their plans: study links or the join link
+
+    @admin.display(description="answered")
+    def answered_of_total(self, subject):
+        return f"{subject.answered} / {subject.total}"
+
+    @admin.display(description="participant link")
+    def participant_link(self, subject):
+        link = reverse("subject", args=[subject.token])
+        return format_html('<a href="{}">{}</a>', link, link)

@@ -1,0 +1,232 @@
+"""The researchers' admin: staff only, study actions, subject links, progress and exports."""
+
+import csv
+import io
+import time
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import reverse
+
+from experiments.models import Response, Study, Subject
+
+from .factories import make_collection, make_study, make_subject
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = "/admin/experiments/study/"
+
+
+def read_csv(response) -> list[dict]:
+    body = b"".join(response.streaming_content).decode()
+    return list(csv.DictReader(io.StringIO(body)))
+
+
+def act(client, action, *studies, **extra):
+    data = {"action": action, "_selected_action": [s.pk for s in studies], **extra}
+    return client.post(CHANGELIST, data, follow=True)
+
+
+def answer_all(subject, upto: int):
+    """Answers through the participant pages, as a browser would."""
+    client = Client()
+    page = reverse("subject", args=[subject.token])
+    client.post(page, {"step": "start"})
+    for position in range(1, upto + 1):
+        if position == 4:
+            client.post(page, {"step": "continue", "position": 4})
+        assert client.post(page, {"choice": "a", "position": position}).status_code == 302
+
+
+@pytest.fixture
+def study():
+    return make_study(per_type=1, status=Study.Status.READY)
+
+
+def admin_urls(study):
+    return [
+        "/admin/",
+        CHANGELIST,
+        f"{CHANGELIST}{study.pk}/change/",
+        reverse("admin:experiments_study_links", args=[study.pk]),
+        reverse("admin:experiments_study_links_csv", args=[study.pk]),
+        reverse("admin:experiments_study_responses", args=[study.pk]),
+        "/admin/experiments/collection/",
+        "/admin/experiments/pair/",
+        "/admin/experiments/system/",
+        "/admin/experiments/subject/",
+    ]
+
+
+def test_admin_pages_need_a_staff_login(client, study):
+    member = Client()
+    member.force_login(User.objects.create_user("visitor"))
+    for url in admin_urls(study):
+        for who in (client, member):
+            response = who.get(url)
+            assert response.status_code == 302, url
+            assert response["Location"].startswith("/admin/login/"), url
+
+
+def test_every_admin_page_renders_for_staff(admin_client, study):
+    subject = make_subject(study)
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
+    answer_all(subject, 2)
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.CLOSED)
+    for url in [*admin_urls(study), f"/admin/experiments/subject/{subject.pk}/change/"]:
+        assert admin_client.get(url).status_code == 200, url
+    pair = study.collection.pairs.first()
+    page = admin_client.get(f"/admin/experiments/pair/{pair.pk}/change/").content.decode()
+    assert reverse("media", args=[pair.video_token]) in page  # a preview
+    # Staff may preview media of a study that is not open.
+    assert admin_client.get(reverse("media", args=[pair.video_token])).status_code == 200
+
+
+def test_collection_list_counts_pairs_by_status_and_split(admin_client):
+    collection = make_collection(5, name="counted")
+    collection.pairs.filter(key="clip000").update(status="failed", error="no audio track")
+    collection.pairs.filter(key="clip001").update(split="train")
+    page = admin_client.get("/admin/experiments/collection/").content.decode()
+    assert "4 ready" in page and "1 failed" in page and "4 test" in page and "1 train" in page
+    failed = admin_client.get(
+        f"/admin/experiments/pair/?collection__id__exact={collection.pk}&status__exact=failed"
+    ).content.decode()
+    assert "clip000" in failed and "no audio track" in failed and "clip002" not in failed
+
+
+def test_a_study_is_created_from_a_collection_and_its_systems(admin_client):
+    collection = make_collection(4, name="fresh")
+    from .factories import make_system
+
+    system = make_system(collection, name="vmnet-fresh")
+    other = make_system(make_collection(3, name="other"), name="elsewhere")
+    form = {
+        "name": "Pilot",
+        "slug": "pilot",
+        "collection": collection.pk,
+        "per_type": 1,
+        "comparisons": "[]",
+        "seed": 3,
+        "language": "en",
+        "external_id_param": "PROLIFIC_PID",
+        "studysystem_set-TOTAL_FORMS": 1,
+        "studysystem_set-INITIAL_FORMS": 0,
+        "studysystem_set-0-system": other.pk,
+        "studysystem_set-0-label": "S",
+    }
+    refused = admin_client.post("/admin/experiments/study/add/", form)
+    assert (
+        refused.status_code == 200 and "belongs to another collection" in refused.content.decode()
+    )
+    form["studysystem_set-0-system"] = system.pk
+    created = admin_client.post("/admin/experiments/study/add/", form)
+    assert created.status_code == 302
+    study = Study.objects.get(slug="pilot")
+    assert study.status == Study.Status.DRAFT and list(study.systems.all()) == [system]
+
+
+def test_open_and_close_follow_the_study_states(admin_client, study):
+    draft = make_study(per_type=1, status=Study.Status.DRAFT, slug="draft", collection_name="d")
+    page = act(admin_client, "open_studies", study, draft).content.decode()
+    assert "1 study(ies) now open" in page and "skipped" in page
+    study.refresh_from_db()
+    draft.refresh_from_db()
+    assert study.status == Study.Status.OPEN and draft.status == Study.Status.DRAFT
+    act(admin_client, "close_studies", study)
+    study.refresh_from_db()
+    assert study.status == Study.Status.CLOSED
+
+
+def test_generated_links_work_and_come_as_csv(admin_client, study):
+    url = reverse("admin:experiments_study_links", args=[study.pk])
+    redirect = act(admin_client, "subject_links", study)
+    assert redirect.redirect_chain[-1][0] == url
+    page = admin_client.get(url).content.decode()
+    assert f"/join/{study.join_token}/?PROLIFIC_PID={{{{%PROLIFIC_PID%}}}}" in page
+    download = admin_client.post(url, {"count": 3, "base_url": "https://study.example.org"})
+    assert download["Content-Type"].startswith("text/csv")
+    assert "attachment" in download["Content-Disposition"]
+    rows = read_csv(download)
+    assert len(rows) == 3 and Subject.objects.filter(study=study).count() == 3
+    for row in rows:
+        subject = Subject.objects.get(token=row["token"])
+        assert row["url"] == f"https://study.example.org/s/{subject.token}/"
+        assert subject.questions.count() == 6
+    # The links work once the study is open.
+    study.status = Study.Status.OPEN
+    study.save()
+    path = rows[0]["url"].removeprefix("https://study.example.org")
+    assert Client().get(path).status_code == 200
+
+
+def test_links_cannot_be_made_before_the_study_is_prepared(admin_client):
+    draft = make_study(per_type=1, status=Study.Status.DRAFT)
+    url = reverse("admin:experiments_study_links", args=[draft.pk])
+    page = admin_client.post(url, {"count": 2, "base_url": "https://x.org"})
+    assert page.status_code == 200 and "prepare it first" in page.content.decode()
+    assert draft.subjects.count() == 0
+
+
+def test_progress_per_subject(admin_client, study):
+    study.status = Study.Status.OPEN
+    study.save()
+    done, halfway, fresh = (make_subject(study) for _ in range(3))
+    answer_all(done, 6)
+    answer_all(halfway, 2)
+    page = admin_client.get(f"/admin/experiments/subject/?study__id__exact={study.pk}")
+    html = page.content.decode()
+    assert "6 / 6" in html and "2 / 6" in html and "0 / 6" in html
+    finished = admin_client.get(
+        f"/admin/experiments/subject/?study__id__exact={study.pk}&completed=yes"
+    ).content.decode()
+    assert "6 / 6" in finished and "2 / 6" not in finished
+    rows = read_csv(admin_client.get(reverse("admin:experiments_study_links_csv", args=[study.pk])))
+    progress = {row["url"].rsplit("/s/", 1)[1].strip("/"): row for row in rows}
+    assert progress[done.token]["answered"] == "6" and progress[done.token]["completed_at"]
+    assert (
+        progress[halfway.token]["answered"] == "2" and not progress[halfway.token]["completed_at"]
+    )
+    assert progress[fresh.token]["last_seen"] == ""
+    summary = admin_client.get(f"{CHANGELIST}{study.pk}/change/").content.decode()
+    assert "3 subjects, 1 completed" in summary
+
+
+def test_plan_fields_lock_once_subjects_exist(admin_client, study):
+    page = admin_client.get(f"{CHANGELIST}{study.pk}/change/").content.decode()
+    assert 'name="per_type"' in page
+    make_subject(study)
+    page = admin_client.get(f"{CHANGELIST}{study.pk}/change/").content.decode()
+    assert 'name="per_type"' not in page and 'name="seed"' not in page
+
+
+def test_responses_export_as_csv(admin_client, study):
+    from experiments.export import response_rows
+
+    study.status = Study.Status.OPEN
+    study.save()
+    answer_all(make_subject(study), 6)
+    answer_all(make_subject(study), 2)
+    by_url = read_csv(
+        admin_client.get(reverse("admin:experiments_study_responses", args=[study.pk]))
+    )
+    by_action = read_csv(act(admin_client, "export_responses", study))
+    expected = [
+        {k: "" if v is None else str(v) for k, v in r.items()} for r in response_rows(study)
+    ]
+    assert len(expected) == Response.objects.count() == 8
+    assert by_url == by_action == expected
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prepare_runs_on_a_real_worker(celery_worker, admin_client):
+    draft = make_study(per_type=1, status=Study.Status.DRAFT)
+    page = act(admin_client, "prepare_studies", draft).content.decode()
+    assert "preparation queued" in page
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        draft.refresh_from_db()
+        if draft.status in (Study.Status.READY, Study.Status.FAILED):
+            break
+        time.sleep(0.2)
+    assert draft.status == Study.Status.READY, (draft.message, celery_worker.output()[-2000:])
