@@ -1,0 +1,280 @@
+"""Celery tasks: importing pairs, training systems, searching, preparing studies.
+
+Tasks whose names start with `gpu_` run on the `gpu` queue (settings.CELERY_TASK_ROUTES);
+the others on `default`. Every task can run again after a worker died half-way (late acks):
+a ready pair or system is skipped, a checkpoint already written is loaded instead of trained
+again, and search results are replaced in one transaction. Progress and errors are written
+to the rows (System/Study progress and message), where the admin shows them.
+"""
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+from celery import chain, shared_task
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import transaction
+
+from experiments.ingest import DEFAULT_ENCODER, process_pair
+from experiments.media import CLIP_S
+from experiments.models import Direction, Pair, SearchResult, Split, Study, StudySystem, System
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task
+def import_pair(pair_id: int, clip_s: float | None = CLIP_S, encoder: str = DEFAULT_ENCODER):
+    """Make one pair's media and features; a pair that is already ready is left alone."""
+    pair = Pair.objects.filter(pk=pair_id).first()
+    if pair is None or pair.status == Pair.Status.READY:
+        return pair and pair.status
+    try:
+        pair = process_pair(pair, clip_s, encoder)
+    except Exception as error:  # one broken file must not stop the collection
+        logger.exception("importing pair %s failed", pair_id)
+        Pair.objects.filter(pk=pair_id).update(
+            status=Pair.Status.FAILED, error=f"{pair.source_video}: {type(error).__name__}: {error}"
+        )
+        return Pair.Status.FAILED
+    return pair.status
+
+
+def load_features(collection_id: int, split: str):
+    """The engine's Features of a collection's ready pairs in one split (sorted by key)."""
+    from engine.pipeline import Features
+
+    keys, frames, music = [], [], []
+    pairs = Pair.objects.filter(collection_id=collection_id, split=split, status=Pair.Status.READY)
+    for pair in pairs.order_by("key"):
+        with pair.features_file.open("rb") as f, np.load(f) as data:
+            keys.append(pair.key)
+            frames.append(data["frames"])
+            music.append(data["music"])
+    return Features(keys, frames, np.stack(music) if music else np.empty((0, 1140)))
+
+
+@shared_task
+def gpu_train_system(system_id: int, study_id: int | None = None, step=(0, 1)):
+    """Train the system on its collection's train split (validating on val), save the
+    checkpoint, embed the test pairs and evaluate on them. A saved checkpoint is reused."""
+    from engine.pipeline import evaluate, load_system, train_system
+
+    system = System.objects.get(pk=system_id)
+    with _failing(system, study_id):
+        if system.kind == System.Kind.EXTERNAL:
+            raise ValueError(f"{system.name}: uploaded results cannot be trained")
+        report = _reporter(system, study_id, step)
+        test = load_features(system.collection_id, Split.TEST)
+        if not test.keys:
+            raise ValueError(f"{system.collection}: no ready test pairs")
+        if system.checkpoint and system.checkpoint.storage.exists(system.checkpoint.name):
+            report(0.0, "Loading the checkpoint")
+            trained = load_system(system.checkpoint.path)
+        else:
+            report(0.0, "Loading features")
+            train = load_features(system.collection_id, Split.TRAIN)
+            val = load_features(system.collection_id, Split.VAL)
+            if not train.keys or not val.keys:
+                raise ValueError(
+                    f"{system.collection}: training needs ready train and validation pairs "
+                    f"(has {len(train.keys)} and {len(val.keys)})"
+                )
+            trained = train_system(
+                system.kind,
+                train,
+                val,
+                config=system.config or None,
+                progress=lambda fraction, message="": report(0.9 * fraction, message or "Training"),
+            )
+            name = f"systems/{system.pk}-{system.kind}.pt"
+            path = Path(settings.MEDIA_ROOT) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            trained.save(path)
+            system.checkpoint.name = name
+        report(0.95, "Embedding the test pairs")
+        video, music = trained.embed(test.frames, test.music)
+        buffer = io.BytesIO()
+        np.savez(buffer, keys=np.array(test.keys), video=video, music=music)
+        system.embeddings.delete(save=False)
+        system.embeddings.save(
+            f"{system.pk}-embeddings.npz", ContentFile(buffer.getvalue()), save=False
+        )
+        metrics = {**trained.metrics, "test": evaluate(trained, test)}
+        System.objects.filter(pk=system.pk).update(
+            checkpoint=system.checkpoint.name,
+            embeddings=system.embeddings.name,
+            metrics=_json_safe(metrics),
+            status=System.Status.READY,
+            progress=1.0,
+            message=f"Ready; test {_recall_summary(metrics['test'])}",
+        )
+
+
+@shared_task
+def gpu_search(system_id: int, k: int = 10, study_id: int | None = None, step=(0, 1)):
+    """Store the system's top-k results for every test query in both directions."""
+    from engine.search import top_k
+
+    system = System.objects.get(pk=system_id)
+    with _failing(system, study_id):
+        if not system.embeddings:
+            raise ValueError(f"{system.name}: no embeddings to search (train it first)")
+        _reporter(system, study_id, step)(0.0, "Searching")
+        with system.embeddings.open("rb") as f, np.load(f) as data:
+            keys, video, music = list(data["keys"]), data["video"], data["music"]
+        ids = dict(
+            Pair.objects.filter(collection_id=system.collection_id, key__in=keys).values_list(
+                "key", "pk"
+            )
+        )
+        if missing := [key for key in keys if key not in ids]:
+            raise ValueError(f"{system.name}: embeddings name unknown pairs: {missing[:5]}")
+        rows = []
+        for direction, queries, items in (
+            (Direction.V2M, video, music),
+            (Direction.M2V, music, video),
+        ):
+            indices, scores = top_k(queries, items, min(k, len(keys)))
+            rows += [
+                SearchResult(
+                    system=system,
+                    direction=direction,
+                    query_id=ids[keys[q]],
+                    rank=rank,
+                    result_id=ids[keys[i]],
+                    score=float(score),
+                )
+                for q in range(len(keys))
+                for rank, (i, score) in enumerate(zip(indices[q], scores[q], strict=True), start=1)
+            ]
+        with transaction.atomic():
+            SearchResult.objects.filter(system=system).delete()
+            SearchResult.objects.bulk_create(rows, batch_size=2000)
+        System.objects.filter(pk=system.pk).update(
+            status=System.Status.READY,
+            progress=1.0,
+            message=f"Ready; test {_recall_summary(system.metrics.get('test', {}))}; "
+            f"{len(rows)} search results",
+        )
+    return len(rows)
+
+
+@shared_task
+def prepare_study(study_id: int):
+    """Train and search every system of the study that needs it, then mark the study ready.
+
+    The work is a chain of `gpu_` tasks ending in `finish_study`; a failing step marks the
+    study failed with its message and stops the chain.
+    """
+    study = Study.objects.get(pk=study_id)
+    if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
+        return study.status  # subjects hold plans built from the current results
+    links = StudySystem.objects.filter(study=study).select_related("system").order_by("label")
+    if not links:
+        return _fail_study(study_id, "The study has no systems to compare.")
+    steps = []
+    for link in links:
+        system = link.system
+        if system.kind == System.Kind.EXTERNAL:
+            if system.results.exists():
+                continue
+            if not system.embeddings:
+                return _fail_study(study_id, f"{system.name}: upload its results or embeddings.")
+            steps.append((gpu_search, system.pk))
+            continue
+        if system.status == System.Status.READY and system.results.exists():
+            continue
+        if system.status != System.Status.READY or not system.embeddings:
+            steps.append((gpu_train_system, system.pk))
+        steps.append((gpu_search, system.pk))
+    Study.objects.filter(pk=study_id).update(
+        status=Study.Status.PREPARING, progress=0.0, message=f"Queued {len(steps)} steps"
+    )
+    signatures = [
+        task.si(system_id, study_id=study_id, step=(i, len(steps)))
+        for i, (task, system_id) in enumerate(steps)
+    ]
+    chain(*signatures, finish_study.si(study_id)).apply_async()
+    return Study.Status.PREPARING
+
+
+@shared_task
+def finish_study(study_id: int):
+    """Mark the study ready once a first subject's plan can be built from its results."""
+    from experiments.plans import PlanError
+    from experiments.subjects import plan_for
+
+    study = Study.objects.get(pk=study_id)
+    try:
+        plan = plan_for(study, ordinal=0)
+    except PlanError as error:
+        return _fail_study(study_id, str(error))
+    Study.objects.filter(pk=study_id).update(
+        status=Study.Status.READY,
+        progress=1.0,
+        message=f"Ready: {len(plan)} questions per subject",
+    )
+    return Study.Status.READY
+
+
+class _failing:
+    """Mark the system (and the study being prepared) failed when the block raises."""
+
+    def __init__(self, system: System, study_id: int | None):
+        self.system, self.study_id = system, study_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is not None and isinstance(error, Exception):
+            logger.exception("%s failed", self.system, exc_info=(kind, error, tb))
+            message = f"{self.system.name}: {error}"
+            System.objects.filter(pk=self.system.pk).update(
+                status=System.Status.FAILED, message=message
+            )
+            if self.study_id is not None:
+                _fail_study(self.study_id, message)
+        return False  # re-raise: a chain stops at a failed step
+
+
+def _reporter(system: System, study_id: int | None, step):
+    """progress(fraction, message) for one step, written to the system and the study."""
+    index, count = step
+
+    def report(fraction: float, message: str):
+        System.objects.filter(pk=system.pk).update(
+            status=System.Status.RUNNING, progress=fraction, message=message
+        )
+        if study_id is not None:
+            Study.objects.filter(pk=study_id).update(
+                progress=(index + fraction) / max(count, 1), message=f"{system.name}: {message}"
+            )
+
+    return report
+
+
+def _fail_study(study_id: int, message: str):
+    Study.objects.filter(pk=study_id).update(status=Study.Status.FAILED, message=message)
+    return Study.Status.FAILED
+
+
+def _recall_summary(metrics: dict) -> str:
+    """'R@10 V2M 0.420, M2V 0.380' from evaluate()'s {'V2M': {'R@10': …}, …}."""
+    recalls = [
+        f"{d} {metrics[d]['R@10']:.3f}" for d in ("V2M", "M2V") if "R@10" in metrics.get(d, {})
+    ]
+    return "R@10 " + ", ".join(recalls) if recalls else "evaluated"
+
+
+def _json_safe(value):
+    """Metrics as plain JSON (numpy scalars and arrays become numbers and lists)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return value

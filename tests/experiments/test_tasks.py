@@ -1,0 +1,152 @@
+"""Study preparation through a real Celery worker and Redis: train, search, ready; failures.
+
+The collection's features are generated with a planted relation (a hidden 4-d value drives
+both the frame features and the music features), so that a trained system has something to
+find and its search results are not noise; extracting features from 30 real clips would cost
+a minute here and is covered, pair by pair, by test_ingest.
+"""
+
+import io
+import time
+
+import numpy as np
+import pytest
+from django.core.files.base import ContentFile
+
+from experiments.models import (
+    Collection,
+    Pair,
+    SearchResult,
+    Split,
+    Study,
+    StudySystem,
+    System,
+)
+from experiments.subjects import create_subject
+from experiments.tasks import gpu_search, import_pair, prepare_study
+from study_site.celery import app
+
+from .clips import music_video
+
+pytestmark = pytest.mark.django_db(transaction=True)
+SPLITS = [Split.TRAIN] * 18 + [Split.VAL] * 4 + [Split.TEST] * 8
+
+
+def make_collection(name="planted"):
+    rng = np.random.default_rng(0)
+    to_frames, to_music = rng.normal(size=(4, 1280)), rng.normal(size=(4, 1140))
+    collection = Collection.objects.create(name=name)
+    for i, split in enumerate(SPLITS):
+        z = rng.normal(size=4)
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            frames=np.abs(z @ to_frames + 0.3 * rng.normal(size=(3, 1280))).astype(np.float32),
+            music=(z @ to_music + 0.3 * rng.normal(size=1140)).astype(np.float32),
+        )
+        pair = Pair(collection=collection, key=f"p{i:02d}", split=split, status="ready")
+        pair.features_file.save(f"{name}-{i}.npz", ContentFile(buffer.getvalue()), save=False)
+        pair.save()
+    return collection
+
+
+def make_study(collection, config, slug="prep", per_type=2, kind="cca"):
+    system = System.objects.create(collection=collection, name=slug, kind=kind, config=config)
+    study = Study.objects.create(name=slug, slug=slug, collection=collection, per_type=per_type)
+    StudySystem.objects.create(study=study, system=system, label="S")
+    return study, system
+
+
+def wait_for(study, worker, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        study.refresh_from_db()
+        if study.status in (Study.Status.READY, Study.Status.FAILED):
+            return study
+        time.sleep(0.2)
+    pytest.fail(f"study stuck at {study.status} {study.message}:\n{worker.output()[-3000:]}")
+
+
+def test_engine_tasks_go_to_the_gpu_queue():
+    route = app.amqp.router.route
+    assert route({}, "experiments.tasks.gpu_train_system")["queue"].name == "gpu"
+    assert route({}, "experiments.tasks.gpu_search")["queue"].name == "gpu"
+    assert route({}, "experiments.tasks.import_pair")["queue"].name == "default"
+    assert route({}, "experiments.tasks.prepare_study")["queue"].name == "default"
+
+
+def test_preparing_a_study_trains_searches_and_makes_it_ready(celery_worker):
+    collection = make_collection()
+    study, system = make_study(collection, {"n_components": 4})
+    prepare_study.delay(study.pk).get(timeout=60)
+    study = wait_for(study, celery_worker)
+    assert (study.status, study.progress) == (Study.Status.READY, 1.0), study.message
+    assert study.message == "Ready: 12 questions per subject"
+
+    system.refresh_from_db()
+    assert system.status == System.Status.READY and system.progress == 1.0
+    assert system.checkpoint.name.startswith("systems/") and system.checkpoint.storage.exists(
+        system.checkpoint.name
+    )
+    test_keys = sorted(collection.pairs.filter(split=Split.TEST).values_list("key", flat=True))
+    with np.load(system.embeddings.path) as embeddings:
+        assert list(embeddings["keys"]) == test_keys
+        assert embeddings["video"].shape == embeddings["music"].shape
+        norms = np.linalg.norm(embeddings["video"], axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-4)
+    test = system.metrics["test"]
+    assert test["n"] == 8 and test["V2M"]["R@10"] == 1.0  # 8 test pairs: all within 10
+    assert test["V2M"]["R@1"] + test["M2V"]["R@1"] > 2 * test["chance"]["R@1"]  # planted relation
+    assert "R@10 V2M" in system.message
+
+    # Every test query, both directions, ranks 1..8 over the 8 test pairs.
+    results = SearchResult.objects.filter(system=system)
+    assert results.count() == 8 * 2 * 8
+    for direction in ("V2M", "M2V"):
+        ranked = results.filter(direction=direction, query__key="p22").order_by("rank")
+        assert [r.rank for r in ranked] == list(range(1, 9))
+        assert sorted(r.result.key for r in ranked) == test_keys
+        scores = [r.score for r in ranked]
+        assert scores == sorted(scores, reverse=True)
+
+    # Searching again replaces the results instead of adding to them.
+    assert gpu_search.delay(system.pk).get(timeout=60) == 128
+    assert SearchResult.objects.filter(system=system).count() == 128
+
+    # Subjects now get plans from those results, with the machine's answers.
+    subject = create_subject(study)
+    questions = list(subject.questions.all())
+    assert len(questions) == 12 and all(set(q.machine) == {"S"} for q in questions)
+
+    # A study asking more than the collection holds fails with the reason; systems stay ready.
+    Study.objects.filter(pk=study.pk).update(per_type=3, status=Study.Status.DRAFT)
+    prepare_study.delay(study.pk).get(timeout=60)
+    study = wait_for(study, celery_worker)
+    assert study.status == Study.Status.FAILED
+    assert "too small" in study.message and "only 8" in study.message
+
+
+def test_a_failing_training_fails_the_system_and_the_study(celery_worker):
+    study, system = make_study(make_collection("bad"), {"no_such_option": 1}, slug="bad")
+    prepare_study.delay(study.pk).get(timeout=60)
+    study = wait_for(study, celery_worker)
+    system.refresh_from_db()
+    assert study.status == Study.Status.FAILED and system.status == System.Status.FAILED
+    assert "unknown config keys" in study.message and "no_such_option" in system.message
+
+
+def test_a_pair_is_imported_by_the_worker(celery_worker, tmp_path):
+    collection = Collection.objects.create(name="worker")
+    good = Pair.objects.create(
+        collection=collection, key="good", source_video=str(music_video(tmp_path / "g.mp4", 1))
+    )
+    bad = Pair.objects.create(
+        collection=collection,
+        key="mute",
+        source_video=str(music_video(tmp_path / "m.mp4", 2, audio=False)),
+    )
+    assert import_pair.delay(good.pk).get(timeout=120) == "ready"
+    assert import_pair.delay(bad.pk).get(timeout=60) == "failed"
+    bad.refresh_from_db()
+    assert bad.error == "m.mp4: no audio track"
+    assert import_pair.delay(good.pk).get(timeout=60) == "ready"  # done already: skipped
