@@ -22,7 +22,8 @@ def split_pair_type(pair_type: str) -> tuple[str, str]:
     """The two kinds a pair type compares, in order: 'GR' → ('G', 'R'), 'GS1' → ('G', 'S1'),
     'S1-S2' → ('S1', 'S2')."""
     parts = pair_type.split("-") if "-" in pair_type else _KIND.findall(pair_type)
-    if len(parts) != 2 or "".join(parts) != pair_type.replace("-", "") or not all(parts):
+    valid = all(_KIND.fullmatch(part) for part in parts)
+    if len(parts) != 2 or not valid or "".join(parts) != pair_type.replace("-", ""):
         raise ValueError(f"not a pair type of two kinds: {pair_type!r}")
     return parts[0], parts[1]
 

@@ -1,0 +1,100 @@
+"""The one bridge from the database to the analysis: a study's answers as the analysis frame.
+
+The only module of `analysis` that imports Django; everything else works on the DataFrame.
+"""
+
+import pandas as pd
+from django.db.models import F
+
+from experiments.models import Question, Response, Study
+
+from .machine import MACHINE_PREFIX
+from .preference import split_pair_type
+
+FRAME_COLUMNS = [
+    "study",
+    "subject",
+    "position",
+    "direction",
+    "pair_type",
+    "first",
+    "second",
+    "chosen",
+    "response_ms",
+    "item",
+    "option_a",
+    "option_b",
+    "query_id",
+    "is_catch",
+    "external_id",
+    "answered_at",
+]
+
+
+def get_study(ref: "Study | int | str") -> Study:
+    """A study by instance, id or slug (Study.DoesNotExist when there is none)."""
+    if isinstance(ref, Study):
+        return ref
+    if isinstance(ref, int) or str(ref).isdigit():
+        found = Study.objects.filter(pk=int(ref)).first()
+        if found is not None:
+            return found
+    return Study.objects.get(slug=str(ref))
+
+
+def responses_frame(
+    study: "Study | int | str", include_incomplete: bool = False, include_failed: bool = False
+) -> pd.DataFrame:
+    """One row per answer of `study` (the analysis contract), plus `item` (the query's pair
+    key), `option_a`/`option_b` (candidate keys), `query_id` (the query pair's id, for admin
+    links) and one `machine_<label>` column per machine judge holding the kind it chose.
+
+    Only subjects who completed the study count unless `include_incomplete`; subjects marked
+    as failed (`Subject.meta["failed"]`, set by attention checks) are left out unless
+    `include_failed`. Catch questions (a `Question.is_catch` field, where the model has one)
+    are flagged in `is_catch`; the analysis leaves them out.
+    """
+    study = get_study(study)
+    responses = Response.objects.filter(subject__study=study)
+    if not include_incomplete:
+        responses = responses.filter(subject__completed_at__isnull=False)
+    if not include_failed:
+        responses = responses.exclude(subject__meta__failed=True)
+    has_catch = any(f.name == "is_catch" for f in Question._meta.get_fields())
+    rows = responses.order_by("subject__ordinal", "question__position").values(
+        "response_ms",
+        "answered_at",
+        subject_ordinal=F("subject__ordinal"),
+        external_id=F("subject__external_id"),
+        position=F("question__position"),
+        direction=F("question__direction"),
+        pair_type=F("question__pair_type"),
+        chosen=F("chosen_kind"),
+        kind_a=F("question__kind_a"),
+        kind_b=F("question__kind_b"),
+        item=F("question__query__key"),
+        query_id=F("question__query_id"),
+        option_a=F("question__option_a__key"),
+        option_b=F("question__option_b__key"),
+        machine=F("question__machine"),
+        **({"is_catch": F("question__is_catch")} if has_catch else {}),
+    )
+    df = pd.DataFrame.from_records(list(rows))
+    if df.empty:
+        return pd.DataFrame(columns=FRAME_COLUMNS)
+    df["study"] = study.slug
+    df["subject"] = df.pop("subject_ordinal")
+    kinds = df["pair_type"].map(split_pair_type)
+    df["first"], df["second"] = kinds.str[0], kinds.str[1]
+    if "is_catch" not in df.columns:
+        df["is_catch"] = False
+    df["response_ms"] = df["response_ms"].astype("Float64")
+    machine = df.pop("machine")
+    labels = sorted({label for judged in machine for label in (judged or {})})
+    for label in labels:
+        choice = machine.map(lambda judged, label=label: (judged or {}).get(label))
+        df[MACHINE_PREFIX + label] = (
+            df["kind_a"].where(choice == "a", df["kind_b"]).where(choice.notna())
+        )
+    df = df.drop(columns=["kind_a", "kind_b"])
+    return df[FRAME_COLUMNS + [MACHINE_PREFIX + label for label in labels]]

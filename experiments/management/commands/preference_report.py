@@ -1,0 +1,64 @@
+"""`manage.py preference_report STUDY`: the paper's Table IV with statistics, and Fig. 7."""
+
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from analysis.export import TEXT_FORMATS, build_report, render
+from analysis.load import get_study, responses_frame
+from analysis.plots import preference_boxplot
+from analysis.preference import answers
+from experiments.models import Study
+
+
+class Command(BaseCommand):
+    help = (
+        "Print a study's preference table (Table IV: human rows and the machine's G-R row) with "
+        "per-cell tests against 50%, and optionally write the box plot (Fig. 7)."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("study", help="the study's slug or id")
+        parser.add_argument("--format", choices=TEXT_FORMATS, default="markdown")
+        parser.add_argument("--plot", type=Path, help="write the box plot here (.png, .svg, .pdf)")
+        parser.add_argument("--subjects-csv", type=Path, help="write per-subject preferences here")
+        parser.add_argument(
+            "--include-incomplete", action="store_true", help="count subjects who did not finish"
+        )
+        parser.add_argument(
+            "--include-failed", action="store_true", help="count subjects who failed the checks"
+        )
+        parser.add_argument(
+            "--mixed", action="store_true", help="also fit the mixed-effects model per comparison"
+        )
+        parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+
+    def handle(self, *args, **options):
+        try:
+            study = get_study(options["study"])
+        except Study.DoesNotExist:
+            raise CommandError(f"No study with slug or id {options['study']!r}.") from None
+        if options["plot"] and options["plot"].suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise CommandError("--plot must end in .png, .svg or .pdf")
+        df = responses_frame(
+            study,
+            include_incomplete=options["include_incomplete"],
+            include_failed=options["include_failed"],
+        )
+        if answers(df).empty:
+            who = "subjects" if options["include_incomplete"] else "completed subjects"
+            hint = (
+                ""
+                if options["include_incomplete"]
+                else " (--include-incomplete counts partial ones)"
+            )
+            raise CommandError(f"Study '{study.slug}' has no answers from {who} yet{hint}.")
+        report = build_report(df, title=study.name, mixed=options["mixed"], seed=options["seed"])
+        self.stdout.write(render(report, options["format"]), ending="")
+        # Notes go to stderr, so that stdout stays a clean CSV / JSON document.
+        if options["plot"]:
+            preference_boxplot(df, options["plot"], title=study.name)
+            self.stderr.write(f"Box plot written to {options['plot']}")
+        if options["subjects_csv"]:
+            report.subjects.to_csv(options["subjects_csv"], index=False)
+            self.stderr.write(f"Per-subject preferences written to {options['subjects_csv']}")

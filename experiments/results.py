@@ -1,0 +1,92 @@
+"""The admin's results page of one study: Table IV, Fig. 7, the machine's G-R row, counts,
+human–machine disagreements, and every export (`?download=<format>`).
+
+Hooked into the admin by StudyAdmin.get_urls as `admin:experiments_study_results`.
+"""
+
+import base64
+
+from django.contrib import admin
+from django.contrib.admin.views.decorators import staff_member_required
+from django.http import HttpResponse, HttpResponseBadRequest
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, reverse
+
+from analysis.agreement import disagreements
+from analysis.export import FORMATS, build_report, render
+from analysis.load import responses_frame
+from analysis.preference import COLUMNS, answers
+
+from .models import Study
+
+DISAGREEMENTS_SHOWN = 10
+
+
+@staff_member_required
+def study_results(request, study_id):
+    study = get_object_or_404(Study, pk=study_id)
+    include_incomplete = request.GET.get("incomplete") == "1"
+    df = responses_frame(study, include_incomplete=include_incomplete)
+    fmt = request.GET.get("download")
+    if fmt is not None and fmt not in FORMATS:
+        return HttpResponseBadRequest(f"unknown download format; one of {', '.join(FORMATS)}")
+    has_answers = not answers(df).empty
+    if fmt is not None:
+        if not has_answers:
+            return HttpResponseBadRequest("this study has no answers to export yet")
+        report = build_report(df, title=study.name)
+        extension, content_type = FORMATS[fmt]
+        response = HttpResponse(render(report, fmt), content_type=content_type)
+        suffix = "-incomplete" if include_incomplete else ""
+        filename = f"{study.slug}-preference{suffix}.{extension}"
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response
+
+    context = {
+        **admin.site.each_context(request),
+        "title": f"Results of {study}",
+        "study": study,
+        "opts": Study._meta,
+        "include_incomplete": include_incomplete,
+        "has_answers": has_answers,
+        "columns": COLUMNS,
+        "formats": [f for f in FORMATS if f != "markdown"] + ["markdown"],
+        "incomplete_query": "&incomplete=1" if include_incomplete else "",
+    }
+    if has_answers:
+        report = build_report(df, title=study.name)
+        context.update(
+            report=report,
+            table_rows=_rows(report.table),
+            statistics_rows=_rows(report.statistics),
+            statistics_columns=list(report.statistics.columns),
+            agreement_rows=_rows(report.agreement),
+            plot_png=base64.b64encode(render(report, "png")).decode("ascii"),
+            disagreements=_disagreement_rows(df),
+        )
+    return TemplateResponse(request, "admin/experiments/results.html", context)
+
+
+def _rows(frame):
+    """(index labels, values) per row, for a template to lay out without pandas' HTML."""
+    return [
+        (key if isinstance(key, tuple) else (key,), list(values))
+        for key, values in zip(frame.index, frame.to_numpy(), strict=True)
+    ]
+
+
+def _disagreement_rows(df):
+    """The questions where people and each machine disagree most, with a link to the query."""
+    if "item" not in df.columns or df["item"].isna().any():
+        return []
+    top = disagreements(df, top=DISAGREEMENTS_SHOWN)
+    query_ids = df.drop_duplicates("item").set_index("item")["query_id"]
+    rows = []
+    for row in top.itertuples(index=False):
+        try:
+            link = reverse("admin:experiments_pair_change", args=[query_ids[row.item]])
+        except NoReverseMatch:  # pairs not in the admin
+            link = None
+        rows.append({**row._asdict(), "link": link})
+    return rows

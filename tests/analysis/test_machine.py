@@ -1,0 +1,85 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.machine import (
+    machine_agreement,
+    machine_choices,
+    machine_gr_accuracy,
+    machine_preference_table,
+)
+
+from .frames import exact_answers
+
+
+def test_machine_choices_pick_the_candidate_nearer_by_cosine():
+    keys = ["p0", "p1", "p2"]
+    # Cosine, not dot product: p2's music is long but points away from p0's video.
+    video = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    music = np.array([[0.9, 0.1], [0.1, 0.9], [10.0, -8.0]])
+    questions = pd.DataFrame(
+        [
+            ("V2M", "p0", "p1", "p0"),  # v0·m1 small, v0·m0 near 1 → b
+            ("V2M", "p0", "p0", "p2"),  # dot product would pick p2; cosine picks p0 → a
+            ("M2V", "p1", "p0", "p1"),  # m1 nearer video p1 → b
+            ("M2V", "p2", "p0", "p1"),  # m2 ≈ (1,-0.8): nearer video p0 → a
+        ],
+        columns=["direction", "query", "option_a", "option_b"],
+    )
+    assert machine_choices(keys, video, music, questions).tolist() == ["b", "a", "b", "a"]
+
+
+def test_machine_choices_reject_unknown_items():
+    questions = pd.DataFrame(
+        [("V2M", "p0", "p9", "p1")], columns=["direction", "query", "option_a", "option_b"]
+    )
+    with pytest.raises(KeyError, match="p9"):
+        machine_choices(["p0", "p1"], np.eye(2), np.eye(2), questions)
+
+
+SPEC = {
+    (1, "GR", "V2M"): (8, 10),
+    (1, "GR", "M2V"): (6, 10),
+    (1, "GS", "V2M"): (5, 10),
+    (1, "GS", "M2V"): (5, 10),
+}
+MACHINE = {
+    ("GR", "V2M"): (7, 10),
+    ("GR", "M2V"): (9, 10),
+    ("GS", "V2M"): (2, 10),
+    ("GS", "M2V"): (4, 10),
+}
+
+
+def test_machine_gr_row_is_the_share_of_gr_questions_choosing_g():
+    row = machine_gr_accuracy(exact_answers(SPEC, MACHINE))
+    assert row.index.tolist() == ["S"]
+    assert row.loc["S"].tolist() == [70.0, 90.0, 80.0]
+
+
+def test_machine_preference_table_covers_every_comparison():
+    table = machine_preference_table(exact_answers(SPEC, MACHINE))
+    assert table.loc[("S", "GS")].tolist() == [20.0, 40.0, 30.0]
+    assert table.loc[("S", "SR")].isna().all()  # no SR questions
+
+
+def test_no_machine_columns_give_an_empty_machine_row():
+    assert machine_gr_accuracy(exact_answers(SPEC)).empty
+
+
+def test_unjudged_questions_do_not_count():
+    df = exact_answers(SPEC, MACHINE)
+    df.loc[(df.pair_type == "GR") & (df.direction == "V2M"), "machine_S"] = None
+    row = machine_gr_accuracy(df)
+    assert np.isnan(row.loc["S", "V2M"])
+    assert row.loc["S", "Total"] == 90.0
+
+
+def test_human_machine_agreement_per_comparison():
+    # GR V2M: humans choose G in rows 0-7, the machine in rows 0-6 → agree on 0-6 and 8-9 = 9.
+    agreement = machine_agreement(exact_answers(SPEC, MACHINE))
+    assert agreement.loc[("S", "GR"), "V2M"] == 90.0
+    # GR M2V: humans G in 0-5, machine G in 0-8 → agree on 0-5 and 9 = 7.
+    assert agreement.loc[("S", "GR"), "M2V"] == 70.0
+    assert agreement.loc[("S", "GR"), "Total"] == 80.0
+    assert agreement.loc[("S", "GR"), "n_answers"] == 20

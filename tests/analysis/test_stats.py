@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from analysis.stats import STAT_COLUMNS, cell_statistics
+
+from .frames import exact_answers
+
+SPEC = {
+    (1, "GR", "V2M"): (9, 10),
+    (2, "GR", "V2M"): (6, 10),
+    (3, "GR", "V2M"): (8, 12),
+    (4, "GR", "V2M"): (5, 10),  # exactly 50%: drops out of Wilcoxon's test
+    (1, "GR", "M2V"): (4, 10),
+    (2, "GR", "M2V"): (7, 10),
+    (3, "GR", "M2V"): (10, 10),
+}
+
+
+@pytest.fixture(scope="module")
+def table():
+    return cell_statistics(exact_answers(SPEC), n_resamples=2000, seed=3)
+
+
+def test_counts_and_exact_binomial_match_scipy(table):
+    cell = table.loc[("GR", "V2M")]
+    assert cell[["n_answers", "n_subjects", "preferred"]].tolist() == [42, 4, 28]
+    expected = stats.binomtest(28, 42, 0.5)
+    assert cell["binom_p"] == pytest.approx(expected.pvalue, rel=1e-12)
+    ci = expected.proportion_ci(0.95, method="exact")
+    assert cell[["binom_ci_low", "binom_ci_high"]].tolist() == pytest.approx(
+        [100 * ci.low, 100 * ci.high]
+    )
+    assert cell["percent"] == pytest.approx(100 * 28 / 42)
+
+
+def test_wilcoxon_of_subject_preferences_matches_scipy(table):
+    v2m = np.array([90.0, 60.0, 100 * 8 / 12])  # subject 4 at 50% drops out
+    expected = stats.wilcoxon(v2m - 50.0)
+    assert table.loc[("GR", "V2M"), "wilcoxon_p"] == pytest.approx(expected.pvalue)
+    assert table.loc[("GR", "V2M"), "wilcoxon_stat"] == pytest.approx(expected.statistic)
+    assert table.loc[("GR", "V2M"), "subject_median"] == pytest.approx(np.median([*v2m, 50.0]))
+
+
+def test_total_pools_each_subjects_directions(table):
+    total = table.loc[("GR", "Total")]
+    assert total[["n_answers", "n_subjects", "preferred"]].tolist() == [72, 4, 49]
+    subject_totals = np.array([13 / 20, 13 / 20, 18 / 22, 5 / 10]) * 100 - 50
+    assert total["wilcoxon_p"] == pytest.approx(stats.wilcoxon(subject_totals).pvalue)
+
+
+def test_bootstrap_interval_over_subjects_is_seeded_and_brackets_the_share(table):
+    again = cell_statistics(exact_answers(SPEC), n_resamples=2000, seed=3)
+    assert again["boot_ci_low"].equals(table["boot_ci_low"])
+    for key in [("GR", "V2M"), ("GR", "M2V"), ("GR", "Total")]:
+        cell = table.loc[key]
+        assert cell["boot_ci_low"] <= cell["percent"] <= cell["boot_ci_high"]
+    # Resampling whole subjects: the interval lies within the subjects' own range.
+    m2v = table.loc[("GR", "M2V")]
+    assert 40.0 <= m2v["boot_ci_low"] < m2v["boot_ci_high"] <= 100.0
+
+
+def test_bootstrap_matches_scipy_on_the_subject_ratio(table):
+    preferred, n = np.array([4, 7, 10]), np.array([10, 10, 10])
+    expected = stats.bootstrap(
+        (preferred, n),
+        lambda k, m, axis=-1: 100 * k.sum(axis=axis) / m.sum(axis=axis),
+        paired=True,
+        n_resamples=2000,
+        method="percentile",
+        rng=np.random.default_rng(3),
+    ).confidence_interval
+    m2v = table.loc[("GR", "M2V")]
+    assert [m2v["boot_ci_low"], m2v["boot_ci_high"]] == pytest.approx([expected.low, expected.high])
+
+
+def test_empty_cells_and_single_subjects_give_nan_not_errors(table):
+    assert list(table.columns) == STAT_COLUMNS
+    gs = table.loc[("GS", "V2M")]
+    assert gs["n_answers"] == 0 and gs["n_subjects"] == 0
+    assert np.isnan(gs["binom_p"]) and np.isnan(gs["boot_ci_low"])
+    one = cell_statistics(exact_answers({(1, "GR", "V2M"): (10, 10)}), n_resamples=100)
+    cell = one.loc[("GR", "V2M")]
+    assert cell["binom_p"] == pytest.approx(2 * 0.5**10)
+    assert np.isnan(cell["boot_ci_low"])  # one subject: nothing to resample
+
+
+def test_every_subject_at_chance_gives_no_wilcoxon_p():
+    df = exact_answers({(s, "GR", "V2M"): (5, 10) for s in range(4)})
+    cell = cell_statistics(df, n_resamples=100).loc[("GR", "V2M")]
+    assert np.isnan(cell["wilcoxon_p"])
+    assert cell["binom_p"] == pytest.approx(1.0)
+    assert cell["boot_ci_low"] == cell["boot_ci_high"] == 50.0
