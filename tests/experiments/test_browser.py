@@ -49,12 +49,24 @@ def counter(page) -> str:
     return page.locator("#counter").inner_text()
 
 
-def wait_for_media(page):
+def wait_for_media(page, state=2):
     """Every media element on the page has decoded its first frame (served, by range)."""
     page.wait_for_function(
-        "Array.from(document.querySelectorAll('audio, video')).every(m => m.readyState >= 2)",
+        f"Array.from(document.querySelectorAll('audio, video')).every(m => m.readyState >= {state})",
         timeout=10_000,
     )
+
+
+def screenshot(page, name):
+    if folder := os.environ.get("SCREENSHOT_DIR"):
+        wait_for_media(page, state=4)
+        # A frame from the middle of each video rather than the controls' loading spinner.
+        page.evaluate(
+            """Promise.all(Array.from(document.querySelectorAll('video')).map(v =>
+                v.play().then(() => { v.pause(); v.currentTime = 0.7; })))"""
+        )
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(Path(folder) / name))
 
 
 def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server):
@@ -73,11 +85,11 @@ def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server
     page.get_by_role("button", name="Start").click()
     assert counter(page) == "Question 1 of 6"
     wait_for_media(page)
-    if shots := os.environ.get("SCREENSHOT_DIR"):
-        page.screenshot(path=str(Path(shots) / "question-desktop.png"), full_page=True)
     page.get_by_role("button", name="Choose A").click()
     page.wait_for_url(link)
     assert counter(page) == "Question 2 of 6"
+    wait_for_media(page)
+    screenshot(page, "question-desktop.png")
     page.keyboard.press("ArrowRight")
     page.locator("#counter", has_text="Question 3 of 6").wait_for()
     context.close()
@@ -89,15 +101,17 @@ def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server
 
     # A fresh browser (no cookies) on a phone resumes at question 3.
     phone = chromium.new_context(
-        viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
     )
     page = phone.new_page()
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(link)
     assert counter(page) == "Question 3 of 6"
     wait_for_media(page)
-    if shots:
-        page.screenshot(path=str(Path(shots) / "question-phone.png"), full_page=True)
+    screenshot(page, "question-phone.png")
     page.get_by_role("button", name="Choose B").click()
 
     # The break between the blocks, then the music → video block.
