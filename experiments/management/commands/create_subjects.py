@@ -1,0 +1,33 @@
+"""`manage.py create_subjects STUDY --count N`: new subjects with their plans; prints links."""
+
+from django.core.management.base import BaseCommand, CommandError
+
+from analysis.load import get_study
+from experiments.models import Study
+from experiments.plans import PlanError
+from experiments.subjects import create_subjects, subject_url
+
+
+class Command(BaseCommand):
+    help = "Create subjects (each with its stored question plan) and print their links."
+
+    def add_arguments(self, parser):
+        parser.add_argument("study", help="the study's slug or id")
+        parser.add_argument("--count", type=int, required=True)
+        parser.add_argument(
+            "--base-url", default="http://localhost:8000", help="the site's address"
+        )
+
+    def handle(self, *args, **o):
+        if o["count"] < 1:
+            raise CommandError("--count must be at least 1")
+        try:
+            study = get_study(o["study"])
+        except Study.DoesNotExist:
+            raise CommandError(f"No study with slug or id {o['study']!r}.") from None
+        try:
+            subjects = create_subjects(study, o["count"])
+        except PlanError as error:
+            raise CommandError(f"{study.slug}: {error}") from None
+        for subject in subjects:
+            self.stdout.write(subject_url(subject, o["base_url"]))

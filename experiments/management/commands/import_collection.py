@@ -1,0 +1,62 @@
+"""`manage.py import_collection NAME PATH`: music videos (a folder or a CSV manifest) → pairs."""
+
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from experiments.ingest import DEFAULT_ENCODER, ManifestError, import_collection
+from experiments.media import CLIP_S
+
+
+class Command(BaseCommand):
+    help = (
+        "Import a collection from a folder of music videos or a CSV manifest "
+        "(video,music[,title,genre,split]; paths relative to the manifest). Each pair is "
+        "transcoded and its features extracted by a Celery task (in-process with --sync). "
+        "Re-running skips pairs that are ready and retries the others."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("name", help="the collection's name (created if new)")
+        parser.add_argument("path", help="a folder of music videos or a CSV manifest")
+        share = parser.add_mutually_exclusive_group()
+        share.add_argument("--test", type=int, help="number of test pairs")
+        share.add_argument("--test-fraction", type=float, default=0.2, help="default 0.2")
+        parser.add_argument("--val-fraction", type=float, default=0.1, help="default 0.1")
+        parser.add_argument("--seed", type=int, default=0, help="of the split assignment")
+        parser.add_argument(
+            "--clip-seconds", type=float, default=CLIP_S, help="length of the centred clips"
+        )
+        parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="the frame CNN")
+        parser.add_argument("--sync", action="store_true", help="work in this process")
+
+    def handle(self, *args, **o):
+        bar = tqdm(unit="pair", desc="importing", file=self.stderr, disable=o["verbosity"] < 1)
+
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            summary = import_collection(
+                o["name"],
+                o["path"],
+                test=o["test"],
+                test_fraction=o["test_fraction"],
+                val_fraction=o["val_fraction"],
+                seed=o["seed"],
+                clip_s=o["clip_seconds"],
+                encoder=o["encoder"],
+                sync=o["sync"],
+                progress=progress,
+            )
+        except ManifestError as error:
+            raise CommandError(str(error)) from None
+        finally:
+            bar.close()
+        for key, error in summary.failures:
+            self.stderr.write(f"failed  {key}: {error}")
+        self.stdout.write(
+            f"{summary.collection.name}: {summary.ready} of {summary.total} pairs ready, "
+            f"{len(summary.failures)} failed, {summary.skipped} already imported"
+        )

@@ -1,0 +1,58 @@
+"""`manage.py prepare_study STUDY [--wait]`: train and search its systems on the workers."""
+
+import time
+
+from django.core.management.base import BaseCommand, CommandError
+from kombu.exceptions import OperationalError
+from tqdm import tqdm
+
+from analysis.load import get_study
+from experiments.models import Study
+from experiments.tasks import prepare_study
+
+
+class Command(BaseCommand):
+    help = (
+        "Queue the study's preparation (train what is not trained, store search results, "
+        "check that plans can be built); with --wait, follow its progress until it ends."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("study", help="the study's slug or id")
+        parser.add_argument("--wait", action="store_true", help="wait until ready or failed")
+        parser.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to wait")
+
+    def handle(self, *args, **o):
+        try:
+            study = get_study(o["study"])
+        except Study.DoesNotExist:
+            raise CommandError(f"No study with slug or id {o['study']!r}.") from None
+        if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
+            raise CommandError(f"{study.slug} is {study.status}: its subjects' plans are fixed.")
+        try:
+            prepare_study.delay(study.pk)
+        except OperationalError as error:
+            raise CommandError(
+                f"Cannot reach the Celery broker ({error}); start Redis and a worker, or set "
+                "CELERY_ALWAYS_EAGER=1 to work in this process."
+            ) from None
+        if not o["wait"]:
+            self.stdout.write(f"{study.slug}: preparation queued")
+            return
+        study = self.follow(study, o["timeout"], show=o["verbosity"] >= 1)
+        if study.status == Study.Status.FAILED:
+            raise CommandError(f"{study.slug}: preparation failed: {study.message}")
+        self.stdout.write(f"{study.slug}: {study.status}. {study.message}")
+
+    def follow(self, study, timeout, show):
+        deadline = time.monotonic() + timeout
+        with tqdm(total=100, unit="%", file=self.stderr, disable=not show) as bar:
+            while True:
+                study.refresh_from_db()
+                bar.n = round(100 * study.progress)
+                bar.set_description(study.message[:60])
+                if study.status in (Study.Status.READY, Study.Status.FAILED):
+                    return study
+                if time.monotonic() > deadline:
+                    raise CommandError(f"{study.slug}: still {study.status} after {timeout} s")
+                time.sleep(0.5)

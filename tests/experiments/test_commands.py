@@ -1,0 +1,115 @@
+"""The researcher's commands: import, create subjects, prepare, export."""
+
+import csv
+import io
+import json
+import re
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from experiments.models import Response, Study
+
+from .clips import music_video
+from .test_subjects import make_study
+from .test_tasks import make_collection
+from .test_tasks import make_study as make_prepared_study
+
+
+def run(*args):
+    out, err = io.StringIO(), io.StringIO()
+    call_command(*args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+@pytest.mark.django_db
+def test_import_collection_reports_failures_and_is_idempotent(tmp_path):
+    for i in range(2):
+        music_video(tmp_path / f"song{i}.mp4", i, seconds=2.0)
+    music_video(tmp_path / "mute.mp4", 5, seconds=2.0, audio=False)
+    out, err = run("import_collection", "cmd", str(tmp_path), "--test", "1", "--sync")
+    assert "cmd: 2 of 3 pairs ready, 1 failed, 0 already imported" in out
+    assert "failed  mute: mute.mp4: no audio track" in err
+    out, _ = run("import_collection", "cmd", str(tmp_path), "--test", "1", "--sync")
+    assert "cmd: 2 of 3 pairs ready, 1 failed, 2 already imported" in out
+
+
+@pytest.mark.django_db
+def test_import_collection_rejects_a_bad_manifest(tmp_path):
+    (tmp_path / "m.csv").write_text("video,music\n../../etc/x.mp4,\n")
+    with pytest.raises(CommandError, match="lies outside the manifest's folder"):
+        run("import_collection", "bad", str(tmp_path / "m.csv"))
+
+
+@pytest.mark.django_db
+def test_create_subjects_prints_their_links():
+    study = make_study()
+    out, _ = run("create_subjects", study.slug, "--count", "3", "--base-url", "https://x.org/")
+    tokens = re.findall(r"^https://x\.org/s/([\w-]+)/$", out, re.M)
+    assert len(tokens) == 3
+    assert sorted(study.subjects.values_list("token", flat=True)) == sorted(tokens)
+    assert all(s.questions.count() == 12 for s in study.subjects.all())
+    with pytest.raises(CommandError, match="No study"):
+        run("create_subjects", "nope", "--count", "1")
+
+
+@pytest.mark.django_db
+def test_create_subjects_for_too_small_a_collection_says_so():
+    study = make_study(n=5)
+    with pytest.raises(CommandError, match="too small"):
+        run("create_subjects", study.slug, "--count", "1")
+    assert not study.subjects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prepare_study_waits_for_the_worker(celery_worker):
+    study, _ = make_prepared_study(make_collection("cmd-prep"), {"n_components": 4}, slug="cp")
+    out, _ = run("prepare_study", study.slug, "--wait", "--timeout", "180")
+    assert "cp: ready. Ready: 12 questions per subject" in out
+    Study.objects.filter(pk=study.pk).update(per_type=5, status=Study.Status.DRAFT)
+    with pytest.raises(CommandError, match="preparation failed: .*too small"):
+        run("prepare_study", study.slug, "--wait", "--timeout", "180")
+
+
+@pytest.mark.django_db
+def test_export_responses_as_csv_and_json(tmp_path):
+    study = make_study(two_systems=True, per_type=1)
+    out, _ = run("create_subjects", study.slug, "--count", "2")
+    answered = []
+    for subject in study.subjects.order_by("ordinal"):
+        subject.external_id = f"PID{subject.ordinal}"
+        subject.save()
+        for q in subject.questions.all()[:3]:
+            choice = "b" if q.position % 2 else "a"
+            kind = q.kind_b if choice == "b" else q.kind_a
+            Response.objects.create(
+                question=q, subject=subject, choice=choice, chosen_kind=kind, response_ms=900
+            )
+            answered.append((subject.token, q, choice, kind))
+
+    out, _ = run("export_responses", study.slug)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == len(answered) == 6
+    for row, (token, q, choice, kind) in zip(rows, answered, strict=True):
+        assert row["study"] == study.slug and row["subject"] == token
+        assert row["external_id"] == f"PID{q.subject.ordinal}"
+        assert (row["position"], row["direction"], row["pair_type"]) == (
+            str(q.position),
+            q.direction,
+            q.pair_type,
+        )
+        assert (row["query"], row["option_a"], row["option_b"]) == (
+            q.query.key,
+            q.option_a.key,
+            q.option_b.key,
+        )
+        chosen = q.option_b if choice == "b" else q.option_a
+        assert (row["chosen_item"], row["chosen"], row["response_ms"]) == (chosen.key, kind, "900")
+        assert row["answered_at"].startswith("20")
+        machine_s1 = {"a": q.kind_a, "b": q.kind_b}.get(q.machine.get("S1"), "")
+        assert row["machine_S1"] == machine_s1 and "machine_S2" in row
+
+    target = tmp_path / "answers.json"
+    _, err = run("export_responses", str(study.pk), "--format", "json", "--output", str(target))
+    assert "6 answers written" in err
+    assert [r["chosen"] for r in json.loads(target.read_text())] == [r["chosen"] for r in rows]
