@@ -18,10 +18,11 @@ from django.db.models.functions import Coalesce
 from django.http import HttpResponseRedirect, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
-from django.urls import NoReverseMatch, path, reverse
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.text import slugify
 
+from .export import response_rows
 from .forms import SubjectLinksForm
 from .models import (
     Collection,
@@ -33,6 +34,7 @@ from .models import (
     System,
 )
 from .plans import PlanError
+from .results import study_results
 from .subjects import create_subjects, subject_url
 
 admin.site.site_header = "Video–music preference studies"
@@ -297,10 +299,7 @@ class StudyAdmin(admin.ModelAdmin):
         return format_html('<a href="{}">{}</a>{}', link, link, cap)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        try:
-            results = reverse("admin:experiments_study_results", args=[object_id])
-        except NoReverseMatch:  # the results module is not installed
-            results = None
+        results = reverse("admin:experiments_study_results", args=[object_id])
         extra_context = {**(extra_context or {}), "results_url": results}
         return super().change_view(request, object_id, form_url, extra_context)
 
@@ -359,7 +358,7 @@ class StudyAdmin(admin.ModelAdmin):
     @admin.action(description="Export responses (CSV)")
     def export_responses(self, request, queryset):
         studies = queryset.order_by("pk")
-        return csv_response("responses.csv", (_response_rows(study) for study in studies))
+        return csv_response("responses.csv", (response_rows(study) for study in studies))
 
     # Pages of one study
 
@@ -380,19 +379,12 @@ class StudyAdmin(admin.ModelAdmin):
                 self.admin_site.admin_view(self.responses_view),
                 name="experiments_study_responses",
             ),
+            path(
+                "<int:study_id>/results/",
+                self.admin_site.admin_view(study_results),
+                name="experiments_study_results",
+            ),
         ]
-        try:
-            from .results import study_results
-        except ImportError:  # the results page lands separately
-            pass
-        else:
-            own.append(
-                path(
-                    "<int:study_id>/results/",
-                    self.admin_site.admin_view(study_results),
-                    name="experiments_study_results",
-                )
-            )
         return own + super().get_urls()
 
     def _study(self, request, study_id, permission="view"):
@@ -455,7 +447,7 @@ class StudyAdmin(admin.ModelAdmin):
 
     def responses_view(self, request, study_id):
         study = self._study(request, study_id)
-        return csv_response(f"{study.slug}-responses.csv", [_response_rows(study)])
+        return csv_response(f"{study.slug}-responses.csv", [response_rows(study)])
 
 
 def join_url(request, study) -> str:
@@ -463,12 +455,6 @@ def join_url(request, study) -> str:
     url = request.build_absolute_uri(reverse("join", args=[study.join_token]))
     param = study.external_id_param
     return f"{url}?{param}={{{{%{param}%}}}}" if param else url
-
-
-def _response_rows(study):
-    from .export import response_rows
-
-    return response_rows(study)
 
 
 class _Echo:

@@ -52,6 +52,7 @@ def admin_urls(study):
         reverse("admin:experiments_study_links", args=[study.pk]),
         reverse("admin:experiments_study_links_csv", args=[study.pk]),
         reverse("admin:experiments_study_responses", args=[study.pk]),
+        reverse("admin:experiments_study_results", args=[study.pk]),
         "/admin/experiments/collection/",
         "/admin/experiments/pair/",
         "/admin/experiments/system/",
@@ -76,6 +77,9 @@ def test_every_admin_page_renders_for_staff(admin_client, study):
     Study.objects.filter(pk=study.pk).update(status=Study.Status.CLOSED)
     for url in [*admin_urls(study), f"/admin/experiments/subject/{subject.pk}/change/"]:
         assert admin_client.get(url).status_code == 200, url
+    study_page = admin_client.get(f"{CHANGELIST}{study.pk}/change/").content.decode()
+    for name in ("links", "responses", "results"):
+        assert reverse(f"admin:experiments_study_{name}", args=[study.pk]) in study_page
     pair = study.collection.pairs.first()
     page = admin_client.get(f"/admin/experiments/pair/{pair.pk}/change/").content.decode()
     assert reverse("media", args=[pair.video_token]) in page  # a preview
