@@ -1,0 +1,233 @@
+"""Command line: python -m engine {demo-corpus,extract,train,evaluate,baselines,search} --help"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _splits(features, manifest: str | None, seed: int = 0) -> dict[str, list[int]]:
+    """Row indices per split: from the manifest's `split` column, else 75/12.5/12.5."""
+    if manifest:
+        with open(manifest, newline="") as f:
+            split_of = {row["video"]: row.get("split", "") for row in csv.DictReader(f)}
+        out = {"train": [], "val": [], "test": []}
+        for i, key in enumerate(features.keys):
+            split = split_of.get(Path(key).name)
+            if split in out:
+                out[split].append(i)
+        return out
+    order = np.random.default_rng(seed).permutation(len(features))
+    a, b = int(0.75 * len(order)), int(0.875 * len(order))
+    return {"train": sorted(order[:a]), "val": sorted(order[a:b]), "test": sorted(order[b:])}
+
+
+def _manifest_for(args) -> str | None:
+    if args.manifest:
+        return args.manifest
+    guess = Path(args.features).with_name("manifest.csv")
+    return str(guess) if guess.exists() else None
+
+
+def cmd_demo_corpus(args):
+    from engine.corpus import make_demo_corpus
+
+    t0 = time.perf_counter()
+    paths = make_demo_corpus(args.out, args.n, args.seed, args.duration, args.workers)
+    dt = time.perf_counter() - t0
+    print(f"wrote {len(paths)} clips and manifest.csv to {args.out} in {dt:.1f} s")
+
+
+def cmd_extract(args):
+    from engine.extract import extract_folder, find_videos
+    from engine.pipeline import Features
+
+    paths = find_videos(args.folder)
+    if not paths:
+        sys.exit(f"no video files under {args.folder}")
+    t0 = time.perf_counter()
+    keys, frames, music, errors = extract_folder(
+        paths, args.workers, encoder=args.encoder, pretrained=not args.random_weights,
+        image_size=args.image_size, device=args.device,
+    )  # fmt: skip
+    dt = time.perf_counter() - t0
+    for _path, message in errors:
+        print(f"FAILED {message}", file=sys.stderr)
+    rel = [str(Path(k).relative_to(args.folder)) for k in keys]
+    if keys:
+        Features(rel, frames, music).save(args.out)
+    print(
+        f"extracted {len(keys)} of {len(paths)} files in {dt:.1f} s "
+        f"({dt / max(len(paths), 1):.2f} s/file) -> {args.out}; {len(errors)} failed"
+    )
+    if errors:
+        sys.exit(1)
+
+
+def cmd_train(args):
+    from engine.pipeline import Features, evaluate, train_system
+
+    features = Features.load(args.features)
+    split = _splits(features, _manifest_for(args), args.seed)
+    config = json.loads(args.config) if args.config else {}
+    config.setdefault("seed", args.seed)
+    if args.kind == "vmnet" and args.epochs:
+        config["max_epochs"] = args.epochs
+    system = train_system(
+        args.kind, features.subset(split["train"]),
+        features.subset(split["val"]) if split["val"] else None, config,
+    )  # fmt: skip
+    if split["test"]:
+        system.metrics["test"] = evaluate(system, features.subset(split["test"]))
+        print(json.dumps(system.metrics["test"], indent=1))
+    system.save(args.out)
+    print(f"saved {args.kind} to {args.out}")
+
+
+def cmd_evaluate(args):
+    from engine.pipeline import Features, evaluate, load_system
+
+    features = Features.load(args.features)
+    split = _splits(features, _manifest_for(args), args.seed)
+    rows = split[args.split] if args.split != "all" else list(range(len(features)))
+    print(json.dumps(evaluate(load_system(args.model), features.subset(rows)), indent=1))
+
+
+def cmd_baselines(args):
+    from engine.pipeline import Features, evaluate, train_system
+
+    features = Features.load(args.features)
+    split = _splits(features, _manifest_for(args), args.seed)
+    train, val, test = (features.subset(split[s]) for s in ("train", "val", "test"))
+    print(
+        f"{'method':8s} {'V2M R@1':>8s} {'R@10':>6s} {'R@25':>6s} {'M2V R@1':>8s} {'R@10':>6s} {'R@25':>6s}"
+    )
+    kinds = args.kinds.split(",")
+    for kind in kinds:
+        config = {"n_components": args.n_components} if kind != "vmnet" else {"seed": args.seed}
+        result = evaluate(train_system(kind, train, val, config), test)
+        cells = [100 * result[d][f"R@{k}"] for d in ("V2M", "M2V") for k in (1, 10, 25)]
+        print(
+            f"{kind:8s} "
+            + " ".join(f"{c:8.1f}" if i % 3 == 0 else f"{c:6.1f}" for i, c in enumerate(cells))
+        )
+    chance = [100 * result["chance"][f"R@{k}"] for k in (1, 10, 25)]
+    print(
+        f"{'chance':8s} {chance[0]:8.1f} {chance[1]:6.1f} {chance[2]:6.1f} {chance[0]:8.1f} {chance[1]:6.1f} {chance[2]:6.1f}"
+    )
+
+
+def cmd_search(args):
+    from engine.pipeline import Features, load_system
+
+    try:
+        from engine.search import top_k
+    except ImportError:  # until engine/search.py lands: same contract, full matrix
+        import torch
+
+        def top_k(queries, items, k, device=None):
+            scores = torch.from_numpy(queries) @ torch.from_numpy(items).T
+            # stable sort on descending scores: ties keep the lower index first
+            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+            return order.numpy().astype(np.int64), torch.gather(scores, 1, order).numpy()
+
+    features = Features.load(args.features)
+    system = load_system(args.model)
+    video_emb, music_emb = system.embed(features.frames, features.music)
+    queries, items = (video_emb, music_emb) if args.direction == "v2m" else (music_emb, video_emb)
+    rows = [features.keys.index(q) for q in args.query] if args.query else range(len(features))
+    idx, scores = top_k(queries[list(rows)], items, args.k)
+    for row, hits, sc in zip(rows, idx, scores, strict=True):
+        found = ", ".join(f"{features.keys[j]} ({s:.3f})" for j, s in zip(hits, sc, strict=True))
+        print(f"{features.keys[row]} -> {found}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m engine", description="VM-NET video-music retrieval engine"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo-corpus", help="write a synthetic corpus of short music videos (MP4)")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--n", type=int, default=400, help="number of clips (default 400)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--duration", type=float, default=10.0, help="seconds per clip")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.set_defaults(func=cmd_demo_corpus)
+
+    s = sub.add_parser(
+        "extract", help="extract frame and music features of every video in a folder"
+    )
+    s.add_argument("folder")
+    s.add_argument("--out", default="features.npz", help="output .npz (default features.npz)")
+    s.add_argument(
+        "--encoder", default="efficientnet-lite0", choices=["efficientnet-lite0", "inception-v3"]
+    )
+    s.add_argument(
+        "--image-size", type=int, default=None, help="CNN input size (default: the encoder's)"
+    )
+    s.add_argument(
+        "--random-weights", action="store_true", help="untrained CNN (no weights download)"
+    )
+    s.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.set_defaults(func=cmd_extract)
+
+    def data_args(s):
+        s.add_argument("features", help=".npz written by `extract`")
+        s.add_argument(
+            "--manifest",
+            default=None,
+            help="CSV with video,split columns (default: manifest.csv beside the features, else a seeded 75/12.5/12.5 split)",
+        )
+        s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("train", help="train VM-NET or a baseline; saves a checkpoint")
+    data_args(s)
+    s.add_argument("--kind", default="vmnet", choices=["vmnet", "cca", "pca", "plssvd", "pls"])
+    s.add_argument("--out", default="model.pt")
+    s.add_argument("--epochs", type=int, default=None, help="maximum epochs (vmnet)")
+    s.add_argument(
+        "--config",
+        default=None,
+        help='JSON overrides, e.g. \'{"top_k": 100, "lambdas": [1,1,0.2,0.2]}\'',
+    )
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="Recall@1/10/25 of a checkpoint, both directions")
+    s.add_argument("model")
+    data_args(s)
+    s.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser(
+        "baselines", help="compare VM-NET with PCA / PLSSVD / PLS / CCA on the test split"
+    )
+    data_args(s)
+    s.add_argument("--kinds", default="pca,plssvd,pls,cca,vmnet")
+    s.add_argument("--n-components", type=int, default=64)
+    s.set_defaults(func=cmd_baselines)
+
+    s = sub.add_parser("search", help="nearest items of the other modality")
+    s.add_argument("model")
+    s.add_argument("features")
+    s.add_argument(
+        "--query", action="append", help="key of a query item (repeatable; default: all)"
+    )
+    s.add_argument("--direction", default="v2m", choices=["v2m", "m2v"])
+    s.add_argument("--k", type=int, default=5)
+    s.set_defaults(func=cmd_search)
+
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

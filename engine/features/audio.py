@@ -1,0 +1,233 @@
+"""Music features of Sec. III-A / IV-B: 1140 statistics of Table I's frame features.
+
+12 kHz mono, the centred 29.12 s (zero-padded when shorter), harmonic/percussive split,
+190 features per component and frame (n_fft 512, hop 256), then per-dimension mean,
+variance and max over frames: 2 x 190 x 3 = 1140.
+
+Per component, the frame layout is: chroma-STFT 12, chroma-CENS 12, mel 96, MFCC 20,
+delta-MFCC 20, delta2-MFCC 20, RMS 1, centroid 1, bandwidth 1, rolloff 1, poly order 1 (2),
+poly order 2 (3), zero-crossing rate 1 = 190. The harmonic component comes first.
+
+Log-amplitude scaling: every non-negative feature (chroma, CENS, mel, RMS, centroid,
+bandwidth, rolloff, ZCR) is converted to dB with a fixed reference (1.0), so loudness and
+brightness stay comparable across tracks; MFCCs are already log-domain and the polynomial
+coefficients are signed, so they are kept as they are. (The authors' release applied
+`logamplitude(ref=max)` to everything, which clips signed features to the floor.)
+
+HPSS uses the same frames as the features (n_fft 512, hop 256, librosa's 31-bin median
+kernels), so the optimised path can split the mixture's STFT directly.
+
+`music_features` is the hot path: one STFT of the mixture, split into both components'
+STFTs, every spectral feature derived from those, one batched inverse STFT for the
+time-domain features (RMS, ZCR) and one two-channel CQT for CENS, with the tuning
+estimated once. `music_features_naive` is the straightforward version (each librosa
+feature call computes its own transform) kept as the test oracle and benchmark baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import av
+import librosa
+import numpy as np
+
+from engine.features import MediaError
+
+SR = 12_000
+DURATION = 29.12
+N_FFT = 512
+HOP = 256
+N_MELS = 96
+N_MFCC = 20
+N_FRAME_FEATURES = 190
+N_FEATURES = 2 * N_FRAME_FEATURES * 3  # 1140
+SILENCE_RMS = 1e-5
+
+
+def decode_audio(
+    source, sr: int = SR, offset: float | None = None, duration: float | None = None
+) -> np.ndarray:
+    """Decode mono float32 audio at `sr` from `offset` seconds for `duration` seconds.
+
+    Seeks to `offset` instead of decoding from the start, and stops once `duration` is
+    covered, so a 30 s excerpt of a two-hour file costs about 30 s of decoding. Works for
+    anything FFmpeg reads (MP3, OGG, M4A, WAV, the audio track of an MP4, ...).
+    """
+    offset = max(0.0, offset or 0.0)
+    try:
+        container = av.open(str(source))
+    except (av.FFmpegError, OSError) as exc:
+        raise MediaError(f"{source}: cannot open media ({exc})") from exc
+    with container:
+        if not container.streams.audio:
+            raise MediaError(f"{source}: no audio stream")
+        stream = container.streams.audio[0]
+        stream.thread_type = "AUTO"
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
+        if offset > 0:
+            # Seeks to the keyframe at or before `offset`; the exact start is cut below.
+            container.seek(int(offset * av.time_base), any_frame=False)
+        wanted = None if duration is None else int(round(duration * sr))
+        chunks: list[np.ndarray] = []
+        have = 0
+        start_time = None
+        try:
+            for frame in container.decode(stream):
+                if start_time is None:
+                    start_time = float(frame.time) if frame.time is not None else 0.0
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    have += chunks[-1].size
+                skip = max(0, int(round((offset - start_time) * sr)))
+                if wanted is not None and have >= skip + wanted:
+                    break
+            else:
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as exc:
+            raise MediaError(f"{source}: cannot decode audio ({exc})") from exc
+    if not chunks:
+        raise MediaError(f"{source}: no audio decoded")
+    y = np.concatenate(chunks).astype(np.float32, copy=False)
+    skip = max(0, int(round((offset - (start_time or 0.0)) * sr)))
+    y = y[skip:]
+    return y if wanted is None else y[:wanted]
+
+
+def _media_duration(path) -> float | None:
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MediaError(f"{path}: no audio stream")
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            if container.duration is not None:
+                return container.duration / av.time_base
+    except (av.FFmpegError, OSError) as exc:
+        raise MediaError(f"{path}: cannot open media ({exc})") from exc
+    return None
+
+
+def load_excerpt(source) -> np.ndarray:
+    """The centred 29.12 s at 12 kHz mono (zero-padded at the end when shorter)."""
+    n = int(round(DURATION * SR))
+    if isinstance(source, tuple):
+        y, sr = source
+        y = np.asarray(y, dtype=np.float32)
+        if y.ndim == 2:  # (channels, samples)
+            y = librosa.to_mono(y)
+        if sr != SR:
+            y = librosa.resample(y, orig_sr=sr, target_sr=SR)
+        start = max(0, (y.size - n) // 2)
+        y = y[start : start + n]
+    else:
+        total = _media_duration(source)
+        offset = None if total is None else max(0.0, (total - DURATION) / 2)
+        y = decode_audio(source, SR, offset=offset, duration=DURATION)
+        if total is None and y.size > n:  # duration unknown: decoded it all, centre now
+            start = (y.size - n) // 2
+            y = y[start : start + n]
+    if y.size == 0 or not np.all(np.isfinite(y)):
+        raise MediaError(f"{_name(source)}: no usable audio samples")
+    if float(np.sqrt(np.mean(np.square(y, dtype=np.float64)))) < SILENCE_RMS:
+        raise MediaError(f"{_name(source)}: audio is silent")
+    return np.pad(y, (0, n - y.size)) if y.size < n else y
+
+
+def _name(source) -> str:
+    return str(source) if isinstance(source, str | Path) else "waveform"
+
+
+def _db(x: np.ndarray) -> np.ndarray:
+    return librosa.power_to_db(x, ref=1.0, amin=1e-10, top_db=None)
+
+
+def _summarise(frames: np.ndarray) -> np.ndarray:
+    """(380, T) frame features -> (1140,) mean, variance, max."""
+    stats = [frames.mean(axis=1), frames.var(axis=1), frames.max(axis=1)]
+    return np.concatenate(stats).astype(np.float32)
+
+
+def _stack(chroma, cens, mel, mfcc, rms, centroid, bandwidth, rolloff, poly1, poly2, zcr):
+    """One component's frame features in Table I order -> (190, T)."""
+    delta = librosa.feature.delta(mfcc)
+    delta2 = librosa.feature.delta(mfcc, order=2)
+    rows = [
+        _db(chroma),
+        _db(cens),
+        _db(mel),
+        mfcc,
+        delta,
+        delta2,
+        _db(rms),
+        _db(centroid),
+        _db(bandwidth),
+        _db(rolloff),
+        poly1,
+        poly2,
+        _db(zcr),
+    ]
+    return np.vstack(rows)
+
+
+def music_features(source) -> np.ndarray:
+    """(1140,) float32 music vector of a file path or a `(waveform, sample_rate)` tuple."""
+    y = load_excerpt(source)
+    harmonic, percussive = librosa.decompose.hpss(librosa.stft(y, n_fft=N_FFT, hop_length=HOP))
+    y2 = librosa.istft(np.stack([harmonic, percussive]), n_fft=N_FFT, hop_length=HOP, length=y.size)
+    # The one STFT per component (both channels in one call); a masked mixture STFT is not
+    # a consistent STFT, so this re-analysis is what the features of y_h / y_p really see.
+    mag = np.abs(librosa.stft(y2, n_fft=N_FFT, hop_length=HOP))
+    power = mag**2
+    mel = librosa.feature.melspectrogram(S=power, sr=SR, n_mels=N_MELS)
+    # Per component: power_to_db's top_db clip is relative to the array's maximum.
+    mfcc = np.stack([librosa.feature.mfcc(S=librosa.power_to_db(m), n_mfcc=N_MFCC) for m in mel])
+    centroid = librosa.feature.spectral_centroid(S=mag, sr=SR, n_fft=N_FFT)
+    bandwidth = librosa.feature.spectral_bandwidth(S=mag, sr=SR, n_fft=N_FFT, centroid=centroid)
+    rolloff = librosa.feature.spectral_rolloff(S=mag, sr=SR, n_fft=N_FFT)
+    poly1 = librosa.feature.poly_features(S=mag, sr=SR, n_fft=N_FFT, order=1)
+    poly2 = librosa.feature.poly_features(S=mag, sr=SR, n_fft=N_FFT, order=2)
+    rms = librosa.feature.rms(y=y2, frame_length=N_FFT, hop_length=HOP)
+    zcr = librosa.feature.zero_crossing_rate(y2, frame_length=N_FFT, hop_length=HOP)
+    chroma = np.stack(
+        [librosa.feature.chroma_stft(S=power[c], sr=SR, n_fft=N_FFT) for c in range(2)]
+    )
+    cens = np.stack([librosa.feature.chroma_cens(y=y2[c], sr=SR, hop_length=HOP) for c in range(2)])
+    components = [
+        _stack(
+            chroma[c], cens[c], mel[c], mfcc[c], rms[c], centroid[c], bandwidth[c],
+            rolloff[c], poly1[c], poly2[c], zcr[c],
+        )
+        for c in range(2)
+    ]  # fmt: skip
+    return _summarise(np.vstack(components))
+
+
+def music_features_naive(source) -> np.ndarray:
+    """Reference implementation: every feature call recomputes its own transform."""
+    y = load_excerpt(source)
+    components = []
+    for part in librosa.effects.hpss(y, n_fft=N_FFT, hop_length=HOP):
+        kw = {"y": part, "sr": SR, "n_fft": N_FFT, "hop_length": HOP}
+        components.append(
+            _stack(
+                librosa.feature.chroma_stft(**kw),
+                librosa.feature.chroma_cens(y=part, sr=SR, hop_length=HOP),
+                librosa.feature.melspectrogram(**kw, n_mels=N_MELS),
+                librosa.feature.mfcc(**kw, n_mels=N_MELS, n_mfcc=N_MFCC),
+                librosa.feature.rms(y=part, frame_length=N_FFT, hop_length=HOP),
+                librosa.feature.spectral_centroid(**kw),
+                librosa.feature.spectral_bandwidth(**kw),
+                librosa.feature.spectral_rolloff(**kw),
+                librosa.feature.poly_features(**kw, order=1),
+                librosa.feature.poly_features(**kw, order=2),
+                librosa.feature.zero_crossing_rate(part, frame_length=N_FFT, hop_length=HOP),
+            )
+        )
+    return _summarise(np.vstack(components))
+
+
+assert math.isclose(N_FEATURES, 1140)
