@@ -107,6 +107,11 @@ def _records(frame: pd.DataFrame | None):
     return json.loads(frame.reset_index().to_json(orient="records", double_precision=6))
 
 
+def _markdown(frame: pd.DataFrame, floatfmt: str) -> str:
+    named = frame.index.names != [None]
+    return (frame.reset_index() if named else frame).to_markdown(index=False, floatfmt=floatfmt)
+
+
 def render(report: Report, fmt: str) -> str | bytes:
     """The report as text (markdown, csv, json, latex) or bytes (xlsx, png, svg, zip)."""
     if fmt == "markdown":
@@ -114,24 +119,24 @@ def render(report: Report, fmt: str) -> str | bytes:
             f"# {report.title}",
             f"Subjects: {report.n_subjects}, answers: {report.n_answers}",
             "## Preference (%, Table IV)",
-            report.table.to_markdown(floatfmt=".2f"),
+            _markdown(report.table, ".2f"),
             "## Statistics (per cell; tests against 50%)",
-            report.statistics.to_markdown(floatfmt=".4g"),
+            _markdown(report.statistics, ".4g"),
         ]
         if len(report.agreement):
             parts += [
                 "## Human–machine agreement (%)",
-                report.agreement.to_markdown(floatfmt=".2f"),
+                _markdown(report.agreement, ".2f"),
             ]
         if report.kappa is not None:
             parts += [
                 "## Agreement among subjects (Fleiss' kappa)",
-                report.kappa.to_markdown(floatfmt=".3f"),
+                _markdown(report.kappa, ".3f"),
             ]
         if report.mixed is not None:
             parts += [
                 "## Mixed-effects logistic model",
-                report.mixed.to_markdown(index=False, floatfmt=".3f"),
+                _markdown(report.mixed, ".3f"),
             ]
         return "\n\n".join(parts) + "\n"
     if fmt == "csv":

@@ -6,7 +6,7 @@ The only module of `analysis` that imports Django; everything else works on the 
 import pandas as pd
 from django.db.models import F
 
-from experiments.models import Question, Response, Study
+from experiments.models import Question, Response, Study, Subject
 
 from .machine import MACHINE_PREFIX
 from .preference import split_pair_type
@@ -59,7 +59,9 @@ def responses_frame(
     if not include_incomplete:
         responses = responses.filter(subject__completed_at__isnull=False)
     if not include_failed:
-        responses = responses.exclude(subject__meta__failed=True)
+        # A subquery: excluding on the JSON key directly also drops subjects without the key.
+        failed = Subject.objects.filter(study=study, meta__failed=True)
+        responses = responses.exclude(subject__in=failed)
     has_catch = any(f.name == "is_catch" for f in Question._meta.get_fields())
     rows = responses.order_by("subject__ordinal", "question__position").values(
         "response_ms",

@@ -1,0 +1,229 @@
+"""The loader, both management commands and the admin results page, on real database rows."""
+
+import io
+import json
+import zipfile
+
+import pandas as pd
+import pytest
+from django.contrib.auth.models import AnonymousUser, User
+from django.core.management import CommandError, call_command
+from django.test import RequestFactory
+from django.utils import timezone
+
+from analysis.load import responses_frame
+from experiments.models import Collection, Pair, Question, Response, Study, Subject
+from experiments.results import study_results
+
+pytestmark = pytest.mark.django_db
+
+# Per subject: {(pair_type, direction): answers choosing the first kind of 4}.
+SUBJECTS = [
+    {("GR", "V2M"): 4, ("GR", "M2V"): 3, ("GS", "V2M"): 2, ("SR", "V2M"): 3},
+    {("GR", "V2M"): 2, ("GR", "M2V"): 3, ("GS", "V2M"): 2, ("SR", "V2M"): 4},
+]
+PER_CELL = 4
+
+
+def make_study(subjects=SUBJECTS, completed=True, slug="known", meta=None):
+    collection = Collection.objects.create(name=f"c-{slug}")
+    pairs = [
+        Pair.objects.create(collection=collection, key=f"p{i:02d}") for i in range(PER_CELL + 2)
+    ]
+    study = Study.objects.create(name=f"Study {slug}", slug=slug, collection=collection)
+    for ordinal, cells in enumerate(subjects):
+        subject = Subject.objects.create(
+            study=study,
+            ordinal=ordinal,
+            completed_at=timezone.now() if completed else None,
+            meta=meta or {},
+        )
+        position = 0
+        for (pair_type, direction), first_chosen in cells.items():
+            first, second = pair_type[0], pair_type[1]
+            for i in range(PER_CELL):
+                position += 1
+                # Alternate which candidate is shown first; the machine prefers the first kind
+                # on 3 of 4 questions.
+                kind_a, kind_b = (first, second) if i % 2 else (second, first)
+                machine_kind = first if i < 3 else second
+                question = Question.objects.create(
+                    subject=subject,
+                    position=position,
+                    direction=direction,
+                    pair_type=pair_type,
+                    query=pairs[i],
+                    option_a=pairs[PER_CELL],
+                    option_b=pairs[PER_CELL + 1],
+                    kind_a=kind_a,
+                    kind_b=kind_b,
+                    machine={"S": "a" if kind_a == machine_kind else "b"},
+                )
+                chosen = first if i < first_chosen else second
+                Response.objects.create(
+                    question=question,
+                    subject=subject,
+                    choice="a" if kind_a == chosen else "b",
+                    chosen_kind=chosen,
+                    response_ms=900 + i,
+                )
+    return study
+
+
+def run(*args):
+    out, err = io.StringIO(), io.StringIO()
+    call_command(*args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def test_loader_builds_the_analysis_frame():
+    study = make_study()
+    df = responses_frame(study)
+    assert len(df) == 2 * 4 * PER_CELL
+    row = df.iloc[0]
+    assert (row["study"], row["subject"], row["position"], row["direction"]) == (
+        "known",
+        0,
+        1,
+        "V2M",
+    )
+    assert (row["pair_type"], row["first"], row["second"], row["item"]) == ("GR", "G", "R", "p00")
+    assert row["response_ms"] == 900
+    assert not df["is_catch"].any()
+    # The machine's a/b choice becomes the kind it chose.
+    gr = df[df.pair_type == "GR"]
+    assert (gr["machine_S"] == "G").sum() == 3 * len(gr) // 4
+    assert responses_frame(study.slug).equals(df) and responses_frame(study.pk).equals(df)
+
+
+def test_loader_leaves_out_incomplete_and_failed_subjects():
+    make_study(slug="partial", completed=False)
+    assert responses_frame("partial").empty
+    assert len(responses_frame("partial", include_incomplete=True)) == 32
+    make_study(slug="failed", meta={"failed": True})
+    assert responses_frame("failed").empty
+    assert len(responses_frame("failed", include_failed=True)) == 32
+
+
+def test_report_markdown_has_table_iv_and_machine_row():
+    make_study()
+    out, _ = run("preference_report", "known")
+    lines = {
+        line.split("|")[1].strip() + " " + line.split("|")[2].strip(): line
+        for line in out.splitlines()
+        if line.startswith("| ")
+    }
+    cells = lambda key: [c.strip() for c in lines[key].split("|")[3:-1]]  # noqa: E731
+    assert cells("Human GR") == ["75.00", "75.00", "75.00"]
+    assert cells("Human GS") == ["50.00", "nan", "50.00"]
+    assert cells("Human SR") == ["87.50", "nan", "87.50"]
+    assert cells("Machine GR") == ["75.00", "75.00", "75.00"]
+    assert "Subjects: 2, answers: 32" in out
+
+
+def test_report_csv_json_latex_formats():
+    study = make_study()
+    out, _ = run("preference_report", str(study.pk), "--format", "csv")
+    table = pd.read_csv(io.StringIO(out))
+    gs = table[(table.judge == "Human") & (table.pair_type == "GS") & (table.direction == "V2M")]
+    assert gs.iloc[0][["percent", "n_answers", "n_subjects"]].tolist() == [50.0, 8, 2]
+    out, _ = run("preference_report", "known", "--format", "json")
+    assert json.loads(out)["counts"] == {"subjects": 2, "answers": 32}
+    out, _ = run("preference_report", "known", "--format", "latex")
+    assert "\\begin{tabular}" in out and "87.50" in out
+
+
+def test_report_writes_plot_and_subject_csv(tmp_path):
+    make_study()
+    plot, subjects = tmp_path / "fig7.svg", tmp_path / "subjects.csv"
+    out, err = run(
+        "preference_report", "known", "--plot", str(plot), "--subjects-csv", str(subjects)
+    )
+    assert plot.read_bytes().startswith(b"<?xml") and str(plot) in err
+    rows = pd.read_csv(subjects)
+    first = rows[(rows.subject == 0) & (rows.pair_type == "GR") & (rows.direction == "V2M")]
+    assert first.iloc[0][["n", "preferred", "preference"]].tolist() == [4, 4, 100.0]
+    assert len(rows) == 8
+
+
+def test_report_refuses_clearly_without_answers():
+    collection = Collection.objects.create(name="empty")
+    Study.objects.create(name="Empty", slug="empty", collection=collection)
+    with pytest.raises(CommandError, match="no answers from completed subjects"):
+        run("preference_report", "empty")
+    with pytest.raises(CommandError, match="No study"):
+        run("preference_report", "nope")
+    make_study(slug="partial", completed=False)
+    with pytest.raises(CommandError, match="--include-incomplete"):
+        run("preference_report", "partial")
+    out, _ = run("preference_report", "partial", "--include-incomplete", "--format", "json")
+    assert json.loads(out)["counts"]["subjects"] == 2
+
+
+def test_plan_power_command_prints_both_targets():
+    out, _ = run(
+        "plan_power",
+        "--comparison",
+        "S1-S2",
+        "--effect",
+        "0.7",
+        "--items",
+        "40",
+        "--questions-per-subject",
+        "10",
+        "--sims",
+        "100",
+        "--max-subjects",
+        "60",
+    )
+    assert out.startswith("S1-S2: preference 70.0%, 40 items, 10 questions per subject")
+    lines = out.splitlines()
+    n80 = int(lines[1].removeprefix("80% power: ").split()[0])
+    n90 = int(lines[2].removeprefix("90% power: ").split()[0])
+    assert 2 < n80 <= n90 <= 60
+    with pytest.raises(CommandError, match="effect"):
+        run("plan_power", "--effect", "1.5", "--items", "10", "--questions-per-subject", "5")
+
+
+@pytest.fixture
+def staff_request():
+    staff = User.objects.create_user("researcher", password="x", is_staff=True)
+
+    def get(study, **params):
+        request = RequestFactory().get("/", params)
+        request.user = staff
+        response = study_results(request, study.pk)
+        return response.render() if hasattr(response, "render") else response
+
+    return get
+
+
+def test_results_page_shows_table_plot_and_links(staff_request):
+    study = make_study()
+    page = staff_request(study).content.decode()
+    assert "75.00" in page and "87.50" in page and "Machine" in page
+    assert "data:image/png;base64," in page
+    for fmt in ["csv", "xlsx", "json", "latex", "png", "svg", "zip"]:
+        assert f"?download={fmt}" in page
+
+
+def test_results_downloads(staff_request):
+    study = make_study()
+    csv = staff_request(study, download="csv")
+    assert csv["Content-Disposition"] == 'attachment; filename="known-preference.csv"'
+    assert pd.read_csv(io.BytesIO(csv.content))["percent"].notna().any()
+    archive = zipfile.ZipFile(io.BytesIO(staff_request(study, download="zip").content))
+    assert "preference.svg" in archive.namelist()
+    assert staff_request(study, download="png").content.startswith(b"\x89PNG")
+    assert staff_request(study, download="docx").status_code == 400
+
+
+def test_results_page_without_answers_and_for_non_staff(staff_request):
+    study = make_study(completed=False)
+    page = staff_request(study).content.decode()
+    assert "No answers yet" in page
+    assert staff_request(study, incomplete="1").content.decode().count("75.00") >= 1
+    assert staff_request(study, download="csv").status_code == 400
+    request = RequestFactory().get("/")
+    request.user = AnonymousUser()
+    assert study_results(request, study.pk).status_code == 302  # to the admin login
