@@ -388,3 +388,26 @@ def test_media_of_a_study_that_is_not_open_are_not_served(client, study, media, 
     study.save()
     assert client.get(path).status_code == 404
     assert admin_client.get(path).status_code == 200  # staff may preview
+
+
+@pytest.mark.django_db(transaction=True)
+def test_simultaneous_posts_for_one_question_store_one_answer():
+    """A double click or two tabs: answers race for the same question; the first one wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    subject = make_subject(make_study(per_type=PER_TYPE))
+    start(Client(), subject)
+
+    def post(choice):
+        try:
+            return answer(Client(), subject, 1, choice).status_code
+        finally:
+            connection.close()  # each thread has its own connection
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        codes = list(pool.map(post, "abababab"))
+    assert codes == [302] * 8
+    assert Response.objects.filter(subject=subject).count() == 1
+    assert shown_position(Client(), subject) == 2
