@@ -177,6 +177,8 @@ def prepare_study(study_id: int):
     steps = []
     for link in links:
         system = link.system
+        if system.collection_id != study.collection_id:
+            return _fail_study(study_id, f"{system.name} belongs to another collection.")
         if system.kind == System.Kind.EXTERNAL:
             if system.results.exists():
                 continue
@@ -217,6 +219,20 @@ def finish_study(study_id: int):
         message=f"Ready: {len(plan)} questions per subject",
     )
     return Study.Status.READY
+
+
+def workers_listening(timeout: float = 1.0) -> bool:
+    """Whether tasks will run: eager mode, or at least one worker answers a ping."""
+    from kombu.exceptions import OperationalError
+
+    from study_site.celery import app
+
+    if app.conf.task_always_eager:
+        return True
+    try:
+        return bool(app.control.ping(timeout=timeout))
+    except OperationalError:  # no broker
+        return False
 
 
 class _failing:

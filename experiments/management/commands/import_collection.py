@@ -3,8 +3,9 @@
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from experiments.ingest import DEFAULT_ENCODER, ManifestError, import_collection
+from experiments.ingest import DEFAULT_ENCODER, ManifestError, import_collection, read_source
 from experiments.media import CLIP_S
+from experiments.tasks import workers_listening
 
 
 class Command(BaseCommand):
@@ -30,6 +31,14 @@ class Command(BaseCommand):
         parser.add_argument("--sync", action="store_true", help="work in this process")
 
     def handle(self, *args, **o):
+        try:
+            read_source(o["path"])  # a bad manifest is reported before anything else
+        except ManifestError as error:
+            raise CommandError(str(error)) from None
+        if not o["sync"] and not workers_listening():
+            raise CommandError(
+                "No Celery worker answers: start one (`make worker`) or import with --sync."
+            )
         bar = tqdm(unit="pair", desc="importing", file=self.stderr, disable=o["verbosity"] < 1)
 
         def progress(done, total):

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from analysis.load import get_study
 from experiments.models import Study
-from experiments.tasks import prepare_study
+from experiments.tasks import prepare_study, workers_listening
 
 
 class Command(BaseCommand):
@@ -29,6 +29,8 @@ class Command(BaseCommand):
             raise CommandError(f"No study with slug or id {o['study']!r}.") from None
         if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
             raise CommandError(f"{study.slug} is {study.status}: its subjects' plans are fixed.")
+        if o["wait"] and not workers_listening():
+            raise CommandError("No Celery worker answers: start one (`make worker`) first.")
         try:
             prepare_study.delay(study.pk)
         except OperationalError as error:
