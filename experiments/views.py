@@ -159,7 +159,7 @@ def _capture_external_id(request, subject: Subject) -> None:
         subject.external_id = value
 
 
-def _render_step(request, subject: Subject, step: Step, start_form=None, status=200):
+def _render_step(request, subject: Subject, step: Step, start_form=None):
     study = subject.study
     context = {"subject": subject, "study": study, "step": step, "action": subject_path(subject)}
     if step.name == "welcome":
@@ -169,8 +169,7 @@ def _render_step(request, subject: Subject, step: Step, start_form=None, status=
     elif step.name == "break":
         context["video_query"] = step.question.direction == Direction.V2M
         context["prefetch"] = _media_urls(step.question)
-    elif step.name == "closed":
-        status = 403
+    status = 403 if step.name == "closed" else 200
     with translation.override(study.language):
         return render(request, f"experiments/{step.name}.html", context, status=status)
 
