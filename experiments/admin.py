@@ -8,8 +8,10 @@ each subject's progress, export the answers and see the results.
 
 import csv
 import json
+from pathlib import Path
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import models
@@ -20,10 +22,11 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
-from django.utils.text import slugify
+from django.utils.text import get_valid_filename, slugify
 
 from .export import response_rows
-from .forms import SubjectLinksForm
+from .forms import CollectionUploadForm, SubjectLinksForm
+from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs
 from .models import (
     Collection,
     Pair,
@@ -36,6 +39,7 @@ from .models import (
 from .plans import PlanError
 from .results import study_results
 from .subjects import create_subjects, subject_url
+from .tasks import import_pair, prepare_study
 
 admin.site.site_header = "Video–music preference studies"
 admin.site.site_title = "Studies"
@@ -83,6 +87,57 @@ class CollectionAdmin(admin.ModelAdmin):
                 for value in values
             ),
         )
+
+    def get_urls(self):
+        upload = path(
+            "upload/",
+            self.admin_site.admin_view(self.upload_view),
+            name="experiments_collection_upload",
+        )
+        return [upload, *super().get_urls()]
+
+    def upload_view(self, request):
+        """Upload a few music videos; each becomes a pair, processed by the workers."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = CollectionUploadForm(
+            request.POST or None,
+            request.FILES or None,
+            max_bytes=settings.ADMIN_UPLOAD_MAX_BYTES,
+            suffixes=VIDEO_SUFFIXES,
+        )
+        if request.method == "POST" and form.is_valid():
+            name = form.cleaned_data["name"]
+            folder = Path(settings.MEDIA_ROOT) / "uploads" / slugify(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            for upload in form.cleaned_data["files"]:
+                with open(folder / get_valid_filename(upload.name), "wb") as out:
+                    for chunk in upload.chunks():
+                        out.write(chunk)
+            try:
+                collection, todo, total = add_pairs(name, folder, test=form.cleaned_data["test"])
+                for pair in todo:
+                    import_pair.delay(pair.pk)
+            except ManifestError as error:
+                form.add_error(None, str(error))
+            except Exception as error:  # the broker is unreachable
+                self.message_user(request, f"Could not queue the import: {error}", messages.ERROR)
+            else:
+                self.message_user(
+                    request,
+                    f"{collection}: {len(todo)} of {total} pairs queued for processing.",
+                    messages.SUCCESS,
+                )
+                return HttpResponseRedirect(
+                    reverse("admin:experiments_collection_change", args=[collection.pk])
+                )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Upload a small collection",
+            "form": form,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/experiments/collection/upload.html", context)
 
     @admin.display(description="pairs by status")
     def pairs_by_status(self, collection):
@@ -307,8 +362,6 @@ class StudyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Prepare (compute search results, then mark ready)")
     def prepare_studies(self, request, queryset):
-        from .tasks import prepare_study
-
         for study in queryset:
             if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
                 self.message_user(

@@ -1,6 +1,7 @@
 """Forms for the participant pages and the researchers' admin pages."""
 
 import json
+import os
 
 from django import forms
 from django.utils.translation import gettext_lazy as _
@@ -69,3 +70,46 @@ class SubjectLinksForm(forms.Form):
         help_text="The public address participants use, e.g. https://study.example.org",
         assume_scheme="https",
     )
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleFileField(forms.FileField):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("widget", MultipleFileInput())
+        super().__init__(*args, **kwargs)
+
+    def clean(self, data, initial=None):
+        files = data if isinstance(data, list | tuple) else [data]
+        return [super(MultipleFileField, self).clean(file, initial) for file in files]
+
+
+class CollectionUploadForm(forms.Form):
+    """A small collection uploaded through the admin: music videos, one pair each."""
+
+    name = forms.CharField(max_length=200, label="Collection name (new or existing)")
+    files = MultipleFileField(label="Music videos", help_text="One pair per file.")
+    test = forms.IntegerField(
+        min_value=0,
+        required=False,
+        label="Test pairs",
+        help_text="How many pairs the study may ask about; empty: a fifth of them.",
+    )
+
+    def __init__(self, *args, max_bytes: int, suffixes: set[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_bytes, self.suffixes = max_bytes, suffixes
+
+    def clean_files(self):
+        files = self.cleaned_data["files"]
+        if sum(f.size for f in files) > self.max_bytes:
+            raise forms.ValidationError(
+                f"The files add up to more than {self.max_bytes // 2**20} MiB: "
+                "import large collections with `manage.py import_collection`."
+            )
+        for f in files:
+            if os.path.splitext(f.name)[1].lower() not in self.suffixes:
+                raise forms.ValidationError(f"{f.name}: not a video file.")
+        return files

@@ -9,7 +9,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
-from experiments.models import Response, Study, Subject
+from experiments.models import Collection, Response, Study, Subject
 
 from .factories import make_collection, make_study, make_subject
 
@@ -234,3 +234,52 @@ def test_prepare_runs_on_a_real_worker(celery_worker, admin_client):
             break
         time.sleep(0.2)
     assert draft.status == Study.Status.READY, (draft.message, celery_worker.output()[-2000:])
+
+
+def upload_form(tmp_path, n=3, **fields):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from .clips import music_video
+
+    files = [
+        SimpleUploadedFile(f"song {i}.mp4", music_video(tmp_path / f"{i}.mp4", i).read_bytes())
+        for i in range(n)
+    ]
+    return {"name": "Uploaded", "files": files, "test": 1, **fields}
+
+
+def test_uploads_over_the_limit_or_not_video_are_refused(admin_client, tmp_path, settings):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    url = reverse("admin:experiments_collection_upload")
+    settings.ADMIN_UPLOAD_MAX_BYTES = 1000
+    page = admin_client.post(url, upload_form(tmp_path, n=1))
+    assert page.status_code == 200 and "add up to more than" in page.content.decode()
+    settings.ADMIN_UPLOAD_MAX_BYTES = 10**8
+    notes = SimpleUploadedFile("notes.txt", b"not a video")
+    page = admin_client.post(url, {"name": "Uploaded", "files": [notes]})
+    assert "notes.txt: not a video file" in page.content.decode()
+    assert not Collection.objects.filter(name="Uploaded").exists()
+
+
+@pytest.mark.slow  # the workers cut clips and extract features with the CNN
+@pytest.mark.django_db(transaction=True)
+def test_a_small_collection_uploaded_in_the_admin_is_imported(
+    celery_worker, admin_client, tmp_path
+):
+    url = reverse("admin:experiments_collection_upload")
+    assert (
+        "Upload a small collection"
+        in admin_client.get("/admin/experiments/collection/").content.decode()
+    )
+    page = admin_client.post(url, upload_form(tmp_path), follow=True)
+    assert "3 of 3 pairs queued" in page.content.decode()
+    collection = Collection.objects.get(name="Uploaded")
+    assert collection.pairs.filter(split="test").count() == 1
+    deadline = time.monotonic() + 120
+    while collection.pairs.filter(status="pending").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    pairs = list(collection.pairs.all())
+    assert [p.status for p in pairs] == ["ready"] * 3, [p.error for p in pairs]
+    assert {p.key for p in pairs} == {"song_0", "song_1", "song_2"}
+    assert all(p.video_file and p.music_file for p in pairs)
