@@ -70,7 +70,12 @@ def screenshot(page, name):
 
 
 def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server):
-    study = make_study(per_type=1, completion_code="DONE-7")
+    study = make_study(
+        per_type=1,
+        completion_code="DONE-7",
+        require_consent=True,
+        consent_text="Your answers are stored without your name. You may stop at any time.",
+    )
     subject = make_subject(study)
     link = f"{live_server.url}/s/{subject.token}/"
 
@@ -82,6 +87,10 @@ def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server
     page.on("console", lambda m: m.type == "error" and errors.append(m.text))
     page.goto(link)
     assert page.locator("html").get_attribute("lang") == "en"
+    screenshot(page, "welcome.png")
+    page.get_by_role("button", name="Start").click()  # not without consent
+    assert page.get_by_role("button", name="Start").is_visible()
+    page.get_by_label("I have read the information above and agree to take part.").check()
     page.get_by_role("button", name="Start").click()
     assert counter(page) == "Question 1 of 6"
     wait_for_media(page)
@@ -116,6 +125,7 @@ def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server
 
     # The break between the blocks, then the music → video block.
     page.get_by_role("heading", name="Time for a short break").wait_for()
+    screenshot(page, "break.png")
     page.get_by_role("button", name="Continue").click()
     assert counter(page) == "Question 4 of 6"
     wait_for_media(page)
@@ -139,6 +149,7 @@ def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server
 
     page.get_by_role("heading", name="Thank you!").wait_for()
     assert page.locator("#completion-code").inner_text() == "DONE-7"
+    screenshot(page, "done.png")
     phone.close()
 
     subject.refresh_from_db()
