@@ -1,0 +1,103 @@
+"""Batched tensor music features against the librosa oracle, on real decoded songs.
+
+The songs are Debian's `fretsonfire-songs-sectoid` (OGG Vorbis); the tests skip without them.
+"""
+
+import glob
+
+import numpy as np
+import pytest
+import torch
+
+from engine.features.audio import SR, decode_audio, load_excerpt, music_features
+from engine.features.audio_batch import _decoded_batches, music_features_batch
+
+SONGS = sorted(glob.glob("/usr/share/games/fretsonfire/data/songs/sectoid/*/*.ogg"))
+pytestmark = pytest.mark.skipif(
+    not SONGS, reason="apt-get install fretsonfire-songs-sectoid for real music"
+)
+
+# Per component, the 190 frame features in Table I order.
+GROUPS = {
+    "chroma_stft": 12,
+    "chroma_cens": 12,
+    "mel": 96,
+    "mfcc": 20,
+    "delta_mfcc": 20,
+    "delta2_mfcc": 20,
+    "rms": 1,
+    "centroid": 1,
+    "bandwidth": 1,
+    "rolloff": 1,
+    "poly1": 2,
+    "poly2": 3,
+    "zcr": 1,
+}
+
+
+def group_columns():
+    """{group: column indices of that group in the 1140 vector (both components, 3 stats)}."""
+    columns, start = {name: [] for name in GROUPS}, 0
+    for _stat in range(3):
+        for _component in range(2):
+            for name, width in GROUPS.items():
+                columns[name].extend(range(start, start + width))
+                start += width
+    assert start == 1140
+    return columns
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """Six real 29.12 s excerpts (waveform, rate) from different songs and stems."""
+    return [(decode_audio(path, SR, offset=20.0, duration=29.12), SR) for path in SONGS[:6]]
+
+
+@pytest.fixture(scope="module")
+def oracle(clips):
+    return np.stack([music_features(clip) for clip in clips])
+
+
+@pytest.fixture(scope="module")
+def batched(clips):
+    return music_features_batch(clips, device="cpu", batch_size=4, workers=0)
+
+
+@pytest.mark.slow
+def test_every_feature_group_agrees_with_the_librosa_oracle(oracle, batched):
+    assert batched.shape == (len(oracle), 1140) and batched.dtype == np.float32
+    assert np.isfinite(batched).all()
+    for name, cols in group_columns().items():
+        ref, got = oracle[:, cols], batched[:, cols]
+        # Relative to each dimension's spread across tracks: float32 rounding, not drift.
+        spread = np.maximum(ref.std(axis=0), 1e-3 * np.abs(ref).max(axis=0) + 1e-12)
+        worst = (np.abs(got - ref) / spread).max()
+        assert worst < 0.05, f"{name}: max deviation {worst:.3g} of the across-track spread"
+        varying = ref.std(axis=0) > 1e-6 * (np.abs(ref).max(axis=0) + 1e-12)
+        corr = [np.corrcoef(ref[:, j], got[:, j])[0, 1] for j in np.flatnonzero(varying)]
+        assert min(corr) >= 0.999, f"{name}: correlation across tracks {min(corr):.5f}"
+
+
+@pytest.mark.slow
+def test_a_batch_of_one_equals_its_row_in_a_larger_batch(clips, batched):
+    alone = music_features_batch(clips[2:3], device="cpu", workers=0)
+    np.testing.assert_allclose(alone[0], batched[2], rtol=1e-4, atol=1e-4)
+
+
+def test_parallel_decoding_keeps_order_and_equals_in_process_decoding():
+    paths = SONGS[:3]
+    batches = list(_decoded_batches(paths, batch_size=2, workers=2))
+    assert [start for start, _ in batches] == [0, 2]
+    decoded = [wave for _, waves in batches for wave in waves]
+    for path, wave in zip(paths, decoded, strict=True):
+        np.testing.assert_array_equal(wave, load_excerpt(path))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu(clips, batched):
+    on_gpu = music_features_batch(clips, device="cuda", workers=0)
+    for name, cols in group_columns().items():
+        np.testing.assert_allclose(
+            on_gpu[:, cols], batched[:, cols], rtol=1e-3, atol=1e-3, err_msg=name
+        )
