@@ -19,15 +19,14 @@ def clips(tmp_path_factory):
 def write_audio(path, samples: np.ndarray, sr: int, codec: str = "aac", video: bool = False):
     """Write mono float samples as an audio file (optionally with a black video track)."""
     with av.open(str(path), "w") as out:
-        if video:
-            vs = out.add_stream("libx264", rate=1)
+        vs = out.add_stream("libx264", rate=1) if video else None
+        stream = out.add_stream(codec, rate=sr, layout="mono")
+        if vs is not None:
             vs.width, vs.height, vs.pix_fmt = 32, 32, "yuv420p"
-            n_frames = max(1, int(len(samples) / sr))
-            for _ in range(n_frames):
+            for _ in range(max(1, int(len(samples) / sr))):
                 img = np.zeros((32, 32, 3), np.uint8)
                 out.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
             out.mux(vs.encode(None))
-        stream = out.add_stream(codec, rate=sr, layout="mono")
         frame = av.AudioFrame.from_ndarray(
             samples[None, :].astype(np.float32), format="flt", layout="mono"
         )

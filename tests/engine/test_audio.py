@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from engine.features import MediaError
+from engine.features.audio import (
+    N_FEATURES,
+    SR,
+    decode_audio,
+    load_excerpt,
+    music_features,
+    music_features_naive,
+)
+from tests.engine.conftest import write_audio
+
+
+def test_music_features_of_an_mp4_soundtrack(clips):
+    a = music_features(clips[0])
+    assert a.shape == (N_FEATURES,) and a.dtype == np.float32
+    assert np.all(np.isfinite(a))
+    assert np.array_equal(a, music_features(clips[0]))  # deterministic
+    b = music_features(clips[1])
+    assert not np.allclose(a, b)  # different styles, different vectors
+
+
+def test_optimised_path_agrees_with_naive_reference(clips):
+    # Tolerance: float32 rounding only; both paths run the same librosa algorithms.
+    for clip in clips[:2]:
+        np.testing.assert_allclose(
+            music_features(clip), music_features_naive(clip), rtol=1e-4, atol=1e-3
+        )
+
+
+def test_waveform_input_resampled_and_mixed_to_mono():
+    sr = 44_100
+    t = np.arange(int(35 * sr)) / sr  # longer than 29.12 s: the centre is kept
+    left = 0.3 * np.sin(2 * np.pi * 440 * t) * (t > 17)  # silent first half
+    stereo = np.stack([left, left])
+    y = load_excerpt((stereo, sr))
+    assert y.size == int(round(29.12 * SR))
+    # centred: starts at (35 - 29.12) / 2 = 2.94 s, so the tone begins 14.06 s in
+    onset = np.argmax(np.abs(y) > 0.1) / SR
+    assert onset == pytest.approx(17 - 2.94, abs=0.01)
+    assert music_features((stereo, sr)).shape == (N_FEATURES,)
+
+
+def test_decode_audio_seeks_to_the_excerpt(tmp_path):
+    # 120 s, a different tone each second: the decoded excerpt must be the right seconds.
+    sr = 12_000
+    t = np.arange(120 * sr) / sr
+    freqs = 200 + 20 * (t.astype(int) % 60)
+    path = write_audio(tmp_path / "long.m4a", 0.4 * np.sin(2 * np.pi * np.cumsum(freqs) / sr), sr)
+    y = decode_audio(path, sr=sr, offset=100.0, duration=2.0)
+    assert y.size == 2 * sr
+    for second, expected in ((0, 200 + 20 * 40), (1, 200 + 20 * 41)):
+        chunk = y[second * sr + 1000 : (second + 1) * sr - 1000]
+        spectrum = np.abs(np.fft.rfft(chunk * np.hanning(chunk.size)))
+        peak = np.argmax(spectrum) * sr / chunk.size
+        assert peak == pytest.approx(expected, abs=5)
+
+
+def test_short_tracks_are_zero_padded(tmp_path):
+    sr = 22_050
+    t = np.arange(3 * sr) / sr
+    path = write_audio(tmp_path / "short.mp4", 0.5 * np.sin(2 * np.pi * 330 * t), sr, video=True)
+    y = load_excerpt(path)
+    assert y.size == int(round(29.12 * SR))
+    assert np.abs(y[: 2 * SR]).max() > 0.3 and np.abs(y[4 * SR :]).max() == 0
+
+
+def test_silent_and_unreadable_media_raise_media_error(tmp_path):
+    silent = write_audio(tmp_path / "silent.m4a", np.zeros(3 * 12_000), 12_000)
+    with pytest.raises(MediaError, match="silent"):
+        music_features(silent)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a media file" * 100)
+    with pytest.raises(MediaError):
+        music_features(junk)
+    with pytest.raises(MediaError):
+        music_features(tmp_path / "missing.mp3")
