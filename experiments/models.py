@@ -3,8 +3,9 @@
 A *pair* is one music video: its muted picture is the video item, its soundtrack the music
 item. A *system* is one retrieval system under study (an engine model trained or loaded here,
 a baseline, or results a researcher uploaded); a study compares one or more systems with
-people. Candidate kinds are 'G' (the query's ground truth), 'R' (random) or a system's label
-('S' in a one-system study, 'S1', 'S2', … otherwise).
+people. Candidate kinds are 'G' (the query's ground truth), 'R' (random), a system's label
+('S' in a one-system study, 'S1', 'S2', … otherwise) or 'X' (the deliberately broken media of
+a catch question: a pair of split 'catch' whose picture is black and whose sound is silent).
 """
 
 import secrets
@@ -32,6 +33,7 @@ class Split(models.TextChoices):
     TRAIN = "train", "train"
     VAL = "val", "validation"
     TEST = "test", "test"
+    CATCH = "catch", "catch (deliberately broken media for attention checks)"
 
 
 class Collection(models.Model):
@@ -101,6 +103,9 @@ class System(models.Model):
     config = models.JSONField(default=dict, blank=True)
     checkpoint = models.FileField(upload_to="systems/", blank=True)
     embeddings = models.FileField(upload_to="systems/", blank=True)  # npz: keys, video, music
+    source_file = models.FileField(
+        upload_to="uploads/", blank=True, help_text="Uploaded results or embeddings"
+    )
     metrics = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.NEW)
     progress = models.FloatField(default=0.0)
@@ -171,6 +176,21 @@ class Study(models.Model):
     completion_code = models.CharField(max_length=100, blank=True)
     redirect_url = models.URLField(max_length=500, blank=True)
     external_id_param = models.CharField(max_length=50, default="PROLIFIC_PID", blank=True)
+    min_listen_ms = models.PositiveIntegerField(
+        default=0, help_text="With play-before-answer: how long each candidate must have played"
+    )
+    # Crowd-sourcing checks
+    attention_checks = models.BooleanField(default=False, help_text="Insert catch questions")
+    catch_count = models.PositiveSmallIntegerField(default=4)
+    catch_pass_threshold = models.FloatField(
+        null=True, blank=True, help_text="Share of catch questions a subject must pass (0..1)"
+    )
+    sound_check = models.BooleanField(
+        default=False, help_text="Headphone/sound check before the first question"
+    )
+    failed_attention_code = models.CharField(max_length=100, blank=True)
+    failed_sound_code = models.CharField(max_length=100, blank=True)
+    no_consent_code = models.CharField(max_length=100, blank=True)
     join_token = models.CharField(max_length=64, unique=True, default=new_token)
     join_cap = models.PositiveIntegerField(
         null=True, blank=True, help_text="Max subjects from the join link"
@@ -199,6 +219,13 @@ class StudySystem(models.Model):
 
 
 class Subject(models.Model):
+    class Outcome(models.TextChoices):
+        ACTIVE = "", "in progress"
+        COMPLETED = "completed"
+        FAILED_ATTENTION = "failed_attention", "failed the attention checks"
+        FAILED_SOUND = "failed_sound", "failed the sound check"
+        NO_CONSENT = "no_consent", "did not consent"
+
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="subjects")
     token = models.CharField(max_length=64, unique=True, default=new_token)
     ordinal = models.PositiveIntegerField(help_text="Index within the study (rotates pair types)")
@@ -207,6 +234,10 @@ class Subject(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     consented_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=20, choices=Outcome.choices, default="", blank=True)
+    catch_score = models.FloatField(
+        null=True, blank=True, help_text="Share of catch questions passed"
+    )
     last_seen = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -228,6 +259,9 @@ class Question(models.Model):
     option_b = models.ForeignKey(Pair, on_delete=models.PROTECT, related_name="+")
     kind_a = models.CharField(max_length=10)
     kind_b = models.CharField(max_length=10)
+    is_catch = models.BooleanField(
+        default=False, help_text="Attention check: G against broken media ('X')"
+    )
     machine = models.JSONField(
         default=dict, blank=True, help_text="Machine judges: label → 'a'|'b'"
     )
