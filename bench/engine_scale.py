@@ -72,6 +72,7 @@ def music(args):
         raise ImportError("no songs: apt-get install fretsonfire-songs-sectoid")
     tracks = (songs * (args.tracks // len(songs) + 1))[: args.tracks]
     music_features_batch(tracks[:1], workers=0)  # build the filter matrices once
+    music_features(tracks[0])  # compile librosa's numba kernels before timing
     seconds, _ = timed(music_features_batch, tracks, batch_size=args.music_batch)
     batched = len(tracks) / seconds
     one = tracks[: args.reference_tracks]
