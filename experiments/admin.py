@@ -37,9 +37,11 @@ from .models import (
     System,
 )
 from .plans import PlanError
+from .power import study_power
 from .results import study_results
 from .subjects import create_subjects, subject_url
 from .tasks import import_pair, prepare_study
+from .uploads import upload_view
 
 admin.site.site_header = "Video–music preference studies"
 admin.site.site_title = "Studies"
@@ -215,6 +217,14 @@ class SystemAdmin(admin.ModelAdmin):
     def metrics_table(self, system):
         return format_html("<pre>{}</pre>", json.dumps(system.metrics, indent=2, sort_keys=True))
 
+    def get_urls(self):
+        upload = path(
+            "upload/",
+            self.admin_site.admin_view(upload_view),
+            name="experiments_system_upload",
+        )
+        return [upload, *super().get_urls()]
+
 
 # --- Studies ---------------------------------------------------------------------------
 
@@ -278,7 +288,14 @@ class StudyAdmin(admin.ModelAdmin):
     PLAN_FIELDS = ["collection", "per_type", "comparisons", "seed"]
     fieldsets = [
         (None, {"fields": ["name", "slug", "collection"]}),
-        ("Question plan", {"fields": ["per_type", "comparisons", "seed"]}),
+        (
+            "Question plan",
+            {
+                "fields": ["per_type", "comparisons", "seed"],
+                # Relative: /study/add/ → /study/power/, /study/<id>/change/ → /study/<id>/power/
+                "description": 'Size the study first: <a href="../power/">power planning</a>.',
+            },
+        ),
         (
             "Participant pages",
             {
@@ -436,6 +453,16 @@ class StudyAdmin(admin.ModelAdmin):
                 "<int:study_id>/results/",
                 self.admin_site.admin_view(study_results),
                 name="experiments_study_results",
+            ),
+            path(
+                "power/",
+                self.admin_site.admin_view(study_power),
+                name="experiments_study_power_new",
+            ),
+            path(
+                "<int:study_id>/power/",
+                self.admin_site.admin_view(study_power),
+                name="experiments_study_power",
             ),
         ]
         return own + super().get_urls()
