@@ -61,6 +61,24 @@ class StartForm(forms.Form):
         )
 
 
+class SoundCheckForm(forms.Form):
+    """The headphone check's answers: for each trial, which of the three tones was quietest."""
+
+    def __init__(self, *args, trials: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        for t in range(1, trials + 1):
+            self.fields[f"t{t}"] = forms.TypedChoiceField(
+                choices=[(s, str(s)) for s in (1, 2, 3)],
+                coerce=int,
+                widget=forms.RadioSelect,
+                label=_("Sound %(number)s") % {"number": t},
+                error_messages={"required": _("Please answer every question.")},
+            )
+
+    def answers(self) -> list[int]:
+        return [self.cleaned_data[name] for name in self.fields]
+
+
 class SubjectLinksForm(forms.Form):
     count = forms.IntegerField(
         min_value=1, max_value=5000, initial=10, label="Number of new subject links"

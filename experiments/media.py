@@ -162,6 +162,32 @@ def audio_clip(src, dst, start: float = 0.0, length: float | None = None):
     _write_aac(samples, dst)
 
 
+def broken_items(
+    video_out: str | os.PathLike,
+    music_out: str | os.PathLike,
+    seconds: float,
+    size: tuple[int, int] = (320, 180),
+    fps: int = 10,
+):
+    """The media of a catch question's broken candidate: a black, frozen muted video and a
+    silent audio clip, `seconds` long, in the same formats as every other item."""
+    width, height = size
+    rate = Fraction(fps)
+    with av.open(
+        str(video_out), "w", format="mp4", container_options={"movflags": "+faststart"}
+    ) as out:
+        encoder = out.add_stream("libx264", rate=rate)
+        encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+        encoder.options = {"preset": "veryfast", "crf": "23"}
+        black = np.zeros((height, width, 3), np.uint8)
+        for n in range(max(1, round(seconds * fps))):
+            frame = av.VideoFrame.from_ndarray(black, format="rgb24").reformat(format="yuv420p")
+            frame.pts, frame.time_base = n, 1 / rate
+            out.mux(encoder.encode(frame))
+        out.mux(encoder.encode(None))
+    _write_aac(np.zeros((2, round(seconds * AUDIO_RATE)), np.float32), music_out)
+
+
 def _write_aac(samples: np.ndarray, dst):
     with av.open(str(dst), "w", format="ipod", container_options={"movflags": "+faststart"}) as out:
         encoder = out.add_stream("aac", rate=AUDIO_RATE)

@@ -19,13 +19,14 @@ own and every plan can be regenerated exactly. DESIGN.md ("Question plans") stat
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 DIRECTIONS = ("V2M", "M2V")
-GROUND_TRUTH, RANDOM = "G", "R"
+GROUND_TRUTH, RANDOM, BROKEN = "G", "R", "X"
+CATCH_PAIR_TYPE = "GX"
 IMPOSSIBLE = 1e12  # assignment cost of a query that cannot serve a comparison
 
 Comparison = tuple[str, str]
@@ -44,8 +45,9 @@ class PlannedQuestion:
     query: str  # pair key of the query item (of the direction's source modality)
     option_a: str  # pair keys of the candidates (of the other modality)
     option_b: str
-    kind_a: str  # 'G', 'R' or a system label
+    kind_a: str  # 'G', 'R' or a system label ('X': a catch question's broken media)
     kind_b: str
+    is_catch: bool = False
 
 
 def default_comparisons(labels: Sequence[str] = ("S",)) -> list[Comparison]:
@@ -196,3 +198,47 @@ def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparison
                 (pair_type_name(comparison), key, found[kinds[0]], found[kinds[1]], *kinds)
             )
     return [block[i] for i in rng.permutation(len(block))]
+
+
+def with_catch_questions(
+    plan: Sequence[PlannedQuestion],
+    test_keys: Sequence[str],
+    catch_key: str,
+    count: int,
+    seed: int = 0,
+    ordinal: int = 0,
+) -> list[PlannedQuestion]:
+    """`plan` with `count` attention checks inserted at random positions, never two in a row.
+
+    A catch question asks a query against its own ground truth (G) and the collection's broken
+    item `catch_key` (X: black picture, silent sound), so its right answer is unambiguous. Each
+    takes one of the gaps between the plan's questions (before the first, between two, after
+    the last), at most one per gap, so no two are adjacent; it belongs to the block of the
+    question after it (the last gap: the one before). Its query is, where possible, one that
+    its block does not ask about already. Positions are renumbered 1…len(plan)+count.
+    """
+    if count < 0 or count > len(plan) + 1:
+        raise PlanError(f"Cannot place {count} catch questions among {len(plan)} questions")
+    rng = np.random.default_rng([seed, ordinal, 2])
+    gaps = set(rng.choice(len(plan) + 1, size=count, replace=False).tolist()) if plan else set()
+    keys = sorted(set(test_keys) - {catch_key})
+    if count and not keys:
+        raise PlanError("Catch questions need at least one test pair")
+    asked = {d: {q.query for q in plan if q.direction == d} for d in DIRECTIONS}
+    out: list[PlannedQuestion] = []
+    for gap in range(len(plan) + 1):
+        if gap in gaps:
+            direction = plan[min(gap, len(plan) - 1)].direction
+            fresh = [k for k in keys if k not in asked[direction]] or keys
+            query = fresh[rng.integers(len(fresh))]
+            asked[direction].add(query)
+            kinds = (GROUND_TRUTH, BROKEN) if rng.random() < 0.5 else (BROKEN, GROUND_TRUTH)
+            options = [query if kind == GROUND_TRUTH else catch_key for kind in kinds]
+            out.append(
+                PlannedQuestion(
+                    len(out) + 1, direction, CATCH_PAIR_TYPE, query, *options, *kinds, True
+                )
+            )
+        if gap < len(plan):
+            out.append(replace(plan[gap], position=len(out) + 1))
+    return out

@@ -23,19 +23,48 @@ from experiments.models import (
     StudySystem,
     Subject,
 )
-from experiments.plans import PlannedQuestion, build_plan
+from experiments.plans import PlanError, PlannedQuestion, build_plan, with_catch_questions
 
 ORDINAL_ATTEMPTS = 5  # two subjects created at once may both take the next ordinal
 
 
 def plan_for(study: Study, ordinal: int) -> list[PlannedQuestion]:
     """The plan of the study's subject number `ordinal`; PlanError when there can be none."""
-    return build_plan(ordinal=ordinal, **_plan_inputs(study))
+    return _plan(study, _plan_inputs(study), _catch_key(study), ordinal)
+
+
+def _plan(study: Study, inputs: dict, catch_key: str | None, ordinal: int):
+    plan = build_plan(ordinal=ordinal, **inputs)
+    if catch_key is None:
+        return plan
+    return with_catch_questions(
+        plan, inputs["test_keys"], catch_key, study.catch_count, study.seed, ordinal
+    )
+
+
+def _catch_key(study: Study) -> str | None:
+    """The key of the collection's broken pair when the study asks catch questions."""
+    if not study.attention_checks or not study.catch_count:
+        return None
+    key = (
+        Pair.objects.filter(
+            collection_id=study.collection_id, split=Split.CATCH, status=Pair.Status.READY
+        )
+        .values_list("key", flat=True)
+        .first()
+    )
+    if key is None:
+        raise PlanError(
+            "The study asks catch questions but its collection has no catch media yet: "
+            "prepare the study first."
+        )
+    return key
 
 
 def create_subject(study: Study, external_id: str = "", meta: dict | None = None) -> Subject:
     """A new subject of `study` with its stored questions (and the machines' answers)."""
     inputs = _plan_inputs(study)
+    catch_key = _catch_key(study)
     pair_ids = dict(Pair.objects.filter(collection_id=study.collection_id).values_list("key", "pk"))
     judges = _machine_judges(study)
     for attempt in range(ORDINAL_ATTEMPTS):
@@ -45,7 +74,7 @@ def create_subject(study: Study, external_id: str = "", meta: dict | None = None
                 Study.objects.select_for_update().filter(pk=study.pk).exists()
                 last = study.subjects.aggregate(last=Max("ordinal"))["last"]
                 ordinal = 0 if last is None else last + 1
-                plan = build_plan(ordinal=ordinal, **inputs)
+                plan = _plan(study, inputs, catch_key, ordinal)
                 subject = Subject.objects.create(
                     study=study, ordinal=ordinal, external_id=external_id, meta=meta or {}
                 )
@@ -60,10 +89,11 @@ def create_subject(study: Study, external_id: str = "", meta: dict | None = None
                         option_b_id=pair_ids[q.option_b],
                         kind_a=q.kind_a,
                         kind_b=q.kind_b,
+                        is_catch=q.is_catch,
                         machine={
                             label: choice
                             for label, judge in judges.items()
-                            if (choice := judge(q)) is not None
+                            if not q.is_catch and (choice := judge(q)) is not None
                         },
                     )
                     for q in plan

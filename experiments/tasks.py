@@ -18,7 +18,7 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 
 from experiments.ingest import DEFAULT_ENCODER, process_pair
-from experiments.media import CLIP_S
+from experiments.media import CLIP_S, broken_items
 from experiments.models import Direction, Pair, SearchResult, Split, Study, StudySystem, System
 
 logger = logging.getLogger(__name__)
@@ -210,6 +210,8 @@ def finish_study(study_id: int):
 
     study = Study.objects.get(pk=study_id)
     try:
+        if study.attention_checks and study.catch_count:
+            ensure_catch_pair(study.collection_id)
         plan = plan_for(study, ordinal=0)
     except PlanError as error:
         return _fail_study(study_id, str(error))
@@ -219,6 +221,43 @@ def finish_study(study_id: int):
         message=f"Ready: {len(plan)} questions per subject",
     )
     return Study.Status.READY
+
+
+CATCH_KEY = "__catch__"
+
+
+def ensure_catch_pair(collection_id: int) -> Pair:
+    """The collection's broken pair (split 'catch') for attention checks, made once.
+
+    Its video is black and frozen and its music silent, as long as the collection's typical
+    test item, so a catch question's wrong answer is plain to anyone who plays it.
+    """
+    pair, _ = Pair.objects.get_or_create(
+        collection_id=collection_id,
+        key=CATCH_KEY,
+        defaults={"split": Split.CATCH, "title": "Attention check (broken media)"},
+    )
+    if pair.status == Pair.Status.READY and pair.video_file and pair.music_file:
+        return pair
+    durations = Pair.objects.filter(
+        collection_id=collection_id, split=Split.TEST, status=Pair.Status.READY
+    ).values_list("duration_s", flat=True)
+    known = [d for d in durations if d]
+    seconds = float(np.clip(np.median(known), 1.0, CLIP_S)) if known else CLIP_S
+    folder = Path(settings.MEDIA_ROOT) / "items"
+    folder.mkdir(parents=True, exist_ok=True)
+    video, music = folder / f"catch-{collection_id}.mp4", folder / f"catch-{collection_id}.m4a"
+    broken_items(video, music, seconds)
+    pair.video_file.name = str(video.relative_to(settings.MEDIA_ROOT))
+    pair.music_file.name = str(music.relative_to(settings.MEDIA_ROOT))
+    pair.split, pair.status, pair.duration_s, pair.error = (
+        Split.CATCH,
+        Pair.Status.READY,
+        seconds,
+        "",
+    )
+    pair.save()
+    return pair
 
 
 def workers_listening(timeout: float = 1.0) -> bool:

@@ -1,8 +1,8 @@
 """Participant pages.
 
 A subject has one URL, `/s/<token>/`. As in oTree, the server decides which step is current
-(welcome → questions, with a break between the blocks → done), and every GET of that URL shows
-it, so refresh, Back and a repeated POST are harmless. Each POST names what it answers (the
+(welcome → sound check where the study has one → questions, with a break between the blocks →
+done; or an early end: no consent, failed sound check), and every GET of that URL shows it, so refresh, Back and a repeated POST are harmless. Each POST names what it answers (the
 step, or the question's position); a POST for a step that is no longer current changes nothing
 and redirects to the current one. Answers are written under a lock on the subject row; the
 one-to-one constraint on `Response.question` is the last line.
@@ -28,12 +28,17 @@ from django.utils.http import http_date
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
-from .forms import AnswerForm, StartForm
+from . import checks
+from .forms import AnswerForm, SoundCheckForm, StartForm
 from .models import Direction, Pair, Question, Response, Study, Subject
 from .subjects import create_subject
 
 # Query parameters that crowd-sourcing platforms append to a study link, kept on entry.
 ENTRY_PARAMS = ("PROLIFIC_PID", "STUDY_ID", "SESSION_ID", "workerId", "assignmentId", "hitId")
+EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "workerId")  # who the participant is, where unconfigured
+MTURK_PREVIEW = "ASSIGNMENT_ID_NOT_AVAILABLE"  # MTurk shows the page before the HIT is accepted
+LOAD_TIMEOUT_MS = 20_000  # media not loaded by then: the page offers a retry
+ENDED = (Subject.Outcome.FAILED_SOUND, Subject.Outcome.NO_CONSENT)
 LAST_SEEN_EVERY_S = 60  # a GET refreshes `last_seen` at most this often (no write per view)
 
 
@@ -48,7 +53,8 @@ def home(request):
 
 @dataclass
 class Step:
-    """What the subject should see now: 'closed', 'welcome', 'question', 'break' or 'done'."""
+    """What the subject should see now: 'closed', 'welcome', 'sound', 'question', 'break',
+    'done' (all answered) or 'ended' (stopped early: no consent, failed sound check)."""
 
     name: str
     question: Question | None = None
@@ -63,12 +69,16 @@ def break_key(question: Question) -> str:
 def current_step(subject: Subject) -> Step:
     counts = subject.questions.aggregate(total=Count("id"), answered=Count("response"))
     total, answered = counts["total"], counts["answered"]
+    if subject.outcome in ENDED:
+        return Step("ended", answered=answered, total=total)
     if subject.completed_at or (total and answered == total):
         return Step("done", answered=answered, total=total)
     if subject.study.status != Study.Status.OPEN or not total:
         return Step("closed", answered=answered, total=total)
     if subject.consented_at is None:
         return Step("welcome", answered=answered, total=total)
+    if subject.study.sound_check and "passed" not in subject.meta.get("sound_check", {}):
+        return Step("sound", answered=answered, total=total)
     question = (
         subject.questions.filter(response__isnull=True)
         .select_related("query", "option_a", "option_b")
@@ -116,17 +126,42 @@ def _subject_post(request, subject: Subject):
             if not start.is_valid():
                 return _render_step(request, subject, step, start_form=start)
             subject.consented_at = now
+        elif step.name == "welcome" and action == "decline" and subject.study.require_consent:
+            subject.outcome = Subject.Outcome.NO_CONSENT
+        elif step.name == "sound" and action == "sound":
+            trials = _sound_trials(subject)
+            sound = SoundCheckForm(request.POST, trials=len(trials))
+            if not sound.is_valid():
+                return _render_step(request, subject, step, sound_form=sound)
+            result = checks.score_sound_check(trials, sound.answers())
+            subject.meta["sound_check"] = {**result, "at": now.isoformat()}
+            if not result["passed"]:
+                subject.outcome = Subject.Outcome.FAILED_SOUND
         elif step.name == "break" and action == "continue" and _names(request, step):
             subject.meta.setdefault("steps", {})[break_key(step.question)] = now.isoformat()
         elif step.name == "question" and form and _names(request, step):
             _record(subject, step, form.cleaned_data)
-            subject.completed_at = now if step.answered + 1 == step.total else None
+            if step.question.is_catch:
+                subject.catch_score = checks.catch_score(subject)
+            if step.answered + 1 == step.total:
+                # Committed with the last answer, before any page can send the subject away.
+                subject.completed_at = now
+                subject.outcome = checks.final_outcome(subject.study, subject.catch_score)
         elif step.name == "closed":
             return _render_step(request, subject, step)
         else:  # a stale or repeated POST: nothing to do but show the current step
             return redirect(subject_path(subject), permanent=False)
         subject.last_seen = now
-        subject.save(update_fields=["consented_at", "meta", "completed_at", "last_seen"])
+        subject.save(
+            update_fields=[
+                "consented_at",
+                "meta",
+                "completed_at",
+                "last_seen",
+                "outcome",
+                "catch_score",
+            ]
+        )
     return redirect(subject_path(subject))
 
 
@@ -151,19 +186,60 @@ def _record(subject: Subject, step: Step, answer: dict) -> None:
         pass  # answered in the meantime: the first answer stands
 
 
+def _sound_trials(subject: Subject) -> list[list[str]]:
+    """The subject's sound-check trials, drawn once (the caller saves `subject.meta`)."""
+    check = subject.meta.setdefault("sound_check", {})
+    if "trials" not in check:
+        check["trials"] = checks.new_sound_trials()
+    return check["trials"]
+
+
+def external_id_from(request, study: Study) -> str:
+    """The participant's id on the recruiting platform: the study's parameter, else
+    Prolific's or MTurk's where the link carries one."""
+    names = (study.external_id_param,) if study.external_id_param else ()
+    for name in (*names, *EXTERNAL_ID_PARAMS):
+        if value := request.GET.get(name, "").strip()[:500]:
+            return value
+    return ""
+
+
+def entry_params(request) -> dict:
+    return {k: request.GET[k][:500] for k in ENTRY_PARAMS if request.GET.get(k)}
+
+
 def _capture_external_id(request, subject: Subject) -> None:
-    param = subject.study.external_id_param
-    value = request.GET.get(param, "")[:500] if param else ""
-    if value and not subject.external_id:
-        Subject.objects.filter(pk=subject.pk, external_id="").update(external_id=value)
-        subject.external_id = value
+    """Keep the platform's ids from the link (the first visit's values stand)."""
+    value = external_id_from(request, subject.study)
+    entry = entry_params(request)
+    if (not value or subject.external_id) and set(entry) <= set(subject.meta.get("entry", {})):
+        return
+    with transaction.atomic():
+        locked = Subject.objects.select_for_update().get(pk=subject.pk)
+        locked.external_id = locked.external_id or value
+        locked.meta["entry"] = {**entry, **locked.meta.get("entry", {})}
+        locked.save(update_fields=["external_id", "meta"])
+    subject.external_id, subject.meta = locked.external_id, locked.meta
 
 
-def _render_step(request, subject: Subject, step: Step, start_form=None):
+def _render_step(request, subject: Subject, step: Step, start_form=None, sound_form=None):
     study = subject.study
     context = {"subject": subject, "study": study, "step": step, "action": subject_path(subject)}
     if step.name == "welcome":
         context["form"] = start_form or StartForm(require_consent=study.require_consent)
+    elif step.name == "sound":
+        drawn = "trials" in subject.meta.get("sound_check", {})
+        trials = _sound_trials(subject)
+        if not drawn:  # keep the trials this page plays for scoring its answers
+            Subject.objects.filter(pk=subject.pk).update(meta=subject.meta)
+        context["form"] = sound_form or SoundCheckForm(trials=len(trials))
+        context["trials"] = [
+            (t, [(s, reverse("tone", args=[subject.token, t, s])) for s in (1, 2, 3)])
+            for t in range(1, len(trials) + 1)
+        ]
+    elif step.name in ("done", "ended"):
+        context["code"] = checks.end_code(subject)
+        context["redirect_url"] = checks.end_redirect(subject)
     elif step.name == "question":
         context.update(_question_context(subject, step))
     elif step.name == "break":
@@ -184,6 +260,7 @@ def _question_context(subject: Subject, step: Step) -> dict:
     )
     return {
         "question": question,
+        "load_timeout_ms": LOAD_TIMEOUT_MS,
         "number": question.position,
         "video_query": video_query,
         "query_url": media_url(question.query, video=video_query),
@@ -216,8 +293,9 @@ def join(request, join_token):
     or, without one, by the session cookie, so refreshing the join link creates nobody new.
     """
     study = get_object_or_404(Study, join_token=join_token)
-    param = study.external_id_param
-    external_id = request.GET.get(param, "")[:500] if param else ""
+    external_id = external_id_from(request, study)
+    if request.GET.get("assignmentId") == MTURK_PREVIEW:
+        return _study_page(request, study, "preview", status=200)
     session_key = f"join:{study.pk}"
     with transaction.atomic():
         study = Study.objects.select_for_update().get(pk=study.pk)
@@ -230,7 +308,7 @@ def join(request, join_token):
                 return _study_page(request, study, "closed", status=403)
             if study.join_cap is not None and study.subjects.count() >= study.join_cap:
                 return _study_page(request, study, "full", status=403)
-            meta = {"entry": {k: request.GET[k][:500] for k in ENTRY_PARAMS if k in request.GET}}
+            meta = {"entry": entry_params(request)}
             subject = create_subject(study, external_id=external_id, meta=meta)
     request.session[session_key] = subject.token
     return redirect(subject_path(subject))
@@ -242,6 +320,18 @@ def _study_page(request, study: Study, name: str, status: int):
 
 
 # --- Media -------------------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "HEAD"])
+def tone(request, token, trial, slot):
+    """One tone of a subject's sound check, named by trial and slot only."""
+    subject = get_object_or_404(Subject, token=token)
+    trials = subject.meta.get("sound_check", {}).get("trials", [])
+    if not (1 <= trial <= len(trials) and 1 <= slot <= 3):
+        raise Http404("No such tone.")
+    response = HttpResponse(checks.tone_wav(trials[trial - 1][slot - 1]), content_type="audio/wav")
+    response["Cache-Control"] = "private, no-transform"
+    return response
 
 
 def media_url(pair: Pair, video: bool) -> str:

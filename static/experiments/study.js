@@ -1,7 +1,10 @@
 // Participant pages: progressive enhancements; every page also works without this file.
 // - Start step: resumes an AudioContext inside the tap (unlocks sound on iOS/Safari).
-// - Question pages: response time, a small behaviour log, keys A/B and ←/→, one
-//   candidate playing at a time, optional play-before-answer, one click = one submit.
+// - Question pages: response time, a behaviour log (first play, plays and listening time
+//   per item, blur/focus, visibility, load failures), keys A/B and ←/→, one candidate
+//   playing at a time, optional play-before-answer with a minimum listening time, a load
+//   time limit with a Retry button, one click = one submit.
+// - Sound check: one tone playing at a time.
 "use strict";
 
 (function () {
@@ -37,11 +40,22 @@
     var buttons = {};
     form.querySelectorAll("button[name=choice]").forEach(function (b) { buttons[b.value] = b; });
     var status = form.querySelector("[data-status]");
-    var log = { plays: {}, first_play_ms: null, hidden: 0, blur: 0, errors: [] };
+    var retry = form.querySelector("[data-retry]");
+    // The behaviour log sent with the answer (exported with it).
+    var log = {
+      plays: {}, listened_ms: {}, first_play_ms: null, first_play: {}, loaded_ms: {},
+      blur: 0, focus: 0, hidden: 0, visible: 0, events: [], errors: [], retries: 0
+    };
     var gated = form.hasAttribute("data-play-before-answer");
+    var minListen = Number(form.dataset.minListenMs || 0);
+    var loadTimeout = Number(form.dataset.loadTimeoutMs || 20000);
+    var enough = {};
+    var failed = [];
     var sent = false;
 
     function since() { return Math.round(performance.now() - shownAt); }
+
+    function note(event) { if (log.events.length < 50) log.events.push([since(), event]); }
 
     function say(text, isError) {
       if (!status) return;
@@ -50,17 +64,76 @@
     }
 
     function updateGate() {
-      if (!gated) return;
-      var ready = log.plays.a && log.plays.b;
+      if (!gated || failed.length) return;
+      var played = log.plays.a && log.plays.b;
+      var ready = played && enough.a && enough.b;
       Object.keys(buttons).forEach(function (k) { buttons[k].disabled = !ready || sent; });
-      say(ready ? "" : (form.dataset.gateMessage || "Play both candidates to answer."));
+      if (ready) say("");
+      else if (!played) say(form.dataset.gateMessage || "Play both candidates to answer.");
+      else say(form.dataset.listenMessage || "Keep listening to answer.");
+    }
+
+    function fail(element, reason) {
+      var role = element.dataset.role;
+      if (failed.indexOf(element) >= 0) return;
+      failed.push(element);
+      log.errors.push({ role: role, reason: reason, ms: since() });
+      note("error:" + role);
+      say(form.dataset.errorMessage || "A clip could not be loaded. Press Retry.", true);
+      if (retry) retry.hidden = false;
+    }
+
+    function watchLoading(elements) {
+      window.setTimeout(function () {
+        elements.forEach(function (element) {
+          // NETWORK_IDLE with nothing loaded is a browser that waits for a tap (iOS): fine.
+          var stuck = element.readyState < 1 && element.networkState !== 1;
+          if (element.error || stuck) fail(element, element.error ? "error" : "timeout");
+        });
+      }, loadTimeout);
+    }
+
+    if (retry) {
+      retry.querySelector("button").addEventListener("click", function () {
+        var again = failed;
+        failed = [];
+        log.retries += 1;
+        retry.hidden = true;
+        say("");
+        again.forEach(function (element) { element.load(); });
+        watchLoading(again);
+        updateGate();
+      });
     }
 
     media.forEach(function (element) {
       var role = element.dataset.role;
+      var last = null;
+      log.listened_ms[role] = 0;
+      function needed() {
+        var duration = element.duration;
+        var cap = isFinite(duration) && duration > 0 ? duration * 1000 - 250 : minListen;
+        return Math.max(0, Math.min(minListen, cap));
+      }
+      function count() {
+        if (last !== null && !element.paused) {
+          var step = element.currentTime - last;
+          if (step > 0 && step < 1.5) log.listened_ms[role] += step * 1000; // not a seek
+        }
+        last = element.currentTime;
+        if (log.plays[role] && log.listened_ms[role] >= needed() && !enough[role]) {
+          enough[role] = true;
+          updateGate();
+        }
+      }
+      element.addEventListener("loadeddata", function () {
+        if (!(role in log.loaded_ms)) log.loaded_ms[role] = since();
+      });
       element.addEventListener("play", function () {
         log.plays[role] = (log.plays[role] || 0) + 1;
         if (log.first_play_ms === null) log.first_play_ms = since();
+        if (!(role in log.first_play)) log.first_play[role] = since();
+        last = element.currentTime;
         if (role !== "query") {
           // One candidate at a time: playing A pauses B and the reverse.
           media.forEach(function (other) {
@@ -69,22 +142,32 @@
         }
         var card = element.closest(".candidate");
         if (card) card.classList.add("is-playing");
+        count();
         updateGate();
       });
+      element.addEventListener("timeupdate", count);
+      element.addEventListener("seeked", function () { last = element.currentTime; });
+      element.addEventListener("ended", function () {
+        count();
+        if (log.plays[role]) { enough[role] = true; updateGate(); }
+      });
       element.addEventListener("pause", function () {
+        count();
+        last = null;
         var card = element.closest(".candidate");
         if (card) card.classList.remove("is-playing");
       });
-      element.addEventListener("error", function () {
-        log.errors.push(role);
-        say(form.dataset.errorMessage || "A clip could not be loaded. Please reload the page to try again.", true);
-      });
+      element.addEventListener("error", function () { fail(element, "error"); });
     });
+    watchLoading(media);
 
     document.addEventListener("visibilitychange", function () {
-      if (document.visibilityState === "hidden") log.hidden += 1;
+      var hidden = document.visibilityState === "hidden";
+      if (hidden) log.hidden += 1; else log.visible += 1;
+      note(hidden ? "hidden" : "visible");
     });
-    window.addEventListener("blur", function () { log.blur += 1; });
+    window.addEventListener("blur", function () { log.blur += 1; note("blur"); });
+    window.addEventListener("focus", function () { log.focus += 1; note("focus"); });
 
     document.addEventListener("keydown", function (event) {
       if (event.altKey || event.ctrlKey || event.metaKey || event.shiftKey) return;
@@ -99,9 +182,12 @@
     form.addEventListener("submit", function (event) {
       if (sent) { event.preventDefault(); return; }
       sent = true;
+      media.forEach(function (element) { element.pause(); });
+      Object.keys(log.listened_ms).forEach(function (role) {
+        log.listened_ms[role] = Math.round(log.listened_ms[role]);
+      });
       form.elements.response_ms.value = String(since());
       form.elements.behaviour.value = JSON.stringify(log);
-      media.forEach(function (element) { element.pause(); });
       form.classList.add("is-sending");
       // Disable only after the browser has collected the form data (a disabled
       // submitter would drop the choice).
@@ -111,5 +197,16 @@
     });
 
     updateGate();
+  }
+
+  // The sound check: one tone at a time.
+  var check = document.querySelector("form[data-sound-check]");
+  if (check) {
+    var tones = Array.prototype.slice.call(check.querySelectorAll("audio[data-tone]"));
+    tones.forEach(function (tone) {
+      tone.addEventListener("play", function () {
+        tones.forEach(function (other) { if (other !== tone) other.pause(); });
+      });
+    });
   }
 })();
