@@ -6,7 +6,7 @@ The only module of `analysis` that imports Django; everything else works on the 
 import pandas as pd
 from django.db.models import F
 
-from experiments.models import Question, Response, Study, Subject
+from experiments.models import Response, Study, Subject
 
 from .machine import MACHINE_PREFIX
 from .preference import split_pair_type
@@ -49,20 +49,16 @@ def responses_frame(
     key), `option_a`/`option_b` (candidate keys), `query_id` (the query pair's id, for admin
     links) and one `machine_<label>` column per machine judge holding the kind it chose.
 
-    Only subjects who completed the study count unless `include_incomplete`; subjects marked
-    as failed (`Subject.meta["failed"]`, set by attention checks) are left out unless
-    `include_failed`. Catch questions (a `Question.is_catch` field, where the model has one)
-    are flagged in `is_catch`; the analysis leaves them out.
+    Only subjects who completed the study count unless `include_incomplete`; subjects who
+    failed the attention checks (`Subject.outcome == "failed_attention"`) are left out unless
+    `include_failed`. Catch questions are flagged in `is_catch`; the analysis leaves them out.
     """
     study = get_study(study)
     responses = Response.objects.filter(subject__study=study)
     if not include_incomplete:
         responses = responses.filter(subject__completed_at__isnull=False)
     if not include_failed:
-        # A subquery: excluding on the JSON key directly also drops subjects without the key.
-        failed = Subject.objects.filter(study=study, meta__failed=True)
-        responses = responses.exclude(subject__in=failed)
-    has_catch = any(f.name == "is_catch" for f in Question._meta.get_fields())
+        responses = responses.exclude(subject__outcome=Subject.Outcome.FAILED_ATTENTION)
     rows = responses.order_by("subject__ordinal", "question__position").values(
         "response_ms",
         "answered_at",
@@ -79,7 +75,7 @@ def responses_frame(
         option_a=F("question__option_a__key"),
         option_b=F("question__option_b__key"),
         machine=F("question__machine"),
-        **({"is_catch": F("question__is_catch")} if has_catch else {}),
+        is_catch=F("question__is_catch"),
     )
     df = pd.DataFrame.from_records(list(rows))
     if df.empty:
@@ -88,8 +84,6 @@ def responses_frame(
     df["subject"] = df.pop("subject_ordinal")
     kinds = df["pair_type"].map(split_pair_type)
     df["first"], df["second"] = kinds.str[0], kinds.str[1]
-    if "is_catch" not in df.columns:
-        df["is_catch"] = False
     df["response_ms"] = df["response_ms"].astype("Float64")
     machine = df.pop("machine")
     labels = sorted({label for judged in machine for label in (judged or {})})

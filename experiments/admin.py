@@ -24,7 +24,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.text import get_valid_filename, slugify
 
-from .export import response_rows
+from .export import dictionary_rows, response_rows
 from .forms import CollectionUploadForm, SubjectLinksForm
 from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs
 from .models import (
@@ -305,11 +305,28 @@ class StudyAdmin(admin.ModelAdmin):
                     "consent_text",
                     "require_consent",
                     "play_before_answer",
+                    "min_listen_ms",
                     "completion_code",
                     "redirect_url",
                     "external_id_param",
                     "join_cap",
                 ]
+            },
+        ),
+        (
+            "Crowd-sourcing checks",
+            {
+                "fields": [
+                    "attention_checks",
+                    "catch_count",
+                    "catch_pass_threshold",
+                    "sound_check",
+                    "failed_attention_code",
+                    "failed_sound_code",
+                    "no_consent_code",
+                ],
+                "description": "Codes per outcome; a redirect URL may hold {code}, e.g. "
+                "https://app.prolific.com/submissions/complete?cc={code}.",
             },
         ),
         (
@@ -526,7 +543,13 @@ class StudyAdmin(admin.ModelAdmin):
         return csv_response(f"{study.slug}-links.csv", [rows])
 
     def responses_view(self, request, study_id):
+        """The answers as CSV; `?anonymise=1`: pseudonyms; `?dictionary=1`: the columns."""
         study = self._study(request, study_id)
+        if request.GET.get("dictionary"):
+            return csv_response(f"{study.slug}-dictionary.csv", [dictionary_rows(study)])
+        if request.GET.get("anonymise"):
+            rows = response_rows(study, anonymise=True)
+            return csv_response(f"{study.slug}-responses-anonymised.csv", [rows])
         return csv_response(f"{study.slug}-responses.csv", [response_rows(study)])
 
 
@@ -604,8 +627,10 @@ class SubjectAdmin(admin.ModelAdmin):
         "consented_at",
         "last_seen",
         "completed_at",
+        "outcome",
+        "catch_score_percent",
     ]
-    list_filter = ["study", CompletedFilter]
+    list_filter = ["study", CompletedFilter, "outcome"]
     search_fields = ["external_id", "token"]
     list_select_related = ["study"]
     ordering = ["study", "ordinal"]
@@ -621,6 +646,8 @@ class SubjectAdmin(admin.ModelAdmin):
         "last_seen",
         "completed_at",
         "answered_of_total",
+        "outcome",
+        "catch_score_percent",
     ]
     inlines = [ResponseInline]
 
@@ -629,6 +656,10 @@ class SubjectAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # subjects are made with their plans: study links or the join link
+
+    @admin.display(description="catch score", ordering="catch_score")
+    def catch_score_percent(self, subject):
+        return "" if subject.catch_score is None else f"{subject.catch_score:.0%}"
 
     @admin.display(description="answered")
     def answered_of_total(self, subject):

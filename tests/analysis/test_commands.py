@@ -25,7 +25,7 @@ SUBJECTS = [
 PER_CELL = 4
 
 
-def make_study(subjects=SUBJECTS, completed=True, slug="known", meta=None):
+def make_study(subjects=SUBJECTS, completed=True, slug="known", meta=None, outcome=""):
     collection = Collection.objects.create(name=f"c-{slug}")
     pairs = [
         Pair.objects.create(collection=collection, key=f"p{i:02d}") for i in range(PER_CELL + 2)
@@ -37,6 +37,7 @@ def make_study(subjects=SUBJECTS, completed=True, slug="known", meta=None):
             ordinal=ordinal,
             completed_at=timezone.now() if completed else None,
             meta=meta or {},
+            outcome=outcome,
         )
         position = 0
         for (pair_type, direction), first_chosen in cells.items():
@@ -100,7 +101,7 @@ def test_loader_leaves_out_incomplete_and_failed_subjects():
     make_study(slug="partial", completed=False)
     assert responses_frame("partial").empty
     assert len(responses_frame("partial", include_incomplete=True)) == 32
-    make_study(slug="failed", meta={"failed": True})
+    make_study(slug="failed", outcome=Subject.Outcome.FAILED_ATTENTION)
     assert responses_frame("failed").empty
     assert len(responses_frame("failed", include_failed=True)) == 32
 

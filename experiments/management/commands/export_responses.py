@@ -1,4 +1,8 @@
-"""`manage.py export_responses STUDY`: one row per answer, as CSV or JSON."""
+"""`manage.py export_responses STUDY`: one row per answer, as CSV or JSON.
+
+`--anonymise` replaces subject tokens and external ids with stable pseudonyms; `--dictionary`
+writes the data dictionary (one row per column with its meaning) instead of the answers.
+"""
 
 import csv
 import json
@@ -6,7 +10,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from analysis.load import get_study
-from experiments.export import response_rows
+from experiments.export import dictionary_rows, response_rows
 from experiments.models import Study
 
 
@@ -17,17 +21,26 @@ class Command(BaseCommand):
         parser.add_argument("study", help="the study's slug or id")
         parser.add_argument("--format", choices=["csv", "json"], default="csv")
         parser.add_argument("--output", help="a file (default: standard output)")
+        parser.add_argument(
+            "--anonymise", action="store_true", help="pseudonyms instead of tokens and ids"
+        )
+        parser.add_argument(
+            "--dictionary", action="store_true", help="the columns and their meanings"
+        )
 
     def handle(self, *args, **o):
         try:
             study = get_study(o["study"])
         except Study.DoesNotExist:
             raise CommandError(f"No study with slug or id {o['study']!r}.") from None
-        rows = list(response_rows(study))
+        if o["dictionary"]:
+            rows, what = dictionary_rows(study), "columns"
+        else:
+            rows, what = list(response_rows(study, anonymise=o["anonymise"])), "answers"
         if o["output"]:
             with open(o["output"], "w", newline="", encoding="utf-8") as out:
                 write(rows, o["format"], out)
-            self.stderr.write(f"{len(rows)} answers written to {o['output']}")
+            self.stderr.write(f"{len(rows)} {what} written to {o['output']}")
         else:
             write(rows, o["format"], self.stdout)
 
