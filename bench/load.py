@@ -1,0 +1,848 @@
+"""Load and fault run: N subjects answer a whole study at once through gunicorn, with faults.
+
+    python bench/load.py                    # 500 subjects × 120 questions, PostgreSQL
+    python bench/load.py --subjects 40 --per-type 5 --think-scale 0.02   # a quick run
+
+It makes its own database (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/vmstudy_load;
+dropped and created anew; a sqlite:/// URL works too), migrates, creates an open study over a
+synthetic collection (pairs without media files: the bench never fetches media) and its
+subjects with `create_subject`, and starts `gunicorn study_site.wsgi` with production settings
+(DJANGO_ENV=production, DEBUG off, whitenoise) on a free loopback port. Every subject then acts
+as a browser would: it opens its link, ticks consent and starts, and answers every question
+after a think time drawn per answer, following the server's redirects, with the CSRF cookie
+and the token from the page. The requests carry `X-Forwarded-Proto: https`, as behind the TLS
+proxy production runs behind (so the secure cookies and HSTS are those of production).
+
+Faults (each on by default, `--no-<fault>` turns it off):
+  double   ~5% of answers are posted twice at once (a double click, two tabs)
+  refresh  ~5% of question pages are reloaded before answering
+  back     ~3% of answers are followed by Back and a re-post of an earlier question's form,
+           with a choice that may differ from the one given then
+  abandon  ~2% of subjects close the browser mid-study and come back later with the same link
+           (no cookies): the page must resume at their first unanswered question
+  kill     once, when ~40% of the answers are in, the gunicorn master and its workers are
+           killed with SIGKILL (a crash) and a new server is started; clients retry as a
+           browser would (re-submitting the same form), with backoff
+
+What "acknowledged" means: the client posted choice c for position p, and a page it then
+received shows the subject past p (a later question, the break before one, or the done page).
+A lost acknowledgement is fine: when the server dies after committing but before answering,
+the client re-posts the same form, the server sees p answered and moves on, and the stored
+answer (made from the same form) is the truth. A client never posts a different choice for a
+question it has not seen acknowledged, so acknowledged answers have exactly one expected choice.
+
+At the end the export (`experiments.export.response_rows`, what `export_responses` writes) is
+compared with every subject's acknowledged answers:
+  lost             acknowledged, not in the export
+  doubled          more than one exported answer for one subject and position
+  wrong position   an exported answer for a position that subject never posted at its own
+                   question page (e.g. a Back re-post stored at the current question)
+  different choice exported choice ≠ the acknowledged one
+Each must be 0; the run also fails when a subject could not finish, when a resumed or reloaded
+page showed another question than expected, or when the server's progress went backwards.
+Latency: answer POST sent → next page (after the redirect) fully received, for answers that
+needed no retry; answers that had to wait out the crash are counted apart, with their worst
+recovery time. Prints one table; `--json PATH` also writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/vmstudy_load"
+DONE = 10**6  # the progress of a finished subject: past every position
+
+
+# --- Configuration -------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    subjects: int = 500
+    per_type: int = 20
+    pairs: int = 0  # 0: enough for per_type
+    think: tuple[float, float] = (0.5, 3.0)
+    think_scale: float = 1.0
+    workers: int = 0  # 0: gunicorn.conf.py's default
+    database_url: str = DEFAULT_DATABASE_URL
+    double: float = 0.05
+    refresh: float = 0.05
+    back: float = 0.03
+    abandon: float = 0.02
+    abandon_pause: float = 10.0  # seconds away (scaled by think_scale)
+    kill: bool = True
+    kill_at: float = 0.4  # share of all answers in when the server is killed
+    restart_delay: float = 1.0
+    max_seconds: float = 1800.0
+    seed: int = 0
+    json_path: str = ""
+    keep_database: bool = False
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--subjects", type=int, default=500)
+    p.add_argument("--per-type", type=int, default=20, help="questions per type and block")
+    p.add_argument("--pairs", type=int, default=0, help="test pairs (default: enough)")
+    p.add_argument("--think", type=float, nargs=2, default=(0.5, 3.0), metavar=("MIN", "MAX"))
+    p.add_argument("--think-scale", type=float, default=1.0, help="multiplies think times")
+    p.add_argument("--workers", type=int, default=0, help="gunicorn workers (default 2×cores+1)")
+    p.add_argument("--database-url", default=os.environ.get("LOAD_DATABASE_URL", ""))
+    for name, share in (("double", 0.05), ("refresh", 0.05), ("back", 0.03), ("abandon", 0.02)):
+        p.add_argument(f"--{name}", type=float, default=share, help=f"share (default {share})")
+        p.add_argument(f"--no-{name}", action="store_true")
+    p.add_argument("--abandon-pause", type=float, default=10.0)
+    p.add_argument("--no-kill", action="store_true", help="do not kill the server mid-run")
+    p.add_argument("--kill-at", type=float, default=0.4)
+    p.add_argument("--restart-delay", type=float, default=1.0)
+    p.add_argument("--max-seconds", type=float, default=1800.0, help="bound on the whole run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="also write the figures to this file")
+    p.add_argument("--keep-database", action="store_true")
+    a = p.parse_args(argv)
+    return Config(
+        subjects=a.subjects,
+        per_type=a.per_type,
+        pairs=a.pairs,
+        think=tuple(a.think),
+        think_scale=a.think_scale,
+        workers=a.workers,
+        database_url=a.database_url or DEFAULT_DATABASE_URL,
+        double=0.0 if a.no_double else a.double,
+        refresh=0.0 if a.no_refresh else a.refresh,
+        back=0.0 if a.no_back else a.back,
+        abandon=0.0 if a.no_abandon else a.abandon,
+        abandon_pause=a.abandon_pause,
+        kill=not a.no_kill,
+        kill_at=a.kill_at,
+        restart_delay=a.restart_delay,
+        max_seconds=a.max_seconds,
+        seed=a.seed,
+        json_path=a.json,
+        keep_database=a.keep_database,
+    )
+
+
+# --- The database and the study ------------------------------------------------------------
+
+
+def recreate_database(url: str) -> None:
+    """Drop and create the bench's own database (a PostgreSQL database or a SQLite file)."""
+    parsed = urlparse(url)
+    if parsed.scheme.startswith("sqlite"):
+        path = Path(parsed.path)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    import psycopg
+
+    name = parsed.path.lstrip("/")
+    if not re.fullmatch(r"\w+", name):
+        raise SystemExit(f"refusing an unusual database name: {name!r}")
+    admin_url = parsed._replace(path="/postgres").geturl()
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(url: str) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme.startswith("sqlite"):
+        return
+    import psycopg
+
+    admin_url = parsed._replace(path="/postgres").geturl()
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{parsed.path.lstrip("/")}" WITH (FORCE)')
+
+
+def server_environment(config: Config, var_dir: Path) -> dict:
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "study_site.settings",
+        "DJANGO_ENV": "production",
+        "DEBUG": "0",
+        "DATABASE_URL": config.database_url,
+        "DB_CONN_MAX_AGE": "600",
+        "VAR_DIR": str(var_dir),
+        "MEDIA_ROOT": str(var_dir / "media"),
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "LOG_LEVEL": "ERROR",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def prepare_study(config: Config) -> tuple[str, list[str]]:
+    """Migrate, collect static files, create the open study and its subjects; (slug, tokens)."""
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", verbosity=0)
+    call_command("collectstatic", verbosity=0, interactive=False)
+
+    from experiments.models import (
+        Collection,
+        Direction,
+        Pair,
+        SearchResult,
+        Split,
+        Study,
+        StudySystem,
+        System,
+    )
+    from experiments.subjects import create_subject
+
+    rng = random.Random(config.seed)
+    n_pairs = config.pairs or max(100, 3 * config.per_type + 20)
+    collection = Collection.objects.create(name="load")
+    pairs = Pair.objects.bulk_create(
+        Pair(
+            collection=collection,
+            key=f"item{i:04d}",
+            split=Split.TEST,
+            status=Pair.Status.READY,
+            duration_s=30.0,
+        )
+        for i in range(n_pairs)
+    )
+    system = System.objects.create(
+        collection=collection, name="random", status=System.Status.READY, progress=1.0
+    )
+    SearchResult.objects.bulk_create(
+        (
+            SearchResult(system=system, direction=direction, query=query, rank=rank, result=result)
+            for query in pairs
+            for direction in Direction.values
+            for rank, result in enumerate(rng.sample(pairs, 10), start=1)
+        ),
+        batch_size=2000,
+    )
+    study = Study.objects.create(
+        name="Load",
+        slug="load",
+        collection=collection,
+        per_type=config.per_type,
+        seed=config.seed,
+        status=Study.Status.OPEN,
+        require_consent=True,
+        consent_text="A load test.",
+        completion_code="LOAD-DONE",
+    )
+    StudySystem.objects.create(study=study, system=system, label="S")
+    tokens = [create_subject(study).token for _ in range(config.subjects)]
+    from django.db import connections
+
+    connections.close_all()
+    return study.slug, tokens
+
+
+# --- The server ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`gunicorn study_site.wsgi` in its own process group, so that a crash takes all of it."""
+
+    def __init__(self, env: dict, port: int, workers: int, log: Path):
+        self.env, self.port, self.workers, self.log = env, port, workers, log
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 120.0) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "study_site.wsgi",
+            "-c",
+            str(ROOT / "study_site" / "gunicorn.conf.py"),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+        ]
+        if self.workers:
+            command += ["--workers", str(self.workers)]
+        with self.log.open("a") as out:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("gunicorn exited:\n" + self.log.read_text()[-3000:])
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("gunicorn did not start listening in time")
+
+    def crash(self) -> None:
+        """SIGKILL the master and every worker: what an OOM kill or a host crash does."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        time.sleep(0.2)  # the kernel reaps the workers' sockets
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+# --- Pages ---------------------------------------------------------------------------------
+
+
+class FormParser(HTMLParser):
+    """The POST forms of a page: their fields (inputs and submit buttons) and the title."""
+
+    def __init__(self):
+        super().__init__()
+        self.forms: list[dict] = []
+        self.title, self._in_title, self._form = "", False, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "title":
+            self._in_title = True
+        elif tag == "form" and (a.get("method") or "").lower() == "post":
+            self._form = {"action": a.get("action", ""), "fields": {}, "checks": [], "submits": []}
+            self.forms.append(self._form)
+        elif self._form is not None and tag in ("input", "button"):
+            kind = (a.get("type") or ("submit" if tag == "button" else "text")).lower()
+            name = a.get("name")
+            if kind == "submit":
+                self._form["submits"].append((name, a.get("value", "")))
+            elif kind == "checkbox" and name:
+                self._form["checks"].append((name, a.get("value") or "on"))
+            elif name:
+                self._form["fields"][name] = a.get("value", "")
+
+    def handle_endtag(self, tag):
+        if tag == "title":
+            self._in_title = False
+        elif tag == "form":
+            self._form = None
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+
+
+@dataclass
+class Page:
+    status: int
+    html: str
+    forms: list[dict]
+    title: str
+
+    @classmethod
+    def parse(cls, response: httpx.Response) -> Page:
+        parser = FormParser()
+        parser.feed(response.text)
+        return cls(response.status_code, response.text, parser.forms, parser.title.strip())
+
+    @property
+    def form(self) -> dict | None:
+        return self.forms[0] if self.forms else None
+
+    @property
+    def is_question(self) -> bool:
+        return bool(self.form) and any(name == "choice" for name, _ in self.form["submits"])
+
+    @property
+    def is_done(self) -> bool:
+        return self.status == 200 and not self.forms and "completion-code" in self.html
+
+    @property
+    def progress(self) -> int:
+        """The position the subject is at: its first unanswered question (DONE when done)."""
+        if self.is_done:
+            return DONE
+        if self.form and self.form["fields"].get("position", "").isdigit():
+            return int(self.form["fields"]["position"])
+        return 0  # before the first question (welcome) or an unknown page
+
+
+# --- Figures -------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)  # clean answers, seconds
+    recoveries: list[float] = field(default_factory=list)  # answers that needed retries
+    answers_in: int = 0
+    problems: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    faults: Counter = field(default_factory=Counter)
+    loads: list[float] = field(default_factory=list)  # 1-minute load average, sampled
+
+    def problem(self, kind: str, detail: str) -> None:
+        self.problems[kind] += 1
+        self.examples.setdefault(kind, detail)
+
+
+@dataclass
+class Ledger:
+    """What one subject's browser posted and saw acknowledged."""
+
+    token: str
+    posted: dict[int, str] = field(default_factory=dict)  # first choice posted per position
+    acked: dict[int, str] = field(default_factory=dict)
+    completed: bool = False
+
+
+class Gone(Exception):
+    """The server stayed unreachable for longer than a participant would wait."""
+
+
+# --- A participant's browser ----------------------------------------------------------------
+
+
+class Browser:
+    """One subject's browser: its own cookies, redirects followed by hand, retries on failure."""
+
+    RETRY_FOR_S = 180.0
+
+    def __init__(self, base: str, stats: Stats):
+        self.base, self.stats = base, stats
+        self.cookies: dict[str, str] = {}
+        self.client = httpx.AsyncClient(
+            base_url=base, timeout=60.0, follow_redirects=False, http2=False
+        )
+        self.origin = "https://" + urlparse(base).netloc
+
+    async def close(self):
+        await self.client.aclose()
+
+    def _headers(self, post: bool = False) -> dict:
+        headers = {"X-Forwarded-Proto": "https", "User-Agent": "vmstudy-load/1"}
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        if post:
+            headers["Origin"] = self.origin
+        return headers
+
+    async def _send(self, method: str, path: str, data: dict | None = None) -> httpx.Response:
+        """One request; connection failures raise httpx.TransportError."""
+        self.stats.requests += 1
+        try:
+            response = await self.client.request(
+                method, path, data=data, headers=self._headers(method == "POST")
+            )
+        except httpx.TransportError as error:
+            self.stats.statuses[type(error).__name__] += 1
+            raise
+        self.stats.statuses[response.status_code] += 1
+        # Secure cookies over this plain loopback connection: kept by hand, as a browser
+        # behind the TLS proxy would keep them.
+        for header in response.headers.get_list("set-cookie"):
+            name, _, rest = header.partition("=")
+            self.cookies[name.strip()] = rest.split(";", 1)[0]
+        return response
+
+    async def _retrying(self, method: str, path: str, data: dict | None = None):
+        """Send until the server answers with something other than a 5xx; (response, retried)."""
+        delay, deadline, retried = 0.2, time.monotonic() + self.RETRY_FOR_S, False
+        while True:
+            try:
+                response = await self._send(method, path, data)
+                if response.status_code < 500:
+                    return response, retried
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise Gone(f"{method} {path}")
+            retried = True
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 3.0)
+
+    async def get(self, path: str) -> tuple[Page, bool]:
+        response, retried = await self._retrying("GET", path)
+        while response.is_redirect:
+            more = False
+            response, more = await self._retrying("GET", response.headers["location"])
+            retried = retried or more
+        return Page.parse(response), retried
+
+    async def post(self, path: str, data: dict) -> tuple[Page, bool]:
+        """POST the form; follow its redirect; the page the browser then shows."""
+        response, retried = await self._retrying("POST", path, data)
+        if not response.is_redirect:
+            return Page.parse(response), retried
+        page, more = await self.get(response.headers["location"])
+        return page, retried or more
+
+
+# --- A subject's session ------------------------------------------------------------------
+
+
+class Subject:
+    def __init__(self, token: str, base: str, config: Config, stats: Stats, rng: random.Random):
+        self.ledger = Ledger(token)
+        self.path = f"/s/{token}/"
+        self.base, self.config, self.stats, self.rng = base, config, stats, rng
+        self.abandons = rng.random() < config.abandon
+        self.old_forms: list[dict] = []  # earlier question forms, for Back
+
+    async def think(self, low: float | None = None, high: float | None = None):
+        low, high = low or self.config.think[0], high or self.config.think[1]
+        await asyncio.sleep(self.rng.uniform(low, high) * self.config.think_scale)
+
+    async def run(self):
+        browser = Browser(self.base, self.stats)
+        try:
+            page, _ = await browser.get(self.path)
+            abandon_after = self.rng.randint(2, 40) if self.abandons else None
+            answered_here = 0
+            while not page.is_done:
+                if page.status != 200 or not page.form:
+                    self.stats.problem("unexpected page", f"{page.status} {page.title}")
+                    return
+                if not page.is_question:
+                    await self.think(0.2, 1.0)
+                    page = await self.submit_step(browser, page)
+                    continue
+                if abandon_after is not None and answered_here >= abandon_after:
+                    page, browser = await self.come_back(browser)
+                    abandon_after = None
+                    continue
+                page = await self.answer(browser, page)
+                answered_here += 1
+            self.ledger.completed = True
+        except Gone as error:
+            self.stats.problem("gave up (server unreachable)", str(error))
+        finally:
+            await browser.close()
+
+    async def submit_step(self, browser: Browser, page: Page) -> Page:
+        """Welcome, break or any other non-question step: tick boxes, press its button."""
+        form = page.form
+        data = dict(form["fields"]) | dict(form["checks"])
+        name, value = next(iter(form["submits"]), (None, ""))
+        if name:
+            data[name] = value
+        before = page.progress
+        page, _ = await browser.post(form["action"] or self.path, data)
+        if page.progress < before:
+            self.stats.problem("progress went backwards", f"{self.ledger.token}: {before}")
+        return page
+
+    async def answer(self, browser: Browser, page: Page) -> Page:
+        position = page.progress
+        if self.rng.random() < self.config.refresh:
+            self.stats.faults["refresh"] += 1
+            again, _ = await browser.get(self.path)
+            if again.progress != position:
+                self.stats.problem(
+                    "reload showed another question", f"{position} → {again.progress}"
+                )
+            page = again
+        await self.think()
+        expected = self.ledger.posted.setdefault(position, self.rng.choice("ab"))
+        data = dict(page.form["fields"]) | {"choice": expected}
+        start = time.perf_counter()
+        if self.rng.random() < self.config.double:
+            self.stats.faults["double post"] += 1
+            results = await asyncio.gather(
+                browser.post(self.path, data), browser.post(self.path, data)
+            )
+            next_page = max((page for page, _ in results), key=lambda p: p.progress)
+            retried = any(retried for _, retried in results)
+        else:
+            next_page, retried = await browser.post(self.path, data)
+        elapsed = time.perf_counter() - start
+        if next_page.status >= 400:
+            self.stats.problem(f"answer refused ({next_page.status})", next_page.html[:200])
+            next_page, _ = await browser.get(self.path)  # reload: a fresh form and token
+            return next_page
+        if next_page.progress > position:
+            self.ledger.acked[position] = expected
+            self.stats.answers_in += 1
+            (self.stats.recoveries if retried else self.stats.latencies).append(elapsed)
+        elif next_page.progress < position:
+            self.stats.problem("progress went backwards", f"{position} → {next_page.progress}")
+        else:  # the same question again: the browser will post the same answer once more
+            self.stats.problem("answer not taken", f"{self.ledger.token[:8]}… {position}")
+        self.old_forms.append(data)
+        if self.rng.random() < self.config.back and len(self.old_forms) > 1:
+            next_page = await self.back_and_repost(browser, next_page)
+        return next_page
+
+    async def back_and_repost(self, browser: Browser, current: Page) -> Page:
+        """Back to an earlier question and post its form again, maybe with the other choice."""
+        self.stats.faults["back + re-post"] += 1
+        stale = dict(self.rng.choice(self.old_forms[:-1]))
+        stale["choice"] = self.rng.choice("ab")
+        if current.form and "csrfmiddlewaretoken" in current.form["fields"]:
+            stale["csrfmiddlewaretoken"] = current.form["fields"]["csrfmiddlewaretoken"]
+        page, _ = await browser.post(self.path, stale)
+        if page.progress != current.progress:
+            self.stats.problem(
+                "a stale re-post moved the subject", f"{current.progress} → {page.progress}"
+            )
+        return page
+
+    async def come_back(self, browser: Browser) -> tuple[Page, Browser]:
+        """Close the browser (cookies gone), stay away a while, open the link again."""
+        self.stats.faults["abandon + return"] += 1
+        await browser.close()
+        await asyncio.sleep(self.config.abandon_pause * self.config.think_scale)
+        browser = Browser(self.base, self.stats)
+        page, _ = await browser.get(self.path)
+        expected = max(self.ledger.acked, default=0) + 1
+        if page.progress != expected:
+            self.stats.problem("resumed elsewhere", f"expected {expected}, got {page.progress}")
+        return page, browser
+
+
+# --- The run -------------------------------------------------------------------------------
+
+
+async def crash_once(server: Server, stats: Stats, total_answers: int, config: Config, log):
+    while stats.answers_in < config.kill_at * total_answers:
+        await asyncio.sleep(0.05)
+    at = stats.answers_in
+    await asyncio.to_thread(server.crash)
+    log["killed_at_answers"] = at
+    started = time.monotonic()
+    await asyncio.sleep(config.restart_delay)
+    await asyncio.to_thread(server.start)
+    log["down_s"] = time.monotonic() - started
+
+
+async def sample_load(stats: Stats, every_s: float = 5.0):
+    """The machine's load during the run (it is shared: the figures depend on it)."""
+    while True:
+        stats.loads.append(os.getloadavg()[0])
+        await asyncio.sleep(every_s)
+
+
+async def drive(config: Config, base: str, tokens: list[str], server: Server, stats: Stats):
+    rng = random.Random(config.seed + 1)
+    subjects = [Subject(t, base, config, stats, random.Random(rng.random())) for t in tokens]
+    crash_log: dict = {}
+    questions = 6 * config.per_type
+    crasher = (
+        asyncio.create_task(crash_once(server, stats, len(tokens) * questions, config, crash_log))
+        if config.kill
+        else None
+    )
+    sampler = asyncio.create_task(sample_load(stats))
+    tasks = [asyncio.create_task(s.run()) for s in subjects]
+    _, pending = await asyncio.wait(tasks, timeout=config.max_seconds)
+    for task in pending:
+        task.cancel()
+    if pending:
+        stats.problem("stopped at the time bound", f"{len(pending)} subjects")
+        await asyncio.gather(*pending, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            stats.problem("client crashed", f"{type(error).__name__}: {error}")
+    sampler.cancel()
+    if crasher is not None:
+        if not crasher.done():
+            crasher.cancel()
+            stats.problem("server never killed", "the run ended before --kill-at")
+        elif crasher.exception() is not None:
+            stats.problem("restart failed", str(crasher.exception()))
+    return [s.ledger for s in subjects], crash_log
+
+
+def compare(slug: str, ledgers: list[Ledger]) -> dict:
+    """The export against what every client saw acknowledged."""
+    from experiments.export import response_rows
+    from experiments.models import Study
+
+    stored: dict[str, dict[int, list[str]]] = {}
+    completed_in_db = set()
+    for row in response_rows(Study.objects.get(slug=slug)):
+        choice = "a" if row["chosen_item"] == row["option_a"] else "b"
+        stored.setdefault(row["subject"], {}).setdefault(row["position"], []).append(choice)
+        if row["subject_completed"]:
+            completed_in_db.add(row["subject"])
+    figures = Counter()
+    examples = {}
+    for ledger in ledgers:
+        rows = stored.get(ledger.token, {})
+        checks = {
+            "lost": [p for p in ledger.acked if p not in rows],
+            "doubled": [p for p, c in rows.items() if len(c) > 1],
+            "wrong position": [p for p in rows if p not in ledger.posted],
+            "different choice": [
+                p for p, c in ledger.acked.items() if p in rows and rows[p][0] != c
+            ],
+            "stored, ack lost": [p for p in rows if p in ledger.posted and p not in ledger.acked],
+            "completed, not in db": [1]
+            if ledger.completed and ledger.token not in completed_in_db
+            else [],
+        }
+        for name, items in checks.items():
+            figures[name] += len(items)
+            if items:
+                examples.setdefault(name, f"{ledger.token[:8]}… positions {items[:5]}")
+        figures["answers acknowledged"] += len(ledger.acked)
+        figures["answers exported"] += sum(len(c) for c in rows.values())
+    return {"figures": figures, "examples": examples}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarise(config: Config, stats: Stats, ledgers, result, crash_log, elapsed, loads) -> dict:
+    f = result["figures"]
+    ms = [1000 * x for x in stats.latencies]
+    statuses = ", ".join(f"{k}: {v}" for k, v in sorted(stats.statuses.items(), key=str))
+    return {
+        "subjects": config.subjects,
+        "questions per subject": 6 * config.per_type,
+        "completed subjects": sum(1 for ledger in ledgers if ledger.completed),
+        "answers acknowledged": f["answers acknowledged"],
+        "answers exported": f["answers exported"],
+        "lost": f["lost"],
+        "doubled": f["doubled"],
+        "wrong position": f["wrong position"],
+        "different choice": f["different choice"],
+        "stored, ack lost (then confirmed)": f["stored, ack lost"],
+        "completed but not in db": f["completed, not in db"],
+        "client-side problems": sum(stats.problems.values()),
+        "requests": stats.requests,
+        "responses by status": statuses,
+        "faults injected": ", ".join(f"{k} {v}" for k, v in sorted(stats.faults.items()))
+        + (
+            f", server SIGKILL at answer {crash_log.get('killed_at_answers')}"
+            f" (down {crash_log.get('down_s', float('nan')):.1f} s)"
+            if crash_log
+            else ""
+        ),
+        "answer→next p50 ms": round(percentile(ms, 50), 1),
+        "answer→next p95 ms": round(percentile(ms, 95), 1),
+        "answer→next p99 ms": round(percentile(ms, 99), 1),
+        "answer→next max ms": round(max(ms, default=float("nan")), 1),
+        "answers that waited out the crash": len(stats.recoveries),
+        "their worst wait s": round(max(stats.recoveries, default=0.0), 2),
+        "answers/s (mean)": round(f["answers acknowledged"] / elapsed, 1),
+        "run time s": round(elapsed, 1),
+        "gunicorn workers": config.workers or f"default ({2 * (os.cpu_count() or 1) + 1})",
+        "load average 1 min (before / mean during / max / after)": (
+            f"{loads[0]:.2f} / {sum(stats.loads) / max(len(stats.loads), 1):.2f} / "
+            f"{max(stats.loads, default=0):.2f} / {loads[1]:.2f}"
+        ),
+        "cpu cores": os.cpu_count(),
+        "problems": dict(stats.problems),
+        "examples": {**stats.examples, **result["examples"]},
+    }
+
+
+def failed(summary: dict) -> bool:
+    integrity = ("lost", "doubled", "wrong position", "different choice", "completed but not in db")
+    return (
+        any(summary[k] for k in integrity)
+        or summary["client-side problems"] > 0
+        or summary["completed subjects"] < summary["subjects"]
+    )
+
+
+def print_table(summary: dict) -> None:
+    from tabulate import tabulate
+
+    rows = [(k, v) for k, v in summary.items() if k not in ("problems", "examples")]
+    rows += [(f"problem: {k}", v) for k, v in summary["problems"].items()]
+    rows += [(f"example: {k}", v) for k, v in summary["examples"].items()]
+    print(tabulate(rows, headers=["figure", "value"], tablefmt="github"))
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    var_dir = Path(tempfile.mkdtemp(prefix="vmstudy-load-"))
+    env = server_environment(config, var_dir)
+    os.environ.update(env)
+    server = None
+    try:
+        recreate_database(config.database_url)
+        t = time.monotonic()
+        slug, tokens = prepare_study(config)
+        print(
+            f"study ready: {len(tokens)} subjects in {time.monotonic() - t:.0f} s; starting gunicorn",
+            file=sys.stderr,
+        )
+        port = free_port()
+        server = Server(env, port, config.workers, var_dir / "gunicorn.log")
+        server.start()
+        stats = Stats()
+        load_before = os.getloadavg()[0]
+        started = time.monotonic()
+        ledgers, crash_log = asyncio.run(
+            drive(config, f"http://127.0.0.1:{port}", tokens, server, stats)
+        )
+        elapsed = time.monotonic() - started
+        load_after = os.getloadavg()[0]
+        server.stop()
+        result = compare(slug, ledgers)
+        summary = summarise(
+            config, stats, ledgers, result, crash_log, elapsed, (load_before, load_after)
+        )
+        print_table(summary)
+        if config.json_path:
+            Path(config.json_path).write_text(json.dumps(summary, indent=1, default=str))
+        return 1 if failed(summary) else 0
+    finally:
+        if server is not None:
+            server.stop()
+        from django.db import connections
+
+        connections.close_all()
+        if not config.keep_database:
+            drop_database(config.database_url)
+        shutil.rmtree(var_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
