@@ -91,7 +91,7 @@ def import_results(
     filename, data = _read(upload)
     kind = kind or SUFFIX_KINDS.get(Path(filename).suffix.lower())
     if kind not in KINDS:
-        raise UploadError([f"{filename}: say --kind csv or embeddings (suffix not known)"])
+        raise UploadError([f"{filename}: say the kind (csv or embeddings): not .csv, .npz or .npy"])
     pairs = dict(
         Pair.objects.filter(collection=collection, status=Pair.Status.READY).values_list(
             "key", "split"
@@ -103,11 +103,19 @@ def import_results(
     embeddings = None
     if kind == "csv":
         ranked = read_ranked_csv(data, set(pairs), test_keys)
+        metrics = recalls(ranked)
     else:
+        from engine.metrics import recall_at_k
+
         keys, video, music = read_embeddings(data, filename, set(pairs), test_keys)
         embeddings = _test_embeddings(keys, video, music, test_keys)
         ranked = neighbours(*embeddings, k=k)
-    return _store(collection, name, kind, filename, data, ranked, embeddings)
+        _, video, music = embeddings
+        metrics = {
+            direction: {f"R@{k}": v for k, v in recall_at_k(queries, items).items()}
+            for direction, queries, items in (("V2M", video, music), ("M2V", music, video))
+        }
+    return _store(collection, name, kind, filename, data, ranked, embeddings, metrics)
 
 
 # --- Reading and checking ------------------------------------------------------------------
@@ -368,7 +376,7 @@ def _read(upload) -> tuple[str, bytes]:
     return Path(upload.name or "upload").name, upload.read()
 
 
-def _store(collection, name, kind, filename, data, ranked, embeddings) -> System:
+def _store(collection, name, kind, filename, data, ranked, embeddings, metrics) -> System:
     name = name.strip()
     if not name or len(name) > System._meta.get_field("name").max_length:
         raise UploadError(["the system needs a name of at most 100 characters"])
@@ -406,7 +414,7 @@ def _store(collection, name, kind, filename, data, ranked, embeddings) -> System
                 system.embeddings = ""  # a CSV system judges by its ranking
             system.kind = System.Kind.EXTERNAL
             system.config = {**system.config, "upload": {"kind": kind, "file": filename}}
-            system.metrics = {"test": recalls(ranked)}
+            system.metrics = {"test": metrics}
             system.status, system.progress = System.Status.READY, 1.0
             system.message = f"Uploaded {kind}: {len(ranked)} search results"
             system.save()
@@ -437,7 +445,7 @@ def _store(collection, name, kind, filename, data, ranked, embeddings) -> System
 
 def recalls(ranked: list[Ranked], ks=(1, 10)) -> dict:
     """Recall@K per direction from ranked results: the share of queries whose own pair is
-    among their K best results ({'V2M': {'R@1': …}, …}, as the engine's evaluate() gives)."""
+    among their K best uploaded results ({'V2M': {'R@1': …}, …}, as engine evaluate() gives)."""
     out = {}
     for direction in MODALITIES:
         lists = {}
