@@ -1,0 +1,470 @@
+"""Crowd-sourcing features through the real pages (Django's test client) and real media:
+catch questions, the headphone check, typed end codes, the Prolific/MTurk round trip, the
+behaviour log, exports and languages."""
+
+import csv
+import io
+import json
+
+import av
+import numpy as np
+import pytest
+from django.core.management import call_command
+from django.urls import reverse
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.io import wavfile
+
+from analysis.load import responses_frame
+from analysis.preference import preference_table
+from experiments import checks
+from experiments.export import COLUMNS, dictionary_rows, pseudonym, response_rows
+from experiments.models import Pair, Response, Split, Study, Subject
+from experiments.plans import PlannedQuestion, with_catch_questions
+from experiments.tasks import ensure_catch_pair, finish_study
+
+from .factories import make_study, make_subject
+
+pytestmark = pytest.mark.django_db
+
+
+def url(subject):
+    return reverse("subject", args=[subject.token])
+
+
+def catch_study(**fields):
+    study = make_study(per_type=1, attention_checks=True, catch_count=3, **fields)
+    ensure_catch_pair(study.collection_id)
+    return study
+
+
+def answer_all(client, subject, pick):
+    """Answer every question; `pick(question)` returns 'a' or 'b'. Passes breaks and start."""
+    client.post(url(subject), {"step": "start", "consent": "1"})
+    for question in subject.questions.order_by("position"):
+        client.post(url(subject), {"step": "continue", "position": question.position})
+        response = client.post(
+            url(subject), {"choice": pick(question), "position": question.position}
+        )
+        assert response.status_code == 302
+    subject.refresh_from_db()
+
+
+def ground_truth(question):
+    return "a" if question.kind_a == "G" else "b"
+
+
+def first_named_unless_catch(question):
+    """Known answers: the first-named kind of every pair type, but X on catch questions."""
+    wanted = "X" if question.is_catch else question.pair_type[0]
+    return "a" if question.kind_a == wanted else "b"
+
+
+# --- Catch questions: the plan ---------------------------------------------------------------
+
+
+def plain_plan(n):
+    return [
+        PlannedQuestion(
+            i + 1, "V2M" if i < n // 2 else "M2V", "GR", f"q{i}", f"q{i}", "r", "G", "R"
+        )
+        for i in range(n)
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    count=st.integers(0, 8),
+    seed=st.integers(0, 2**16),
+    ordinal=st.integers(0, 50),
+)
+def test_catch_questions_are_placed_apart_and_keep_the_plan(n, count, seed, ordinal):
+    count = min(count, n + 1)
+    plan = plain_plan(n)
+    keys = [f"q{i}" for i in range(n)] + ["extra"]
+    out = with_catch_questions(plan, keys, "__catch__", count, seed, ordinal)
+    assert [q.position for q in out] == list(range(1, n + count + 1))
+    flags = [q.is_catch for q in out]
+    assert sum(flags) == count
+    assert not any(
+        a and b for a, b in zip(flags[:-1], flags[1:], strict=True)
+    )  # never two in a row
+    assert [q.query for q in out if not q.is_catch] == [q.query for q in plan]  # order kept
+    for i, q in enumerate(out):
+        if q.is_catch:
+            assert {q.kind_a, q.kind_b} == {"G", "X"} and q.pair_type == "GX"
+            assert {q.option_a, q.option_b} == {q.query, "__catch__"}
+            # It belongs to a neighbour's block: no direction change inside a block.
+            neighbours = [out[j].direction for j in (i - 1, i + 1) if 0 <= j < len(out)]
+            assert q.direction in neighbours
+    directions = [q.direction for q in out]
+    assert directions == sorted(directions, key=["V2M", "M2V"].index)  # still two blocks
+    assert out == with_catch_questions(plan, keys, "__catch__", count, seed, ordinal)
+
+
+def test_catch_media_are_black_and_silent_and_made_once():
+    study = make_study(per_type=1)
+    pair = ensure_catch_pair(study.collection_id)
+    assert pair.split == Split.CATCH and pair.status == Pair.Status.READY
+    with av.open(pair.video_file.path) as video:
+        frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+    assert len(frames) >= 10 and max(int(f.max()) for f in frames) <= 16  # black
+    with av.open(pair.music_file.path) as music:
+        peak = max(float(np.abs(f.to_ndarray()).max()) for f in music.decode(audio=0))
+    assert peak < 1e-4  # silent
+    assert pair.duration_s == pytest.approx(2.0)  # as long as the test items
+    assert ensure_catch_pair(study.collection_id).pk == pair.pk
+    assert Pair.objects.filter(collection=study.collection, split=Split.CATCH).count() == 1
+
+
+def test_preparation_makes_the_catch_pair_and_plans_catch_questions():
+    study = make_study(per_type=1, attention_checks=True, catch_count=3, status=Study.Status.DRAFT)
+    assert finish_study(study.pk) == Study.Status.READY
+    study.refresh_from_db()
+    assert study.message == "Ready: 9 questions per subject"
+    subject = make_subject(study)
+    catch = subject.questions.filter(is_catch=True)
+    assert catch.count() == 3
+    catch_pair = Pair.objects.get(collection=study.collection, split=Split.CATCH)
+    for q in catch:
+        broken = q.option_a if q.kind_a == "X" else q.option_b
+        assert broken == catch_pair and q.machine == {}
+
+
+def test_catch_questions_look_like_any_other(client):
+    study = catch_study()
+    subject = make_subject(study)
+    client.post(url(subject), {"step": "start"})
+    for question in subject.questions.order_by("position"):
+        client.post(url(subject), {"step": "continue", "position": question.position})
+        html = client.get(url(subject)).content.decode()
+        assert "GX" not in html and "catch" not in html.lower() and "__catch__" not in html
+        client.post(url(subject), {"choice": "a", "position": question.position})
+
+
+def test_catch_score_and_threshold_set_the_outcome_and_its_code(client):
+    study = catch_study(
+        catch_pass_threshold=0.6,
+        completion_code="OK-1",
+        failed_attention_code="ATT-0",
+        redirect_url="https://app.prolific.com/submissions/complete?cc={code}",
+    )
+    good, bad = make_subject(study), make_subject(study)
+    answer_all(client, good, ground_truth)
+    answer_all(client, bad, first_named_unless_catch)
+    assert (good.outcome, good.catch_score) == ("completed", 1.0)
+    assert (bad.outcome, bad.catch_score) == ("failed_attention", 0.0)
+    html = client.get(url(bad)).content.decode()
+    assert "ATT-0" in html and "OK-1" not in html
+    assert "url=https://app.prolific.com/submissions/complete?cc=ATT-0" in html
+    assert "cc=OK-1" in client.get(url(good)).content.decode()
+    # The export shows both; the analysis leaves the failed subject out unless asked.
+    rows = list(response_rows(study))
+    assert {(r["subject_outcome"], r["catch_score"]) for r in rows} == {
+        ("completed", 1.0),
+        ("failed_attention", 0.0),
+    }
+    assert sum(r["is_catch"] for r in rows) == 6
+    assert set(responses_frame(study)["subject"]) == {good.ordinal}
+    assert set(responses_frame(study, include_failed=True)["subject"]) == {
+        good.ordinal,
+        bad.ordinal,
+    }
+
+
+def test_catch_questions_are_left_out_of_the_preference_table(client):
+    """Known answers: every real question gets its first-named kind (100 %), every catch
+    question the broken item; the table must still read 100 % from the 6 real answers."""
+    study = catch_study()
+    subject = make_subject(study)
+    answer_all(client, subject, first_named_unless_catch)
+    frame = responses_frame(study)
+    assert len(frame) == 9 and frame["is_catch"].sum() == 3
+    assert (frame.loc[frame.is_catch, "chosen"] == "X").all()
+    table = preference_table(frame)
+    assert list(table.index) == ["GR", "GS", "SR"]
+    assert (table == 100.0).all().all()
+
+
+def test_a_study_with_catch_questions_but_no_catch_media_cannot_plan():
+    from experiments.plans import PlanError
+
+    study = make_study(per_type=1, attention_checks=True)
+    with pytest.raises(PlanError, match="catch media"):
+        make_subject(study)
+
+
+# --- The headphone check ---------------------------------------------------------------------
+
+
+def test_the_check_tones_are_what_they_claim():
+    levels = {}
+    for kind in (checks.STANDARD, checks.QUIET, checks.ANTIPHASE):
+        rate, samples = wavfile.read(io.BytesIO(checks.tone_wav(kind)))
+        assert rate == checks.RATE and samples.shape == (rate, 2)
+        levels[kind] = np.sqrt(np.mean(samples[:, 0].astype(float) ** 2))
+        if kind == checks.ANTIPHASE:
+            assert np.array_equal(samples[:, 0], -samples[:, 1])
+        else:
+            assert np.array_equal(samples[:, 0], samples[:, 1])
+    assert 20 * np.log10(levels["quiet"] / levels["standard"]) == pytest.approx(-6.0, abs=0.01)
+    assert levels["antiphase"] == pytest.approx(levels["standard"])
+
+
+def sound_answers(subject, right):
+    trials = Subject.objects.get(pk=subject.pk).meta["sound_check"]["trials"]
+    data = {"step": "sound"}
+    for t, trial in enumerate(trials, start=1):
+        quiet = trial.index(checks.QUIET) + 1
+        data[f"t{t}"] = quiet if right(t) else quiet % 3 + 1
+    return data
+
+
+def test_passing_the_sound_check_leads_to_the_questions(client):
+    study = make_study(per_type=1, sound_check=True)
+    subject = make_subject(study)
+    client.post(url(subject), {"step": "start"})
+    page = client.get(url(subject)).content.decode()
+    assert "Sound check" in page and page.count("<audio") == 3 * checks.SOUND_TRIALS
+    # Each tone is served by trial and slot; the URL says nothing about which is quiet.
+    tone = client.get(reverse("tone", args=[subject.token, 1, 2]))
+    assert tone.status_code == 200 and tone["Content-Type"] == "audio/wav"
+    assert client.get(reverse("tone", args=[subject.token, 7, 1])).status_code == 404
+    # An incomplete answer is asked again, with nothing stored.
+    incomplete = client.post(url(subject), {"step": "sound", "t1": "1"})
+    assert (
+        incomplete.status_code == 200
+        and "Please answer every question" in incomplete.content.decode()
+    )
+    client.post(url(subject), sound_answers(subject, right=lambda t: t != 3))  # 5 of 6
+    subject.refresh_from_db()
+    assert subject.meta["sound_check"]["passed"] and subject.meta["sound_check"]["correct"] == 5
+    assert "Question 1 of 6" in client.get(url(subject)).content.decode()
+
+
+def test_failing_the_sound_check_ends_politely_with_its_code(client):
+    study = make_study(
+        per_type=1,
+        sound_check=True,
+        completion_code="OK-1",
+        failed_sound_code="SND-9",
+        redirect_url="https://app.prolific.com/submissions/complete?cc={code}",
+    )
+    subject = make_subject(study)
+    client.post(url(subject), {"step": "start"})
+    client.get(url(subject))
+    client.post(url(subject), sound_answers(subject, right=lambda t: t > 2))  # 4 of 6
+    subject.refresh_from_db()
+    assert subject.outcome == "failed_sound" and not subject.meta["sound_check"]["passed"]
+    page = client.get(url(subject))
+    html = page.content.decode()
+    assert page.status_code == 200 and "SND-9" in html and "OK-1" not in html
+    assert "headphones" in html and "cc=SND-9" in html
+    # No way back to the questions.
+    question = subject.questions.get(position=1)
+    client.post(url(subject), {"choice": "a", "position": question.position})
+    assert not Response.objects.filter(subject=subject).exists()
+
+
+def test_declining_consent_ends_with_the_no_consent_code(client):
+    study = make_study(
+        per_type=1, require_consent=True, no_consent_code="NC-3", completion_code="OK"
+    )
+    subject = make_subject(study)
+    assert "I do not agree" in client.get(url(subject)).content.decode()
+    client.post(url(subject), {"step": "decline"})
+    subject.refresh_from_db()
+    assert subject.outcome == "no_consent" and subject.consented_at is None
+    html = client.get(url(subject)).content.decode()
+    assert "NC-3" in html and "OK" not in html.split("<main")[1].split("NC-3")[0]
+
+
+def test_a_redirect_url_without_placeholder_is_for_completers_only():
+    study = make_study(
+        per_type=1,
+        completion_code="OK",
+        no_consent_code="NC",
+        redirect_url="https://example.org/done",
+    )
+    subject = make_subject(study)
+    subject.outcome = "no_consent"
+    assert checks.end_redirect(subject) == ""
+    subject.outcome = "completed"
+    assert checks.end_redirect(subject) == "https://example.org/done"
+
+
+# --- The crowd-sourcing round trip -----------------------------------------------------------
+
+
+def join_url(study, query=""):
+    return reverse("join", args=[study.join_token]) + query
+
+
+def test_prolific_ids_are_kept_and_the_same_participant_resumes(client):
+    study = make_study(per_type=1, completion_code="OK-1")
+    query = "?PROLIFIC_PID=pp1&STUDY_ID=st1&SESSION_ID=se1"
+    first = client.get(join_url(study, query))
+    subject = Subject.objects.get()
+    assert first["Location"] == url(subject)
+    assert subject.external_id == "pp1"
+    assert subject.meta["entry"] == {"PROLIFIC_PID": "pp1", "STUDY_ID": "st1", "SESSION_ID": "se1"}
+    client.post(url(subject), {"step": "start"})
+    client.post(url(subject), {"choice": "a", "position": 1})
+    # Another browser, same Prolific id, a new session: the same subject, at question 2.
+    other = type(client)()
+    again = other.get(join_url(study, "?PROLIFIC_PID=pp1&STUDY_ID=st1&SESSION_ID=se2"))
+    assert again["Location"] == url(subject) and Subject.objects.count() == 1
+    assert "Question 2 of 6" in other.get(url(subject)).content.decode()
+
+
+def test_mturk_ids_are_kept_and_the_preview_creates_nobody(client):
+    study = make_study(per_type=1, external_id_param="")
+    preview = client.get(join_url(study, "?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=h1"))
+    assert preview.status_code == 200 and "Accept the task" in preview.content.decode()
+    assert not Subject.objects.exists()
+    client.get(join_url(study, "?workerId=w1&assignmentId=a1&hitId=h1"))
+    subject = Subject.objects.get()
+    assert subject.external_id == "w1"
+    assert subject.meta["entry"] == {"workerId": "w1", "assignmentId": "a1", "hitId": "h1"}
+
+
+def test_ids_on_a_personal_link_are_captured_once(client):
+    study = make_study(per_type=1)
+    subject = make_subject(study)
+    client.get(url(subject) + "?PROLIFIC_PID=p9&SESSION_ID=s1")
+    client.get(url(subject) + "?PROLIFIC_PID=other&SESSION_ID=s2&STUDY_ID=x")
+    subject.refresh_from_db()
+    assert subject.external_id == "p9"
+    assert subject.meta["entry"] == {"PROLIFIC_PID": "p9", "SESSION_ID": "s1", "STUDY_ID": "x"}
+
+
+def test_full_and_closed_studies_give_clear_pages(client):
+    study = make_study(per_type=1, join_cap=1)
+    client.get(join_url(study, "?PROLIFIC_PID=a"))
+    full = client.get(join_url(study, "?PROLIFIC_PID=b"))
+    assert "This study is full" in full.content.decode()
+    # The one who got in still resumes while the study is full.
+    assert client.get(join_url(study, "?PROLIFIC_PID=a")).status_code == 302
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.CLOSED)
+    closed = client.get(join_url(study, "?PROLIFIC_PID=c"))
+    assert "This study is not open" in closed.content.decode()
+
+
+# --- Behaviour log and exports ---------------------------------------------------------------
+
+
+BEHAVIOUR = {
+    "plays": {"query": 1, "a": 2, "b": 1},
+    "listened_ms": {"a": 2400, "b": 1800},
+    "first_play_ms": 350,
+    "blur": 1,
+    "focus": 1,
+    "hidden": 2,
+    "errors": [{"role": "b", "reason": "timeout", "ms": 20000}],
+    "retries": 1,
+}
+
+
+def test_the_behaviour_log_is_stored_and_exported(client):
+    study = make_study(per_type=1)
+    subject = make_subject(study, external_id="pp7")
+    client.post(url(subject), {"step": "start"})
+    client.post(
+        url(subject),
+        {"choice": "b", "position": 1, "response_ms": "5100", "behaviour": json.dumps(BEHAVIOUR)},
+    )
+    row = next(response_rows(study))
+    assert row["response_ms"] == 5100
+    assert (row["first_play_ms"], row["plays_query"], row["plays_a"], row["plays_b"]) == (
+        350,
+        1,
+        2,
+        1,
+    )
+    assert (row["listened_a_ms"], row["listened_b_ms"]) == (2400, 1800)
+    assert (row["blur"], row["focus"], row["hidden"]) == (1, 1, 2)
+    assert (row["media_errors"], row["media_retries"]) == ("b:timeout", 1)
+    assert set(row) == set(COLUMNS) | {"machine_S"}
+
+
+def test_dictionary_and_anonymised_export(client, tmp_path):
+    study = make_study(per_type=1)
+    subject = make_subject(study, external_id="pp7")
+    client.post(url(subject), {"step": "start"})
+    client.post(url(subject), {"choice": "a", "position": 1})
+    dictionary = {row["column"]: row["meaning"] for row in dictionary_rows(study)}
+    assert list(dictionary) == list(next(response_rows(study)))  # every column, in order
+    assert all(meaning for meaning in dictionary.values())
+
+    call_command("export_responses", "tiny", "--anonymise", "--output", str(tmp_path / "a.csv"))
+    call_command("export_responses", "tiny", "--dictionary", "--output", str(tmp_path / "d.csv"))
+    text = (tmp_path / "a.csv").read_text()
+    assert subject.token not in text and "pp7" not in text
+    row = next(csv.DictReader(io.StringIO(text)))
+    assert row["external_id"] == pseudonym(study, "pp7") == pseudonym(study, "pp7")
+    assert row["subject"] == pseudonym(study, subject.token) != row["external_id"]
+    assert row["external_id"].startswith("p") and len(row["external_id"]) == 17
+    columns = [r["column"] for r in csv.DictReader(io.StringIO((tmp_path / "d.csv").read_text()))]
+    assert columns == list(dictionary)
+
+
+def test_admin_links_export_anonymised_and_dictionary(admin_client, client):
+    study = make_study(per_type=1)
+    subject = make_subject(study, external_id="pp7")
+    client.post(url(subject), {"step": "start"})
+    client.post(url(subject), {"choice": "a", "position": 1})
+    export = reverse("admin:experiments_study_responses", args=[study.pk])
+    change = admin_client.get(reverse("admin:experiments_study_change", args=[study.pk]))
+    assert f"{export}?anonymise=1" in change.content.decode()
+    anonymised = b"".join(admin_client.get(export + "?anonymise=1").streaming_content).decode()
+    assert "pp7" not in anonymised and pseudonym(study, "pp7") in anonymised
+    full = b"".join(admin_client.get(export).streaming_content).decode()
+    assert "pp7" in full
+    dictionary = b"".join(admin_client.get(export + "?dictionary=1").streaming_content).decode()
+    assert dictionary.startswith("column,meaning") and "catch_score" in dictionary
+
+
+def test_the_subject_list_shows_outcome_and_catch_score(admin_client, client):
+    study = catch_study(catch_pass_threshold=0.5)
+    subject = make_subject(study)
+    answer_all(client, subject, ground_truth)
+    page = admin_client.get(reverse("admin:experiments_subject_changelist")).content.decode()
+    assert "Catch score" in page and "100%" in page and "completed" in page
+
+
+# --- Languages ----------------------------------------------------------------------------
+
+
+def test_the_study_language_translates_the_participant_pages(client):
+    study = make_study(per_type=1, language="de", require_consent=True)
+    subject = make_subject(study)
+    html = client.get(url(subject)).content.decode()
+    assert '<html lang="de"' in html and "Willkommen" in html and "Starten" in html
+    client.post(url(subject), {"step": "start", "consent": "1"})
+    html = client.get(url(subject)).content.decode()
+    assert "Frage 1 von 6" in html and "Question" not in html
+    english = make_study(per_type=1, slug="en", collection_name="en")
+    assert "Welcome" in client.get(url(make_subject(english))).content.decode()
+
+
+def test_the_german_catalogue_covers_every_participant_string():
+    """Every `translate` string of the participant templates has a German translation in the
+    committed, compiled catalogue (so `makemessages` + `compilemessages` were not forgotten)."""
+    import gettext
+    import re
+    from pathlib import Path
+
+    from django.conf import settings as django_settings
+
+    folder = Path(django_settings.BASE_DIR)
+    with open(folder / "locale/de/LC_MESSAGES/django.mo", "rb") as mo:
+        catalogue = gettext.GNUTranslations(mo)._catalog
+    strings = set()
+    for template in (folder / "templates/experiments").glob("*.html"):
+        text = template.read_text()
+        strings |= set(re.findall(r'{% translate "([^"]+)" %}', text))
+        strings |= set(re.findall(r"{% translate '([^']+)' %}", text))
+    assert len(strings) > 30
+    untranslated = sorted(s for s in strings if not catalogue.get(s))
+    assert untranslated == []
