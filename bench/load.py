@@ -760,6 +760,7 @@ def summarise(config: Config, stats: Stats, ledgers, result, crash_log, elapsed,
             if crash_log
             else ""
         ),
+        "server killed and restarted": bool(crash_log.get("down_s")),
         "answer→next p50 ms": round(percentile(ms, 50), 1),
         "answer→next p95 ms": round(percentile(ms, 95), 1),
         "answer→next p99 ms": round(percentile(ms, 99), 1),

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Q
+from django.db.models import Q
 from django.http import (
     Http404,
     HttpResponse,
@@ -67,8 +67,13 @@ def break_key(question: Question) -> str:
 
 
 def current_step(subject: Subject) -> Step:
-    counts = subject.questions.aggregate(total=Count("id"), answered=Count("response"))
-    total, answered = counts["total"], counts["answered"]
+    # Every page and answer asks this: one light query reads the plan's state (tuples, no
+    # joins but the answers'), then the current question is fetched alone, without its items.
+    plan = list(
+        subject.questions.order_by("position").values_list("id", "direction", "response__id")
+    )
+    total = len(plan)
+    answered = sum(1 for *_, response in plan if response is not None)
     if subject.outcome in ENDED:
         return Step("ended", answered=answered, total=total)
     if subject.completed_at or (total and answered == total):
@@ -79,14 +84,9 @@ def current_step(subject: Subject) -> Step:
         return Step("welcome", answered=answered, total=total)
     if subject.study.sound_check and "passed" not in subject.meta.get("sound_check", {}):
         return Step("sound", answered=answered, total=total)
-    question = (
-        subject.questions.filter(response__isnull=True)
-        .select_related("query", "option_a", "option_b")
-        .order_by("position")
-        .first()
-    )
-    previous = subject.questions.filter(position=question.position - 1).first()
-    starts_block = previous is not None and previous.direction != question.direction
+    index = next(i for i, (*_, response) in enumerate(plan) if response is None)
+    question = Question.objects.get(pk=plan[index][0])
+    starts_block = index > 0 and plan[index - 1][1] != question.direction
     passed = subject.meta.get("steps", {})
     name = "break" if starts_block and break_key(question) not in passed else "question"
     return Step(name, question=question, answered=answered, total=total)
@@ -102,9 +102,9 @@ def subject_path(subject: Subject) -> str:
 @never_cache
 @require_http_methods(["GET", "HEAD", "POST"])
 def subject_page(request, token):
+    if request.method == "POST":  # the row is read again, locked, before anything is decided
+        return _subject_post(request, get_object_or_404(Subject.objects.only("pk"), token=token))
     subject = get_object_or_404(Subject.objects.select_related("study"), token=token)
-    if request.method == "POST":
-        return _subject_post(request, subject)
     _capture_external_id(request, subject)
     now = timezone.now()
     if subject.last_seen is None or (now - subject.last_seen).total_seconds() > LAST_SEEN_EVERY_S:
@@ -244,7 +244,7 @@ def _render_step(request, subject: Subject, step: Step, start_form=None, sound_f
         context.update(_question_context(subject, step))
     elif step.name == "break":
         context["video_query"] = step.question.direction == Direction.V2M
-        context["prefetch"] = _media_urls(step.question)
+        context["prefetch"] = _media_urls(step.question)[0]
     status = 403 if step.name == "closed" else 200
     with translation.override(study.language):
         return render(request, f"experiments/{step.name}.html", context, status=status)
@@ -253,32 +253,36 @@ def _render_step(request, subject: Subject, step: Step, start_form=None, sound_f
 def _question_context(subject: Subject, step: Step) -> dict:
     question = step.question
     video_query = question.direction == Direction.V2M
-    following = (
-        subject.questions.filter(position=question.position + 1)
-        .select_related("query", "option_a", "option_b")
-        .first()
-    )
+    following = subject.questions.filter(position=question.position + 1).first()
+    urls = _media_urls(question, following)
     return {
         "question": question,
         "load_timeout_ms": LOAD_TIMEOUT_MS,
         "number": question.position,
         "video_query": video_query,
-        "query_url": media_url(question.query, video=video_query),
-        "candidates": [
-            ("a", media_url(question.option_a, video=not video_query)),
-            ("b", media_url(question.option_b, video=not video_query)),
-        ],
-        "prefetch": _media_urls(following) if following else [],
+        "query_url": urls[0][0],
+        "candidates": [("a", urls[0][1]), ("b", urls[0][2])],
+        "prefetch": urls[1] if following else [],
     }
 
 
-def _media_urls(question: Question) -> list[str]:
-    video_query = question.direction == Direction.V2M
-    return [
-        media_url(question.query, video=video_query),
-        media_url(question.option_a, video=not video_query),
-        media_url(question.option_b, video=not video_query),
-    ]
+def _media_urls(*questions: Question | None) -> list[list[str]]:
+    """[query, a, b] media URLs of each question (tokens of all items read in one query)."""
+    present = [q for q in questions if q is not None]
+    ids = {pk for q in present for pk in (q.query_id, q.option_a_id, q.option_b_id)}
+    tokens = {
+        pk: {True: video, False: music}
+        for pk, video, music in Pair.objects.filter(pk__in=ids).values_list(
+            "pk", "video_token", "music_token"
+        )
+    }
+    urls = []
+    for q in present:
+        video_query = q.direction == Direction.V2M
+        items = [(q.query_id, video_query), (q.option_a_id, not video_query)]
+        items.append((q.option_b_id, not video_query))
+        urls.append([reverse("media", args=[tokens[pk][video]]) for pk, video in items])
+    return urls
 
 
 # --- Joining through a study's public link -----------------------------------------------
