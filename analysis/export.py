@@ -71,7 +71,7 @@ def build_report(
     if mixed and has_items:
         fits = pd.DataFrame(
             [
-                fit_preference_model(df, p).as_dict()
+                _mixed_row(df, d, p)
                 for p in preference_table(df).index
                 if (d["pair_type"] == p).any()
             ]
@@ -88,6 +88,15 @@ def build_report(
         n_subjects=int(d["subject"].nunique()),
         n_answers=len(d),
     )
+
+
+def _mixed_row(df: pd.DataFrame, d: pd.DataFrame, pair_type: str) -> dict:
+    """The model's fit for one comparison; unanimous answers leave nothing to estimate (and
+    statsmodels refuses them), so their row has its counts only."""
+    answered = d[d["pair_type"] == pair_type]
+    if answered["prefers_first"].nunique() < 2:
+        return {"comparison": pair_type, "direction": "Total", "n_answers": len(answered)}
+    return fit_preference_model(df, pair_type).as_dict()
 
 
 def cells(report: Report) -> pd.DataFrame:

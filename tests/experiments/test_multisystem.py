@@ -188,9 +188,15 @@ def test_a_two_system_study_end_to_end(two_system_study, admin_client):
 
     # The report command, the export and the admin results page include every comparison.
     out = io.StringIO()
-    call_command("preference_report", study.slug, "--format", "markdown", stdout=out)
-    report = out.getvalue()
+    call_command("preference_report", study.slug, "--mixed", stdout=out)
+    report, mixed = out.getvalue().split("## Mixed-effects logistic model")
     assert "Human–machine agreement" in report
+    # Unanimous answers (S1-R, S2-R) leave the model nothing to fit: counts only, no crash.
+    unanimous = [line for line in mixed.splitlines() if re.match(r"\| S\d-R ", line)]
+    assert len(unanimous) == 2 and all("nan" in line for line in unanimous)
+    assert {line.split("|")[1].strip() for line in mixed.strip().splitlines()[2:]} == set(
+        PAIR_TYPES
+    )
     for pair_type in PAIR_TYPES:
         for label in ("S1", "S2"):
             assert re.search(rf"\| {label}\s+\| {pair_type}\s+\|", report), (label, pair_type)
