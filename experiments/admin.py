@@ -198,7 +198,14 @@ class SystemAdmin(admin.ModelAdmin):
     list_filter = ["status", "kind", "collection"]
     search_fields = ["name"]
     list_select_related = ["collection"]
-    readonly_fields = ["status", "progress_percent", "message", "metrics_table", "created_at"]
+    readonly_fields = [
+        "status",
+        "progress_percent",
+        "message",
+        "metrics_table",
+        "source_file",  # replaced only through the checked upload
+        "created_at",
+    ]
     exclude = ["progress", "metrics"]
 
     @admin.display(description="progress")

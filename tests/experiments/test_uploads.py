@@ -318,3 +318,5 @@ def test_the_admin_upload_page(admin_client, collection):
     system = System.objects.get()
     assert page.status_code == 302 and page["Location"].endswith(f"/system/{system.pk}/change/")
     assert system.results.count() == 2 * N * 3 and system.embeddings
+    change = admin_client.get(page["Location"]).content.decode()
+    assert "Uploaded embeddings: 36 search results" in change and "emb.npz" in change
