@@ -109,6 +109,7 @@
     media.forEach(function (element) {
       var role = element.dataset.role;
       var last = null;
+      var playing = false;
       log.listened_ms[role] = 0;
       function needed() {
         var duration = element.duration;
@@ -116,7 +117,7 @@
         return Math.max(0, Math.min(minListen, cap));
       }
       function count() {
-        if (last !== null && !element.paused) {
+        if (playing && last !== null) {
           var step = element.currentTime - last;
           if (step > 0 && step < 1.5) log.listened_ms[role] += step * 1000; // not a seek
         }
@@ -134,6 +135,7 @@
         if (log.first_play_ms === null) log.first_play_ms = since();
         if (!(role in log.first_play)) log.first_play[role] = since();
         last = element.currentTime;
+        playing = true;
         if (role !== "query") {
           // One candidate at a time: playing A pauses B and the reverse.
           media.forEach(function (other) {
@@ -149,10 +151,12 @@
       element.addEventListener("seeked", function () { last = element.currentTime; });
       element.addEventListener("ended", function () {
         count();
+        playing = false;
         if (log.plays[role]) { enough[role] = true; updateGate(); }
       });
       element.addEventListener("pause", function () {
         count();
+        playing = false;
         last = null;
         var card = element.closest(".candidate");
         if (card) card.classList.remove("is-playing");

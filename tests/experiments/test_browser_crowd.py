@@ -1,0 +1,221 @@
+"""Crowd-sourcing features in real Chromium (Debian's, driven by Playwright): the Start step
+unlocking audio, one video at a time, play-before-answer with a minimum listening time, a
+media failure with Retry, and the Prolific round trip ending on the completion URL only after
+every answer is stored. Skipped without Chromium unless REQUIRE_BROWSER=1."""
+
+import json
+import os
+
+import pytest
+
+from experiments.models import Response, Subject
+
+from .factories import make_study, make_subject
+from .test_browser import CHROMIUM, CHROMIUM_ARGS, counter
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+PROLIFIC = "https://app.prolific.com/submissions/complete"
+# Headless Chromium has no speakers and no user to tap: let media play from scripts.
+ARGS = [*CHROMIUM_ARGS, "--autoplay-policy=no-user-gesture-required"]
+RECORD_UNLOCK = """
+(() => {
+  const Original = window.AudioContext;
+  window.AudioContext = function (...args) {
+    const context = new Original(...args);
+    sessionStorage.setItem("unlock", JSON.stringify({inTap: navigator.userActivation.isActive}));
+    return context;
+  };
+})();
+"""
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail(f"REQUIRE_BROWSER=1 but no Chromium at {CHROMIUM}")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    yield page
+    context.close()
+
+
+def until(page, expression, timeout_ms=10_000):
+    """Poll `expression` from here: the site's CSP forbids the eval that page.wait_for_function
+    needs, and page.evaluate is not subject to it."""
+    for _ in range(timeout_ms // 50):
+        if page.evaluate(expression):
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError(f"still false after {timeout_ms} ms: {expression}")
+
+
+def wait_for_media(page, state=2):
+    until(
+        page,
+        f"Array.from(document.querySelectorAll('audio, video')).every(m => m.readyState >= {state})",
+    )
+
+
+def answer(page, name, then):
+    """Press the button `name`, then wait for the next page (a heading or counter text)."""
+    page.get_by_role("button", name=name).click()
+    page.get_by_text(then).first.wait_for()
+
+
+def play_for(page, role, ms):
+    """Play one candidate for about `ms` milliseconds, then pause it."""
+    page.evaluate(f"document.querySelector('[data-role={role}]').play()")
+    page.wait_for_timeout(ms)
+    page.evaluate(f"document.querySelector('[data-role={role}]').pause()")
+
+
+def disabled(page):
+    return page.evaluate(
+        "Array.from(document.querySelectorAll('button[name=choice]')).map(b => b.disabled)"
+    )
+
+
+def test_start_unlocks_audio_inside_the_tap_and_one_video_plays_at_a_time(live_server, page):
+    study = make_study(per_type=1)
+    subject = make_subject(study)
+    page.add_init_script(RECORD_UNLOCK)
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    assert page.evaluate("sessionStorage.getItem('unlock')") is None  # no sound before Start
+    page.get_by_role("button", name="Start").click()
+    assert counter(page) == "Question 1 of 6"
+    assert json.loads(page.evaluate("sessionStorage.getItem('unlock')")) == {"inTap": True}
+    # On to the music → video block.
+    answer(page, "Choose A", "Question 2 of 6")
+    answer(page, "Choose A", "Question 3 of 6")
+    answer(page, "Choose A", "Time for a short break")
+    answer(page, "Continue", "Question 4 of 6")
+    wait_for_media(page)
+    page.evaluate("document.querySelector('video[data-role=a]').play()")
+    page.wait_for_timeout(200)
+    page.evaluate("document.querySelector('video[data-role=b]').play()")
+    page.wait_for_timeout(200)
+    state = page.evaluate(
+        "['query', 'a', 'b'].map(r => !document.querySelector(`[data-role=${r}]`).paused)"
+    )
+    assert state == [False, False, True]  # B started, A paused; the music was not started
+    page.evaluate("document.querySelector('[data-role=query]').play()")
+    page.wait_for_timeout(100)
+    state = page.evaluate(
+        "['query', 'a', 'b'].map(r => !document.querySelector(`[data-role=${r}]`).paused)"
+    )
+    assert state == [True, False, True]  # the query music plays along with one video
+    assert page.errors == []
+
+
+def test_answers_wait_until_each_candidate_has_played_long_enough(live_server, page):
+    study = make_study(per_type=1, play_before_answer=True, min_listen_ms=900)
+    subject = make_subject(study)
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    wait_for_media(page)
+    assert disabled(page) == [True, True]
+    assert "Play both candidates" in page.locator("[data-status]").inner_text()
+    page.keyboard.press("a")  # a disabled button takes no key
+    page.wait_for_timeout(200)
+    assert counter(page) == "Question 1 of 6"
+
+    play_for(page, "a", 300)
+    play_for(page, "b", 1200)
+    assert disabled(page) == [True, True]  # A has played, but not long enough
+    assert "Keep listening" in page.locator("[data-status]").inner_text()
+    play_for(page, "a", 900)
+    page.locator("button[name=choice]:disabled").first.wait_for(state="detached")
+    page.evaluate(
+        "window.dispatchEvent(new Event('blur')); window.dispatchEvent(new Event('focus'))"
+    )
+    page.get_by_role("button", name="Choose B").click()
+    page.locator("#counter", has_text="Question 2 of 6").wait_for()
+    log = Response.objects.get(subject=subject).behaviour
+    assert log["plays"] == {"a": 2, "b": 1}
+    assert log["listened_ms"]["a"] >= 900 and log["listened_ms"]["b"] >= 900
+    assert 0 < log["first_play_ms"] < log["first_play"]["b"]
+    assert (log["blur"], log["focus"], log["errors"]) == (1, 1, [])
+    assert page.errors == []
+
+
+def test_a_media_failure_shows_retry_and_is_recorded_with_the_answer(live_server, page):
+    study = make_study(per_type=1)
+    subject = make_subject(study)
+    question = subject.questions.get(position=1)
+    broken = f"**/m/{question.option_b.music_token}"
+    page.route(broken, lambda route: route.abort())
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    retry = page.get_by_role("button", name="Retry")
+    retry.wait_for()
+    assert "could not be loaded" in page.locator("[data-status]").inner_text()
+    page.unroute(broken)
+    retry.click()
+    wait_for_media(page, state=1)
+    assert not retry.is_visible() and page.locator("[data-status]").inner_text() == ""
+    page.get_by_role("button", name="Choose A").click()
+    page.locator("#counter", has_text="Question 2 of 6").wait_for()
+    log = Response.objects.get(subject=subject).behaviour
+    assert [(e["role"], e["reason"]) for e in log["errors"]] == [("b", "error")]
+    assert log["retries"] == 1
+
+
+def test_the_prolific_round_trip(live_server, browser):
+    study = make_study(
+        per_type=1,
+        completion_code="PRO-42",
+        redirect_url=PROLIFIC + "?cc={code}",
+    )
+    join = f"{live_server.url}/join/{study.join_token}/?PROLIFIC_PID=pp-1&STUDY_ID=st-1"
+    landed = []
+
+    def prolific(route):
+        # What Prolific would see: the answers stored at the moment the participant arrives.
+        landed.append((route.request.url, Response.objects.filter(subject__study=study).count()))
+        route.fulfill(status=200, content_type="text/html", body="<h1>Prolific</h1>")
+
+    first = browser.new_context()
+    page = first.new_page()
+    page.goto(join + "&SESSION_ID=se-1")
+    page.get_by_role("button", name="Start").click()
+    answer(page, "Choose A", "Question 2 of 6")
+    answer(page, "Choose A", "Question 3 of 6")
+    first.close()  # the participant closes the browser
+
+    second = browser.new_context()  # later, another browser: same Prolific id
+    page = second.new_page()
+    page.route(f"{PROLIFIC}**", prolific)
+    page.goto(join + "&SESSION_ID=se-2")
+    assert counter(page) == "Question 3 of 6"
+    answer(page, "Choose B", "Time for a short break")
+    answer(page, "Continue", "Question 4 of 6")
+    answer(page, "Choose B", "Question 5 of 6")
+    answer(page, "Choose B", "Question 6 of 6")
+    answer(page, "Choose B", "Thank you!")
+    assert page.locator("#completion-code").inner_text() == "PRO-42"
+    page.wait_for_url(f"{PROLIFIC}**", timeout=10_000)  # the automatic redirect
+    assert landed == [(f"{PROLIFIC}?cc=PRO-42", 6)]
+    second.close()
+    subject = Subject.objects.get(study=study)
+    assert (subject.external_id, subject.outcome) == ("pp-1", "completed")
+    assert subject.meta["entry"] == {
+        "PROLIFIC_PID": "pp-1",
+        "STUDY_ID": "st-1",
+        "SESSION_ID": "se-1",
+    }
