@@ -206,16 +206,14 @@ class Command(BaseCommand):
         out("")
         out("Retrieval on the held-out test pairs (Recall@K, %):")
         out(f"  {'system':<10} {'dir':<4} {'R@1':>6} {'R@10':>6} {'R@25':>6}")
-        n_test = study.collection.pairs.filter(split="test", status=Pair.Status.READY).count()
+        chance = None
         for system in System.objects.filter(collection=study.collection).order_by("id"):
             test = system.metrics.get("test", {})
+            chance = test.get("chance", chance)
             for direction in ("V2M", "M2V"):
-                recall = test.get(direction, {})
-                cells = " ".join(f"{100 * recall.get(str(k), 0):6.1f}" for k in (1, 10, 25))
-                out(f"  {system.name:<10} {direction:<4} {cells}")
-        if n_test:
-            chance = " ".join(f"{100 * min(k / n_test, 1):6.1f}" for k in (1, 10, 25))
-            out(f"  {'chance':<10} {'':<4} {chance}")
+                out(f"  {system.name:<10} {direction:<4} {_recall_cells(test.get(direction, {}))}")
+        if chance:
+            out(f"  {'chance':<10} {'':<4} {_recall_cells(chance)}")
         out("")
 
     def _serve(self, opts):
@@ -230,3 +228,10 @@ class Command(BaseCommand):
         while all(child.poll() is None for child in self.children):
             time.sleep(0.5)
         raise CommandError("a demo process stopped unexpectedly; see var/worker.log")
+
+
+def _recall_cells(recall: dict) -> str:
+    return " ".join(
+        f"{100 * recall[f'R@{k}']:6.1f}" if f"R@{k}" in recall else f"{'n/a':>6}"
+        for k in (1, 10, 25)
+    )
