@@ -22,6 +22,13 @@ class AnswerForm(forms.Form):
     response_ms = forms.CharField(required=False)
     behaviour = forms.CharField(required=False, strip=False)
 
+    def clean(self):
+        # A browser sends one value of each (the clicked button's); two are not an answer.
+        for name in ("choice", "position"):
+            if hasattr(self.data, "getlist") and len(self.data.getlist(name)) > 1:
+                raise forms.ValidationError(f"{name} was sent more than once")
+        return super().clean()
+
     def clean_response_ms(self) -> int | None:
         raw = self.cleaned_data["response_ms"]
         if len(raw) > 12:

@@ -65,6 +65,9 @@ def read_source(path: str | Path) -> list[SourceItem]:
         )
         if not files:
             raise ManifestError(f"{path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))})")
+        if odd := [p for p in files if not _utf8(str(p.relative_to(path)))]:
+            names = ", ".join(ascii(p.relative_to(path).as_posix()) for p in odd[:5])
+            raise ManifestError(f"{path}: file names that are not UTF-8 (rename them): {names}")
         return [SourceItem(p.relative_to(path).with_suffix("").as_posix(), p) for p in files]
     if path.is_file() and path.suffix.lower() == ".csv":
         return _read_manifest(path)
@@ -74,14 +77,18 @@ def read_source(path: str | Path) -> list[SourceItem]:
 def _read_manifest(path: Path) -> list[SourceItem]:
     """Rows `video,music[,title,genre,split]`; paths relative to the manifest's folder."""
     root = path.parent.resolve()
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = {c.strip().lower() for c in reader.fieldnames or []}
-        if not {"video", "music"} <= columns:
-            raise ManifestError(f"{path.name}: the header must name the columns video,music")
-        rows = [
-            {k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader
-        ]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = {c.strip().lower() for c in reader.fieldnames or []}
+            if not {"video", "music"} <= columns:
+                raise ManifestError(f"{path.name}: the header must name the columns video,music")
+            rows = [
+                {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+                for row in reader
+            ]
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{path.name}: not UTF-8 text (save it as UTF-8): {error}") from None
     errors, items, seen = [], [], {}
 
     def inside(value: str, row: int, column: str) -> Path | None:
@@ -112,6 +119,15 @@ def _read_manifest(path: Path) -> list[SourceItem]:
     if not items:
         raise ManifestError(f"{path.name}: no rows")
     return items
+
+
+def _utf8(text: str) -> bool:
+    """Whether a file name can be stored (undecodable bytes come back as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def assign_splits(

@@ -199,13 +199,18 @@ def external_id_from(request, study: Study) -> str:
     Prolific's or MTurk's where the link carries one."""
     names = (study.external_id_param,) if study.external_id_param else ()
     for name in (*names, *EXTERNAL_ID_PARAMS):
-        if value := request.GET.get(name, "").strip()[:500]:
+        if value := _storable(request.GET.get(name, "")).strip()[:500]:
             return value
     return ""
 
 
 def entry_params(request) -> dict:
-    return {k: request.GET[k][:500] for k in ENTRY_PARAMS if request.GET.get(k)}
+    return {k: _storable(request.GET[k])[:500] for k in ENTRY_PARAMS if request.GET.get(k)}
+
+
+def _storable(value: str) -> str:
+    """A link's value as given, less NUL characters (PostgreSQL text and jsonb refuse them)."""
+    return value.replace("\x00", "")
 
 
 def _capture_external_id(request, subject: Subject) -> None:
