@@ -24,6 +24,8 @@ MAX_FPS = 30
 AUDIO_RATE = 44100
 SILENCE_DBFS = -60.0  # a clip whose peak stays below this is silent
 TRUNCATION_TOLERANCE_S = 1.0  # decoded media may end this much before the container says
+MIN_ITEM_S = 1.0  # shorter items cannot be judged (nor pass a minimum listening time)
+MIN_SAMPLE_RATE = 8000  # below telephone quality music is not what the study asks about
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,18 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         )
 
 
+def check_usable(info: MediaInfo, name: str) -> None:
+    """Refuse media a participant could not judge: too short, or sound of unusable format."""
+    if info.duration_s < MIN_ITEM_S:
+        raise MediaError(f"{name}: too short ({info.duration_s:.2f} s; at least {MIN_ITEM_S:g} s)")
+    if info.has_audio and not info.channels:
+        raise MediaError(f"{name}: the audio track has no channels")
+    if info.has_audio and info.sample_rate < MIN_SAMPLE_RATE:
+        raise MediaError(
+            f"{name}: audio sampled at {info.sample_rate} Hz (at least {MIN_SAMPLE_RATE} Hz)"
+        )
+
+
 def clip_window(duration_s: float, clip_s: float | None = CLIP_S) -> tuple[float, float]:
     """(start, length) of the centred `clip_s` seconds; the whole file when it is shorter."""
     if clip_s is None or duration_s <= clip_s:
@@ -87,6 +101,8 @@ def make_items(
     music_info = video_info if music_path is None else probe(music_path)
     if not music_info.has_audio:
         raise MediaError(f"{Path(music_path or video_path).name}: no audio track")
+    check_usable(video_info, Path(video_path).name)
+    check_usable(music_info, Path(music_path or video_path).name)
     web_video(video_path, video_out, *clip_window(video_info.duration_s, clip_s), max_height)
     audio_clip(music_path or video_path, music_out, *clip_window(music_info.duration_s, clip_s))
     return video_info

@@ -5,6 +5,7 @@ behaviour log, exports and languages."""
 import csv
 import io
 import json
+import re
 
 import av
 import numpy as np
@@ -468,3 +469,26 @@ def test_the_german_catalogue_covers_every_participant_string():
     assert len(strings) > 30
     untranslated = sorted(s for s in strings if not catalogue.get(s))
     assert untranslated == []
+
+
+# --- Media validation at import -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"seconds": 0.5}, "too short (0.5"),
+        ({"rate": 7350}, "audio sampled at 7350 Hz"),
+    ],
+)
+def test_media_a_participant_could_not_judge_are_refused_with_the_reason(
+    tmp_path, options, message
+):
+    from engine.features import MediaError
+    from experiments.media import make_items
+
+    from .clips import music_video
+
+    source = music_video(tmp_path / "bad.mp4", 1, **options)
+    with pytest.raises(MediaError, match=re.escape(f"bad.mp4: {message}")):
+        make_items(source, tmp_path / "v.mp4", tmp_path / "m.m4a")
