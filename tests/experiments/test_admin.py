@@ -114,6 +114,8 @@ def test_a_study_is_created_from_a_collection_and_its_systems(admin_client):
         "seed": 3,
         "language": "en",
         "external_id_param": "PROLIFIC_PID",
+        "min_listen_ms": 0,
+        "catch_count": 4,
         "studysystem_set-TOTAL_FORMS": 1,
         "studysystem_set-INITIAL_FORMS": 0,
         "studysystem_set-0-system": other.pk,
