@@ -125,17 +125,7 @@ def cmd_baselines(args):
 
 def cmd_search(args):
     from engine.pipeline import Features, load_system
-
-    try:
-        from engine.search import top_k
-    except ImportError:  # until engine/search.py lands: same contract, full matrix
-        import torch
-
-        def top_k(queries, items, k, device=None):
-            scores = torch.from_numpy(queries) @ torch.from_numpy(items).T
-            # stable sort on descending scores: ties keep the lower index first
-            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-            return order.numpy().astype(np.int64), torch.gather(scores, 1, order).numpy()
+    from engine.search import top_k
 
     features = Features.load(args.features)
     system = load_system(args.model)

@@ -112,7 +112,7 @@ def train_vmnet(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total += float(loss)
+            total += loss.item()
         record = {"epoch": epoch + 1, "loss": total / steps_per_epoch} | validation_metrics()
         history.append(record)
         score = (record.get("V2M_R@10", 0) + record.get("M2V_R@10", 0)) / 2 if val else epoch
