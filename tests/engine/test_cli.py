@@ -1,4 +1,5 @@
-"""`python -m engine`: every subcommand on real files, in a subprocess like a user would."""
+"""`python -m engine`: every subcommand on real files. One real subprocess proves the entry
+point; the rest call `main(argv)` in-process (the same code, without re-importing torch)."""
 
 import json
 import subprocess
@@ -6,40 +7,45 @@ import sys
 
 import pytest
 
+from engine.__main__ import main
 from engine.pipeline import Features
 
 SUBCOMMANDS = ["demo-corpus", "extract", "train", "evaluate", "baselines", "search"]
 
 
-def engine(*args, check=True):
-    result = subprocess.run(
-        [sys.executable, "-m", "engine", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+def run(capsys, *args):
+    """(exit code, stdout, stderr) of `python -m engine args...`, in-process."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_module_entry_point_and_help_for_every_subcommand(capsys):
+    top = subprocess.run(
+        [sys.executable, "-m", "engine", "--help"], capture_output=True, text=True, timeout=120
     )
-    if check:
-        assert result.returncode == 0, result.stderr[-2000:]
-    return result
-
-
-def test_help_for_every_subcommand():
-    assert all(name in engine("--help").stdout for name in SUBCOMMANDS)
+    assert top.returncode == 0 and all(name in top.stdout for name in SUBCOMMANDS)
     for name in SUBCOMMANDS:
-        assert "usage: python -m engine " + name in engine(name, "--help").stdout
+        code, out, _ = run(capsys, name, "--help")
+        assert code == 0 and "usage: python -m engine " + name in out
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "clips"
-    engine("demo-corpus", out, "--n", 8, "--duration", 2, "--workers", 1)
+    main(["demo-corpus", str(out), "--n", "8", "--duration", "2", "--workers", "1"])
     return out
 
 
-def test_extract_reports_bad_files_and_goes_on(corpus, tmp_path):
+def test_extract_reports_bad_files_and_goes_on(corpus, tmp_path, capsys):
     (corpus / "broken.mp4").write_bytes(b"not a video" * 50)
     try:
-        result = engine(
+        code, out, err = run(
+            capsys,
             "extract",
             corpus,
             "--out",
@@ -48,24 +54,37 @@ def test_extract_reports_bad_files_and_goes_on(corpus, tmp_path):
             64,
             "--workers",
             2,
-            check=False,
         )
     finally:
         (corpus / "broken.mp4").unlink()
-    assert result.returncode == 1
-    assert "FAILED" in result.stderr and "broken.mp4" in result.stderr
-    assert "extracted 8 of 9 files" in result.stdout
+    assert code == 1
+    assert "FAILED" in err and "broken.mp4" in err
+    assert "extracted 8 of 9 files" in out
     features = Features.load(tmp_path / "f.npz")
     assert len(features) == 8 and features.music.shape == (8, 1140)
     assert features.frames[0].shape == (2, 1280)
 
 
-def test_train_evaluate_search(corpus, tmp_path):
-    engine("extract", corpus, "--out", corpus / "features.npz", "--image-size", 64, "--workers", 1)
+def test_train_evaluate_search_baselines(corpus, tmp_path, capsys):
+    assert (
+        run(
+            capsys,
+            "extract",
+            corpus,
+            "--out",
+            corpus / "features.npz",
+            "--image-size",
+            64,
+            "--workers",
+            1,
+        )[0]
+        == 0
+    )
     config = json.dumps(
         {"batch_size": 8, "top_k": 3, "video_layers": [32, 16], "music_layers": [32, 16, 16]}
     )
-    out = engine(
+    code, out, _ = run(
+        capsys,
         "train",
         corpus / "features.npz",
         "--out",
@@ -75,16 +94,24 @@ def test_train_evaluate_search(corpus, tmp_path):
         "--config",
         config,
     )
-    assert "saved vmnet" in out.stdout
-    scores = json.loads(
-        engine("evaluate", tmp_path / "m.pt", corpus / "features.npz", "--split", "all").stdout
+    assert code == 0 and "saved vmnet" in out
+    code, out, _ = run(
+        capsys, "evaluate", tmp_path / "m.pt", corpus / "features.npz", "--split", "all"
     )
+    scores = json.loads(out)
     assert set(scores["V2M"]) == {"R@1", "R@10", "R@25"} and scores["n"] == 8
-    found = engine(
-        "search", tmp_path / "m.pt", corpus / "features.npz", "--query", "clip_0000.mp4", "--k", 3
-    ).stdout
+    code, found, _ = run(
+        capsys,
+        "search",
+        tmp_path / "m.pt",
+        corpus / "features.npz",
+        "--query",
+        "clip_0000.mp4",
+        "--k",
+        3,
+    )
     assert found.startswith("clip_0000.mp4 -> ") and found.count("(") == 3
-    table = engine(
-        "baselines", corpus / "features.npz", "--kinds", "pca,cca", "--n-components", 2
-    ).stdout
-    assert "cca" in table and "chance" in table
+    code, table, _ = run(
+        capsys, "baselines", corpus / "features.npz", "--kinds", "pca,cca", "--n-components", 2
+    )
+    assert code == 0 and "cca" in table and "chance" in table
