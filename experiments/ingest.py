@@ -174,8 +174,16 @@ def add_pairs(
     return collection, todo, len(items)
 
 
-def process_pair(pair: Pair, clip_s: float | None = CLIP_S, encoder: str = DEFAULT_ENCODER):
-    """Make the pair's web video, audio clip and features; mark it ready, or failed with why."""
+def process_pair(
+    pair: Pair,
+    clip_s: float | None = CLIP_S,
+    encoder: str = DEFAULT_ENCODER,
+    frame_size: int | None = None,
+):
+    """Make the pair's web video, audio clip and features; mark it ready, or failed with why.
+
+    `frame_size` overrides the encoder's input size (smaller is faster on a CPU; must be the
+    same for every pair of a collection)."""
     from engine.features.audio import music_features
     from engine.features.video import frame_features
 
@@ -189,7 +197,7 @@ def process_pair(pair: Pair, clip_s: float | None = CLIP_S, encoder: str = DEFAU
             np.savez(
                 features,
                 music=music_features(music or video),
-                frames=frame_features(video, encoder=encoder),
+                frames=frame_features(video, encoder=encoder, image_size=frame_size),
             )
             for field_file, name, source in (
                 (pair.video_file, f"{pair.video_token}.mp4", web),
@@ -219,6 +227,7 @@ def import_collection(
     seed: int = 0,
     clip_s: float | None = CLIP_S,
     encoder: str = DEFAULT_ENCODER,
+    frame_size: int | None = None,
     sync: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ImportSummary:
@@ -233,11 +242,11 @@ def import_collection(
         progress(0, len(todo))
     if sync:
         for done, pair in enumerate(todo, start=1):
-            import_pair(pair.pk, clip_s, encoder)
+            import_pair(pair.pk, clip_s, encoder, frame_size)
             if progress:
                 progress(done, len(todo))
     else:
-        results = [import_pair.delay(pair.pk, clip_s, encoder) for pair in todo]
+        results = [import_pair.delay(pair.pk, clip_s, encoder, frame_size) for pair in todo]
         for done, result in enumerate(results, start=1):
             result.get(propagate=False)
             if progress:

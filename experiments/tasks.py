@@ -25,13 +25,18 @@ logger = logging.getLogger(__name__)
 
 
 @shared_task
-def import_pair(pair_id: int, clip_s: float | None = CLIP_S, encoder: str = DEFAULT_ENCODER):
+def import_pair(
+    pair_id: int,
+    clip_s: float | None = CLIP_S,
+    encoder: str = DEFAULT_ENCODER,
+    frame_size: int | None = None,
+):
     """Make one pair's media and features; a pair that is already ready is left alone."""
     pair = Pair.objects.filter(pk=pair_id).first()
     if pair is None or pair.status == Pair.Status.READY:
         return pair and pair.status
     try:
-        pair = process_pair(pair, clip_s, encoder)
+        pair = process_pair(pair, clip_s, encoder, frame_size)
     except Exception as error:  # one broken file must not stop the collection
         logger.exception("importing pair %s failed", pair_id)
         Pair.objects.filter(pk=pair_id).update(

@@ -28,6 +28,9 @@ class Command(BaseCommand):
             "--clip-seconds", type=float, default=CLIP_S, help="length of the centred clips"
         )
         parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="the frame CNN")
+        parser.add_argument(
+            "--frame-size", type=int, help="CNN input size in pixels (default: the encoder's)"
+        )
         parser.add_argument("--sync", action="store_true", help="work in this process")
 
     def handle(self, *args, **o):
@@ -56,6 +59,7 @@ class Command(BaseCommand):
                 seed=o["seed"],
                 clip_s=o["clip_seconds"],
                 encoder=o["encoder"],
+                frame_size=o["frame_size"],
                 sync=o["sync"],
                 progress=progress,
             )
