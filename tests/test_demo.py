@@ -1,0 +1,84 @@
+"""`manage.py demo` end to end on a tiny corpus, as a user runs it: its own SQLite database,
+its own Celery worker on a real Redis, then one subject answered over HTTP and the report."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _manage(env, *args, timeout=900):
+    proc = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"manage.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def demo_env(tmp_path, redis_url):
+    env = {**os.environ, "VAR_DIR": str(tmp_path / "var"), "REDIS_URL": redis_url,
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env.pop("MEDIA_ROOT", None)
+    _manage(env, "migrate", "--noinput", "-v0")
+    return env
+
+
+def test_demo_prepares_a_study_that_a_subject_can_finish(demo_env):
+    args = ["demo", "--no-serve", "--pairs", "24", "--test", "8", "--per-type", "2"]
+    out = _manage(demo_env, *args)
+    links = re.findall(r"http://127\.0\.0\.1:8000(/s/[\w-]+/)", out)
+    assert len(links) == 3, out
+    password = re.search(r"password: (\S+)", out).group(1)
+    assert re.search(r"VM-NET\s+V2M\s+[\d.]+\s+[\d.]+\s+[\d.]+", out), out
+    assert re.search(r"CCA\s+M2V\s+[\d.]+", out), out
+    assert "chance" in out
+
+    # A second run reuses everything: same links, same password, no new work.
+    started = time.monotonic()
+    again = _manage(demo_env, *args)
+    assert time.monotonic() - started < 120
+    assert re.findall(r"http://127\.0\.0\.1:8000(/s/[\w-]+/)", again) == links
+    assert f"password: {password}" in again
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+        cwd=ROOT, env=demo_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                requests.get(base + links[0], timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        page = requests.get(base + links[0], timeout=10)
+        assert page.status_code == 200 and "Start" in page.text
+        bots = _manage(demo_env, "run_bots", "demo", "--subjects", "1",
+                       "--strategy", "ground-truth", "--base-url", base)  # fmt: skip
+        assert re.search(r"12 answers, completed", bots), bots
+    finally:
+        server.terminate()
+        server.wait(20)
+
+    # The ground-truth bot always picks G, so G-R and G-S read 100 %.
+    report = _manage(demo_env, "preference_report", "demo", "--format", "json")
+    assert '"GR"' in report and "V2M" in report, report
