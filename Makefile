@@ -41,10 +41,16 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The production server: gunicorn (study_site/gunicorn.conf.py: BIND, default 127.0.0.1:8000;
+# WEB_CONCURRENCY, default 2 × cores + 1) with whitenoise serving the static files. Production
+# settings (HSTS, secure cookies, HTTPS redirect) expect a TLS proxy that sets X-Forwarded-Proto.
+serve: export DJANGO_ENV ?= production
+serve: export ACCESS_LOG ?= -
 serve: install
+	$(PY) manage.py check --deploy --fail-level WARNING
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py collectstatic --noinput -v0
-	$(VENV)/bin/gunicorn study_site.wsgi --bind 127.0.0.1:8000 --workers $$(( $$(nproc) * 2 + 1 )) --access-logfile -
+	$(VENV)/bin/gunicorn -c study_site/gunicorn.conf.py study_site.wsgi
 
 worker: install
 	$(VENV)/bin/celery -A study_site worker -Q default,gpu --concurrency 1 -l info

@@ -20,9 +20,9 @@ Faults (each on by default, `--no-<fault>` turns it off):
            with a choice that may differ from the one given then
   abandon  ~2% of subjects close the browser mid-study and come back later with the same link
            (no cookies): the page must resume at their first unanswered question
-  kill     once, when ~40% of the answers are in, the gunicorn master and its workers are
-           killed with SIGKILL (a crash) and a new server is started; clients retry as a
-           browser would (re-submitting the same form), with backoff
+  kill     once, when ~40% of the answers are in (or 40% of --max-seconds has passed), the
+           gunicorn master and its workers are killed with SIGKILL (a crash) and a new server
+           is started; clients retry as a browser would (re-submitting the same form)
 
 What "acknowledged" means: the client posted choice c for position p, and a page it then
 received shows the subject past p (a later question, the break before one, or the done page).
@@ -518,11 +518,11 @@ class Browser:
 
 
 class Subject:
-    def __init__(self, token: str, base: str, config: Config, stats: Stats, rng: random.Random):
+    def __init__(self, token, base, config: Config, stats: Stats, rng: random.Random, abandons):
         self.ledger = Ledger(token)
         self.path = f"/s/{token}/"
         self.base, self.config, self.stats, self.rng = base, config, stats, rng
-        self.abandons = rng.random() < config.abandon
+        self.abandons = abandons
         self.old_forms: list[dict] = []  # earlier question forms, for Back
 
     async def think(self, low: float | None = None, high: float | None = None):
@@ -533,7 +533,8 @@ class Subject:
         browser = Browser(self.base, self.stats)
         try:
             page, _ = await browser.get(self.path)
-            abandon_after = self.rng.randint(2, 40) if self.abandons else None
+            questions = 6 * self.config.per_type
+            abandon_after = self.rng.randint(1, questions - 1) if self.abandons else None
             answered_here = 0
             while not page.is_done:
                 if page.status != 200 or not page.form:
@@ -640,7 +641,10 @@ class Subject:
 
 
 async def crash_once(server: Server, stats: Stats, total_answers: int, config: Config, log):
-    while stats.answers_in < config.kill_at * total_answers:
+    """Kill the server once `kill_at` of the answers are in (or that share of the time bound
+    has passed, so that a run cut short by its bound still has its crash)."""
+    deadline = time.monotonic() + config.kill_at * config.max_seconds
+    while stats.answers_in < config.kill_at * total_answers and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     at = stats.answers_in
     await asyncio.to_thread(server.crash)
@@ -660,7 +664,12 @@ async def sample_load(stats: Stats, every_s: float = 5.0):
 
 async def drive(config: Config, base: str, tokens: list[str], server: Server, stats: Stats):
     rng = random.Random(config.seed + 1)
-    subjects = [Subject(t, base, config, stats, random.Random(rng.random())) for t in tokens]
+    n_abandon = max(1, round(config.abandon * len(tokens))) if config.abandon else 0
+    abandoners = set(rng.sample(range(len(tokens)), min(n_abandon, len(tokens))))
+    subjects = [
+        Subject(t, base, config, stats, random.Random(rng.random()), i in abandoners)
+        for i, t in enumerate(tokens)
+    ]
     crash_log: dict = {}
     questions = 6 * config.per_type
     crasher = (
