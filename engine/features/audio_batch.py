@@ -12,6 +12,7 @@ of soxr's, the only deliberate difference.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -21,14 +22,14 @@ from concurrent.futures import ProcessPoolExecutor
 import librosa
 import numpy as np
 import scipy.fft
+import scipy.ndimage
 import scipy.signal
 import torch
 
-from engine.features.audio import DURATION, HOP, N_FFT, N_MELS, N_MFCC, SR, load_excerpt
+from engine.features.audio import HOP, N_FFT, N_MELS, N_MFCC, SR, load_excerpt
 
 CQT_BINS_PER_OCTAVE = 36
 CQT_OCTAVES = 7
-N_FRAMES = 1 + int(round(DURATION * SR)) // HOP
 TUNING_STEPS = np.linspace(-0.5, 0.5, 101)  # librosa.pitch_tuning's histogram edges
 
 
@@ -39,20 +40,51 @@ def best_device() -> torch.device:
 def music_features_batch(sources, device=None, batch_size: int = 32, workers=None) -> np.ndarray:
     """(n, 1140) float32 music vectors of file paths or `(waveform, sample_rate)` tuples.
 
-    Decoding runs in `workers` processes (default: one per CPU; 0 decodes in this process)
-    a few batches ahead of the tensor work on `device`.
+    `workers` processes (default: one per CPU; 0 runs everything in this process) decode a
+    few batches ahead. On an accelerator this process computes the features; on the CPU
+    each worker computes its own batches too, on one thread, which keeps every core busy
+    with no thread synchronisation. A row does not depend on the rest of its batch.
     """
     device = torch.device(device) if device is not None else best_device()
     sources = list(sources)
     out = np.empty((len(sources), 1140), np.float32)
+    workers = os.cpu_count() or 1 if workers is None else workers
+    if device.type == "cpu" and workers > 0 and len(sources) > 1:
+        size = max(1, min(batch_size, math.ceil(len(sources) / (2 * workers))))
+        starts = range(0, len(sources), size)
+        _kernels(device)  # built once here, inherited by forked workers
+        with ProcessPoolExecutor(min(workers, len(starts)), initializer=_one_thread) as pool:
+            chunks = (sources[start : start + size] for start in starts)
+            for start, rows in zip(starts, pool.map(_cpu_batch, chunks), strict=True):
+                out[start : start + len(rows)] = rows
+        return out
     for start, waves in _decoded_batches(sources, batch_size, workers):
         y = torch.from_numpy(np.stack(waves)).to(device)
         out[start : start + len(waves)] = batch_features(y).cpu().numpy()
     return out
 
 
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch's CPU kernels on one thread inside the block."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cpu_batch(sources) -> np.ndarray:
+    waves = np.stack([load_excerpt(s) for s in sources])
+    return batch_features(torch.from_numpy(waves)).numpy()
+
+
 def _decoded_batches(sources, batch_size, workers):
-    workers = os.cpu_count() or 1 if workers is None else workers
     if workers == 0 or len(sources) <= 1:
         for start in range(0, len(sources), batch_size):
             yield start, [load_excerpt(s) for s in sources[start : start + batch_size]]
@@ -95,8 +127,18 @@ def _hpss(stft: torch.Tensor):
 
 
 def _median(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
-    """Running median with scipy.ndimage's 'reflect' edges (the edge sample repeated)."""
+    """Running median with scipy.ndimage's 'reflect' edges (the edge sample repeated).
+
+    On the CPU, every line is padded and laid end to end so one call of scipy's 1-D median
+    filter (a sorted running window, O(log width) per sample) does them all; the padding
+    keeps each window inside its own line. Elsewhere, a sort of unfolded windows."""
     half, n = width // 2, x.shape[dim]
+    if x.device.type == "cpu":
+        lines = x.movedim(dim, -1).numpy()
+        padded = np.pad(lines, [(0, 0)] * (lines.ndim - 1) + [(half, half)], mode="symmetric")
+        filtered = scipy.ndimage.median_filter(padded.reshape(-1), size=width, mode="reflect")
+        filtered = filtered.reshape(padded.shape)[..., half:-half]
+        return torch.from_numpy(np.ascontiguousarray(filtered)).movedim(-1, dim)
     idx = torch.arange(-half, n + half, device=x.device)
     idx = torch.where(idx < 0, -1 - idx, torch.where(idx >= n, 2 * n - 1 - idx, idx))
     return x.index_select(dim, idx).unfold(dim, width, 1).median(-1).values
@@ -108,7 +150,7 @@ def _component_frames(y: torch.Tensor, k) -> torch.Tensor:
     power = mag**2
     mel = k.mel @ power
     mfcc = k.dct @ _db(mel, top_db=80.0)
-    deltas = (mfcc @ k.savgol).unflatten(-1, (2, -1))
+    deltas = _deltas(mfcc, k.savgol)
     norm1 = mag / _norm_length(mag.sum(-2, keepdim=True))
     centroid = (k.freqs[:, None] * norm1).sum(-2, keepdim=True)
     bandwidth = ((k.freqs[:, None] - centroid) ** 2 * norm1).sum(-2, keepdim=True).sqrt()
@@ -124,8 +166,8 @@ def _component_frames(y: torch.Tensor, k) -> torch.Tensor:
         _db(_chroma_cens(y, k)),
         _db(mel),
         mfcc,
-        deltas[:, :, 0],
-        deltas[:, :, 1],
+        deltas[0],
+        deltas[1],
         _db(rms),
         _db(centroid),
         _db(bandwidth),
@@ -195,55 +237,66 @@ def _cqt(y: torch.Tensor, tuning: torch.Tensor, k) -> torch.Tensor:
         spectrum = torch.stft(
             y, n_fft, hop, window=window, return_complex=True, pad_mode="constant"
         )
-        octaves.append(basis @ spectrum)
-        hop //= 2
-        y = _halve_rate(y, k.halfband) * np.sqrt(2.0)  # soxr's scale=True keeps the energy
+        # The sparsified wavelet spectra cover a band of about an octave: multiply only it.
+        band = (basis.abs().amax((0, 1)) > 0).nonzero()
+        lo, hi = int(band.min()), int(band.max()) + 1
+        octaves.append(basis[..., lo:hi] @ spectrum[..., lo:hi, :])
+        if octave + 1 < CQT_OCTAVES:
+            hop //= 2
+            y = _halve_rate(y, k.halfband) * np.sqrt(2.0)  # soxr's scale=True keeps the energy
     frames = min(o.shape[-1] for o in octaves)
     cqt = torch.cat([o[..., :frames] for o in reversed(octaves)], -2)
     return cqt / k.cqt_lengths[tuning][..., None].sqrt()
 
 
-def _halve_rate(y: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Low-pass (zero phase, linear convolution through the FFT) and keep every other sample."""
-    n = scipy.fft.next_fast_len(y.shape[-1] + taps.shape[-1] - 1, real=True)
-    filtered = torch.fft.irfft(torch.fft.rfft(y, n) * torch.fft.rfft(taps, n), n)
-    pad = taps.shape[-1] // 2
-    return filtered[..., pad : pad + y.shape[-1] : 2]
+def _halve_rate(y: torch.Tensor, taps: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Low-pass (zero phase) and keep every other sample. The linear convolution runs by
+    overlap-save in short FFT blocks, several times faster than one FFT of the signal."""
+    m, n = taps.shape[-1], y.shape[-1]
+    step = block - m + 1
+    blocks = -(-(n + m - 1) // step)
+    right = (blocks - 1) * step + block - (m - 1) - n
+    frames = torch.nn.functional.pad(y, (m - 1, right)).unfold(-1, block, step)
+    spectra = torch.fft.rfft(frames) * torch.fft.rfft(taps, block)
+    full = torch.fft.irfft(spectra, block)[..., m - 1 :].flatten(-2)
+    return full[..., m // 2 : m // 2 + n : 2]
 
 
 def _estimate_tuning(S: torch.Tensor, bins_per_octave: int, n_fft: int = N_FFT) -> torch.Tensor:
     """librosa.estimate_tuning(S=S) per item of the batch, as indices into TUNING_STEPS:
     piptrack's interpolated peaks above a tenth of the frame maximum between 150 and
-    4000 Hz, the stronger half of them, and the most common deviation from the pitch grid."""
+    4000 Hz, the stronger half of them, and the most common deviation from the pitch grid.
+    Peaks are sparse, so the interpolation runs on the peaks only."""
     # Only bins inside 150..4000 Hz can be peaks; keep one neighbour each side.
     lo, hi = math.ceil(150 * n_fft / SR) - 1, min(math.ceil(4000 * n_fft / SR), S.shape[-2] - 1) + 1
     floor = 0.1 * S.amax(-2, keepdim=True)
     S = S[..., lo:hi, :]
-    bins = torch.arange(lo, hi, device=S.device, dtype=S.dtype)[:, None]
-    avg = torch.gradient(S, dim=-2)[0]
-    a = S[..., 2:, :] + S[..., :-2, :] - 2 * S[..., 1:-1, :]
-    b = (S[..., 2:, :] - S[..., :-2, :]) / 2
-    shift = torch.nn.functional.pad(torch.where(b.abs() < a.abs(), -b / a, 0.0), (0, 0, 1, 1))
     gated = S * (floor < S)
-    peak = torch.zeros_like(S, dtype=torch.bool)
-    peak[..., 1:-1, :] = (gated[..., 1:-1, :] > gated[..., :-2, :]) & (
-        gated[..., 1:-1, :] >= gated[..., 2:, :]
-    )
-    peak &= (bins * (SR / n_fft) >= 150) & (bins * (SR / n_fft) < 4000)
-    pitch = (bins + shift) * (SR / n_fft)
-    mag = S + 0.5 * avg * shift
+    peak = (gated[..., 1:-1, :] > gated[..., :-2, :]) & (gated[..., 1:-1, :] >= gated[..., 2:, :])
+    hz = torch.arange(lo + 1, hi - 1, device=S.device)[:, None] * (SR / n_fft)
+    peak &= (hz >= 150) & (hz < 4000)
+    item, row, frame = peak.nonzero(as_tuple=True)
+    below, centre, above = (S[item, row + d, frame] for d in range(3))
+    a = above + below - 2 * centre
+    b = (above - below) / 2  # also np.gradient's central difference at the peak
+    shift = torch.where(b.abs() < a.abs(), -b / a, 0.0)
+    # float32 like librosa's arrays, except the bin + shift sum (numpy promotes it)
+    pitch = ((row + lo + 1).double() + shift.double()) * (SR / n_fft)
+    mag = centre + 0.5 * b * shift
+    item, mag, pitch = (v.cpu().numpy() for v in (item, mag, pitch.float()))
+    # librosa.pitch_tuning, in float32 as librosa computes it (the histogram's mode is
+    # sensitive to the last bit near its bin edges)
+    residual = np.mod(bins_per_octave * np.log2(pitch / np.float32(27.5)), np.float32(1.0))
+    residual[residual >= 0.5] -= 1.0
     result = []
     for i in range(S.shape[0]):
-        found = peak[i] & (pitch[i] > 0)
-        if not found.any():
+        mine = item == i
+        if not mine.any():
             result.append(50)  # librosa's empty case: tuning 0.0
             continue
-        threshold = torch.quantile(mag[i][found].double(), 0.5)
-        chosen = pitch[i][found & (mag[i] >= threshold)].double()
-        residual = torch.remainder(bins_per_octave * torch.log2(chosen / 27.5), 1.0)
-        residual = torch.where(residual >= 0.5, residual - 1.0, residual)
-        counts = torch.histc(residual, bins=100, min=-0.5, max=0.5)
-        result.append(int(counts.argmax()))
+        strong = mag[mine] >= np.median(mag[mine])
+        counts, _ = np.histogram(residual[mine][strong], TUNING_STEPS)
+        result.append(int(counts.argmax()))  # ties: the first, as numpy's argmax
     return torch.tensor(result, device=S.device)
 
 
@@ -260,7 +313,7 @@ class _Kernels:
         self.freqs = t(librosa.fft_frequencies(sr=SR, n_fft=N_FFT))
         self.mel = t(librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=N_MELS))
         self.dct = t(scipy.fft.dct(np.eye(N_MELS), type=2, norm="ortho", axis=0)[:N_MFCC])
-        self.savgol = _savgol(N_FRAMES, device)
+        self.savgol = t(_savgol())
         self.chroma = t(
             np.stack(
                 [librosa.filters.chroma(sr=SR, n_fft=N_FFT, tuning=s) for s in TUNING_STEPS[:-1]]
@@ -315,13 +368,23 @@ def _cqt_freqs(tuning: float) -> np.ndarray:
     return librosa.cqt_frequencies(n_bins, fmin=fmin, bins_per_octave=CQT_BINS_PER_OCTAVE)
 
 
-def _savgol(n_frames: int, device) -> torch.Tensor:
-    """(T, 2T) operator of librosa.feature.delta (Savitzky-Golay, width 9, 'interp' edges)
-    for order 1 and 2 side by side."""
-    eye = np.eye(n_frames)
-    # Column j filters the unit impulse at frame j; transposed, it right-multiplies (.., T).
-    ops = [scipy.signal.savgol_filter(eye, 9, o, deriv=o, axis=0, mode="interp").T for o in (1, 2)]
-    return torch.as_tensor(np.concatenate(ops, 1), dtype=torch.float32, device=device)
+def _savgol() -> np.ndarray:
+    """(2, 9, 9): librosa.feature.delta's Savitzky-Golay filters (width 9, order 1 and 2,
+    'interp' edges) applied to 9 frames: row 4 is the running filter, rows 0-3 and 5-8
+    the polynomial fits at the first and last four frames."""
+    eye = np.eye(9)
+    return np.stack(
+        [scipy.signal.savgol_filter(eye, 9, o, deriv=o, axis=0, mode="interp") for o in (1, 2)]
+    )
+
+
+def _deltas(x: torch.Tensor, savgol: torch.Tensor) -> torch.Tensor:
+    """(C, D, T) -> (2, C, D, T): librosa.feature.delta of order 1 and 2 along frames."""
+    inner = torch.nn.functional.conv1d(x.flatten(0, 1)[:, None], savgol[:, 4, None])
+    inner = inner.movedim(1, 0).unflatten(1, x.shape[:2])
+    head = x[None, ..., :9] @ savgol[:, None, :4].mT
+    tail = x[None, ..., -9:] @ savgol[:, None, 5:].mT
+    return torch.cat([head, inner, tail], -1)
 
 
 @functools.cache

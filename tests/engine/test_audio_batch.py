@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.features.audio import SR, decode_audio, load_excerpt, music_features
+from engine.features.audio import SR, decode_audio, load_excerpt, music_features_naive
 from engine.features.audio_batch import _decoded_batches, music_features_batch
 
 SONGS = sorted(glob.glob("/usr/share/games/fretsonfire/data/songs/sectoid/*/*.ogg"))
@@ -49,13 +49,17 @@ def group_columns():
 
 @pytest.fixture(scope="module")
 def clips():
-    """Six real 29.12 s excerpts (waveform, rate) from different songs and stems."""
-    return [(decode_audio(path, SR, offset=20.0, duration=29.12), SR) for path in SONGS[:6]]
+    """Eight real 29.12 s excerpts (waveform, rate): four songs, mix and guitar stem each.
+
+    None has digital silence in a component: chroma-CENS of silence is rounding noise
+    normalised to unit chroma (librosa's too), so no implementation can agree with another
+    there (the guitar stem 80 s into "Feelings" shows it)."""
+    return [(decode_audio(path, SR, offset=20.0, duration=29.12), SR) for path in SONGS]
 
 
 @pytest.fixture(scope="module")
 def oracle(clips):
-    return np.stack([music_features(clip) for clip in clips])
+    return np.stack([music_features_naive(clip) for clip in clips])
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +69,18 @@ def batched(clips):
 
 @pytest.mark.slow
 def test_every_feature_group_agrees_with_the_librosa_oracle(oracle, batched):
+    """Against `music_features_naive` (each librosa call on its own). Reached on these eight
+    excerpts, every group: correlation across tracks per dimension >= 0.999999, deviation
+    <= 3e-4 of the dimension's spread across tracks (float32 rounding; the CQT's half-band
+    filter differs from soxr's). Asserted: correlation >= 0.999 (the issue asks 0.99),
+    deviation < 1% of the spread."""
     assert batched.shape == (len(oracle), 1140) and batched.dtype == np.float32
     assert np.isfinite(batched).all()
     for name, cols in group_columns().items():
         ref, got = oracle[:, cols], batched[:, cols]
-        # Relative to each dimension's spread across tracks: float32 rounding, not drift.
         spread = np.maximum(ref.std(axis=0), 1e-3 * np.abs(ref).max(axis=0) + 1e-12)
         worst = (np.abs(got - ref) / spread).max()
-        assert worst < 0.05, f"{name}: max deviation {worst:.3g} of the across-track spread"
+        assert worst < 0.01, f"{name}: max deviation {worst:.3g} of the across-track spread"
         varying = ref.std(axis=0) > 1e-6 * (np.abs(ref).max(axis=0) + 1e-12)
         corr = [np.corrcoef(ref[:, j], got[:, j])[0, 1] for j in np.flatnonzero(varying)]
         assert min(corr) >= 0.999, f"{name}: correlation across tracks {min(corr):.5f}"
@@ -82,6 +90,14 @@ def test_every_feature_group_agrees_with_the_librosa_oracle(oracle, batched):
 def test_a_batch_of_one_equals_its_row_in_a_larger_batch(clips, batched):
     alone = music_features_batch(clips[2:3], device="cpu", workers=0)
     np.testing.assert_allclose(alone[0], batched[2], rtol=1e-4, atol=1e-4)
+
+
+def test_worker_processes_equal_this_process():
+    # CPU: the workers decode and compute their own batches (files: decode included).
+    paths = SONGS[:3]
+    pooled = music_features_batch(paths, device="cpu", batch_size=2, workers=2)
+    here = music_features_batch(paths, device="cpu", batch_size=2, workers=0)
+    np.testing.assert_allclose(pooled, here, rtol=1e-5, atol=1e-5)
 
 
 def test_parallel_decoding_keeps_order_and_equals_in_process_decoding():
