@@ -9,6 +9,7 @@ Prints figures; it is a benchmark, not a test.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ def timed(fn, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tracks", type=int, default=3, help="timed repetitions per measurement")
+    p.add_argument("--music-only", action="store_true", help="only the music features figures")
     p.add_argument(
         "--device", default=None, help="torch device for training/search (default: best)"
     )
@@ -44,6 +46,7 @@ def main():
 
     device = best_device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         full = Path(tmp) / "full.mp4"  # longer than 29.12 s: the whole excerpt is music
         make_clip(full, seed=1, duration=40.0)
@@ -58,6 +61,9 @@ def main():
         print(
             f"music features, 10 s clip:   optimised {timed(lambda: music_features(demo), args.tracks):.3f} s/clip"
         )
+        print(f"load average after music: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if args.music_only:
+            return
         for size in (None, 160, 112):
             t = timed(lambda s=size: frame_features(demo, image_size=s, device="cpu"), args.tracks)
             print(

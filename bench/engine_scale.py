@@ -62,6 +62,12 @@ def section(title):
     return wrap
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (decode/feature workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 @section("music features (decode included)")
 def music(args):
     from engine.features.audio import music_features, music_features_naive
@@ -73,16 +79,23 @@ def music(args):
     tracks = (songs * (args.tracks // len(songs) + 1))[: args.tracks]
     music_features_batch(tracks[:1], workers=0)  # build the filter matrices once
     music_features(tracks[0])  # compile librosa's numba kernels before timing
-    seconds, _ = timed(music_features_batch, tracks, batch_size=args.music_batch)
-    batched = len(tracks) / seconds
+    music_features_naive(tracks[0])
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    rows = {}
     one = tracks[: args.reference_tracks]
-    seconds_single, _ = timed(lambda: [music_features(t) for t in one])
-    seconds_naive, _ = timed(lambda: [music_features_naive(t) for t in one])
-    single, naive = len(one) / seconds_single, len(one) / seconds_naive
-    print(f"batched ({device()}, {len(tracks)} tracks): {batched:8.2f} tracks/s")
-    print(f"music_features one by one ({len(one)}):   {single:8.2f} tracks/s")
-    print(f"music_features_naive ({len(one)}):        {naive:8.2f} tracks/s")
-    print(f"speed-up vs naive: {batched / naive:.1f}x; vs one by one: {batched / single:.1f}x")
+    runs = [
+        (f"batched ({device()}, {len(tracks)} tracks)", tracks, lambda: music_features_batch(tracks, batch_size=args.music_batch)),
+        (f"music_features one by one ({len(one)})", one, lambda: [music_features(t) for t in one]),
+        (f"music_features_naive ({len(one)})", one, lambda: [music_features_naive(t) for t in one]),
+    ]  # fmt: skip
+    for name, done, fn in runs:
+        cpu = cpu_seconds()
+        seconds, _ = timed(fn)
+        rows[name] = (len(done) / seconds, (cpu_seconds() - cpu) / len(done))
+        print(f"{name:40s} {rows[name][0]:7.2f} tracks/s, {rows[name][1]:.3f} CPU s/track")
+    batched, single, naive = (rate for rate, _ in rows.values())
+    print(f"speed-up vs naive: batched {batched / naive:.1f}x, one by one {single / naive:.1f}x")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"200K tracks at the batched rate: {200_000 / batched / 3600:.2f} h")
 
 
