@@ -17,14 +17,14 @@ coefficients are signed, so they are kept as they are. (The authors' release app
 HPSS uses the same frames as the features (n_fft 512, hop 256, librosa's 31-bin median
 kernels).
 
-`music_features` is the hot path: one STFT of the mixture for HPSS, one inverse STFT and
-one STFT for both components together (a masked STFT is not a consistent one, so the
-components are re-analysed once, exactly as a feature call on y_h / y_p would), every
-spectral feature derived from that one STFT, and one two-channel CQT for both components'
-CENS when their tunings agree. `music_features_naive` is the straightforward version
-(each librosa feature call computes its own transforms), kept as the test oracle and the
-benchmark baseline; the two agree to float32 rounding. Most of the time in both goes to
-the HPSS median filters and the CENS constant-Q transform, which neither can skip.
+`music_features` is the hot path and one row of `audio_batch.music_features_batch` (one
+tensor implementation of the maths): one STFT of the mixture for HPSS, one inverse STFT
+and one re-analysis STFT per component (a masked STFT is not a consistent one; this is
+what the features of y_h / y_p really see), every spectral feature derived from it, and
+librosa's multirate CQT for chroma-CENS. `music_features_naive` is the straightforward
+version (each librosa feature call computes its own transforms), kept as the test oracle
+and the benchmark baseline; on real music every feature group agrees with it to float32
+rounding (see tests/engine/test_audio_batch.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The 1140 music features of `engine.features.audio`, for a batch of tracks, as tensor ops.
 
-Same steps and layout as `music_features` (which stays the oracle in the tests): decode the
+Same steps and layout as `music_features_naive` (the librosa oracle in the tests): decode the
 centred 29.12 s at 12 kHz (parallel CPU processes, `load_excerpt`), then on `device` (CUDA
 when present): STFT, HPSS by median filtering, inverse STFT, one re-analysis STFT per
 component, and every Table I feature derived from it. Filter matrices come from librosa
