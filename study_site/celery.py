@@ -8,12 +8,28 @@ Redis; everything else goes to `default`.
 import os
 
 from celery import Celery
+from celery.signals import worker_init, worker_process_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "study_site.settings")
 
 app = Celery("study_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@worker_init.connect
+def _remember_pool_size(sender=None, **_):
+    os.environ["STUDY_WORKER_POOL_SIZE"] = str(getattr(sender, "concurrency", None) or 1)
+
+
+@worker_process_init.connect
+def _share_cores_among_pool_processes(**_):
+    """A forked pool process inherits torch's thread pool in a state that runs training many
+    times slower; give each process its own, with the cores shared among the pool."""
+    import torch
+
+    pool = int(os.environ.get("STUDY_WORKER_POOL_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // pool))
 
 
 @app.task(name="study_site.ping")

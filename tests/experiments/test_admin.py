@@ -278,7 +278,7 @@ def test_a_small_collection_uploaded_in_the_admin_is_imported(
     assert "3 of 3 pairs queued" in page.content.decode()
     collection = Collection.objects.get(name="Uploaded")
     assert collection.pairs.filter(split="test").count() == 1
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # generous: the session's one worker may be busy
     while collection.pairs.filter(status="pending").exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     pairs = list(collection.pairs.all())
