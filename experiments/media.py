@@ -209,6 +209,7 @@ def _write_aac(samples: np.ndarray, dst):
         encoder = out.add_stream("aac", rate=AUDIO_RATE)
         encoder.layout = "stereo"
         encoder.bit_rate = 128_000
+        encoder.options = {"aac_coder": "fast"}  # 2.5x faster than the default, fine at 128k
         step = 1024  # AAC frame size
         for offset in range(0, samples.shape[1], step):
             chunk = np.ascontiguousarray(samples[:, offset : offset + step], dtype=np.float32)
