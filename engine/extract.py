@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from engine.features import MediaError
 from engine.features.audio import music_features
 from engine.features.video import frame_features
+from engine.processes import process_pool
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".webm", ".avi"}
 
@@ -48,7 +49,7 @@ def extract_folder(paths, workers: int | None = None, progress: bool = True, **k
     results, errors = {}, []
     bar = tqdm(total=len(paths), desc="extract", unit="file", disable=not progress)
     if workers > 1 and len(paths) > 1:
-        with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+        with process_pool(workers, initializer=_init_worker) as pool:
             futures = [pool.submit(_safe, p, kwargs) for p in paths]
             for fut in as_completed(futures):
                 _collect(fut.result(), results, errors)

@@ -17,7 +17,6 @@ import functools
 import math
 import os
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 
 import librosa
 import numpy as np
@@ -27,6 +26,7 @@ import scipy.signal
 import torch
 
 from engine.features.audio import HOP, N_FFT, N_MELS, N_MFCC, SR, load_excerpt
+from engine.processes import process_pool
 
 CQT_BINS_PER_OCTAVE = 36
 CQT_OCTAVES = 7
@@ -52,8 +52,7 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
     if device.type == "cpu" and workers > 0 and len(sources) > 1:
         size = max(1, min(batch_size, math.ceil(len(sources) / (2 * workers))))
         starts = range(0, len(sources), size)
-        _kernels(device)  # built once here, inherited by forked workers
-        with ProcessPoolExecutor(min(workers, len(starts)), initializer=_one_thread) as pool:
+        with process_pool(min(workers, len(starts)), initializer=_one_thread) as pool:
             chunks = (sources[start : start + size] for start in starts)
             for start, rows in zip(starts, pool.map(_cpu_batch, chunks), strict=True):
                 out[start : start + len(rows)] = rows
@@ -89,7 +88,7 @@ def _decoded_batches(sources, batch_size, workers):
         for start in range(0, len(sources), batch_size):
             yield start, [load_excerpt(s) for s in sources[start : start + batch_size]]
         return
-    with ProcessPoolExecutor(min(workers, len(sources))) as pool:
+    with process_pool(min(workers, len(sources))) as pool:
         pending: deque = deque()
         ahead = iter(sources)
         for start in range(0, len(sources), batch_size):
