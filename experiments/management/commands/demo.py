@@ -32,7 +32,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--no-serve", action="store_true", help="Prepare, print, and exit.")
         parser.add_argument("--pairs", type=int, default=200, help="Music videos to generate.")
-        parser.add_argument("--test", type=int, default=50, help="Of which held out for testing.")
+        parser.add_argument(
+            "--test",
+            type=int,
+            default=60,
+            help="Of which held out: a block needs 3 x per-type queries.",
+        )
         parser.add_argument("--per-type", type=int, default=20)
         parser.add_argument("--subjects", type=int, default=3)
         parser.add_argument("--host", default="127.0.0.1")
