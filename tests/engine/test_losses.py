@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,3 +63,21 @@ def test_structure_loss_hand_computed_three_items():
     # anchor 1: others (0, 2): d_hat = (-0.8, -0.6) -> -0.2; d = (0, -0.6) -> +0.6 -> l = 1.2
     # anchor 2: others (0, 1): d_hat = (0, -0.6) -> +0.6; d = (-0.8, -0.6) -> -0.2 -> l = 0.4
     assert structure_loss(inputs, emb).item() == pytest.approx((1.6 + 1.2 + 0.4) / 3)
+
+
+def test_structure_loss_equals_the_documented_triplets():
+    # Oracle: the triplets the docstring names, enumerated one by one.
+    torch.manual_seed(2)
+    n = 7
+    inputs, emb = torch.randn(n, 4), F.normalize(torch.randn(n, 3), dim=1)
+    x_hat = F.normalize(inputs, dim=1)
+    terms = []
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        for j, k in itertools.pairwise(others):
+            delta = -(emb[i] @ emb[j]) + emb[i] @ emb[k]
+            delta_hat = -(x_hat[i] @ x_hat[j]) + x_hat[i] @ x_hat[k]
+            terms.append((torch.sign(delta) - torch.sign(delta_hat)) * delta)
+    assert len(terms) == n * (n - 2)
+    expected = torch.stack(terms).mean()
+    assert structure_loss(inputs, emb).item() == pytest.approx(expected.item(), rel=1e-6)
