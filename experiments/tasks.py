@@ -15,11 +15,11 @@ import numpy as np
 from celery import chain, shared_task
 from django.conf import settings
 from django.core.files.base import ContentFile
-from django.db import transaction
 
 from experiments.ingest import DEFAULT_ENCODER, process_pair
 from experiments.media import CLIP_S, broken_items
-from experiments.models import Direction, Pair, SearchResult, Split, Study, StudySystem, System
+from experiments.models import Pair, Split, Study, StudySystem, System
+from experiments.uploads import neighbours, replace_search_results
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,6 @@ def gpu_train_system(system_id: int, study_id: int | None = None, step=(0, 1)):
 @shared_task
 def gpu_search(system_id: int, k: int = 10, study_id: int | None = None, step=(0, 1)):
     """Store the system's top-k results for every test query in both directions."""
-    from engine.search import top_k
 
     system = System.objects.get(pk=system_id)
     with _failing(system, study_id):
@@ -129,34 +128,15 @@ def gpu_search(system_id: int, k: int = 10, study_id: int | None = None, step=(0
         _reporter(system, study_id, step)(0.0, "Searching")
         with system.embeddings.open("rb") as f, np.load(f) as data:
             keys, video, music = list(data["keys"]), data["video"], data["music"]
-        ids = dict(
+        known = set(
             Pair.objects.filter(collection_id=system.collection_id, key__in=keys).values_list(
-                "key", "pk"
+                "key", flat=True
             )
         )
-        if missing := [key for key in keys if key not in ids]:
+        if missing := [key for key in keys if key not in known]:
             raise ValueError(f"{system.name}: embeddings name unknown pairs: {missing[:5]}")
-        rows = []
-        for direction, queries, items in (
-            (Direction.V2M, video, music),
-            (Direction.M2V, music, video),
-        ):
-            indices, scores = top_k(queries, items, min(k, len(keys)))
-            rows += [
-                SearchResult(
-                    system=system,
-                    direction=direction,
-                    query_id=ids[keys[q]],
-                    rank=rank,
-                    result_id=ids[keys[i]],
-                    score=float(score),
-                )
-                for q in range(len(keys))
-                for rank, (i, score) in enumerate(zip(indices[q], scores[q], strict=True), start=1)
-            ]
-        with transaction.atomic():
-            SearchResult.objects.filter(system=system).delete()
-            SearchResult.objects.bulk_create(rows, batch_size=2000)
+        rows = neighbours(keys, video, music, k)
+        replace_search_results(system, rows)
         System.objects.filter(pk=system.pk).update(
             status=System.Status.READY,
             progress=1.0,

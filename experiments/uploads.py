@@ -365,6 +365,27 @@ def neighbours(keys, video, music, k: int = DEFAULT_K) -> list[Ranked]:
 # --- Writing ---------------------------------------------------------------------------------
 
 
+def replace_search_results(system: System, ranked: Iterable[Ranked]) -> None:
+    """Store `ranked` (pair keys of the system's collection) as the system's only results."""
+    ids = dict(Pair.objects.filter(collection_id=system.collection_id).values_list("key", "pk"))
+    with transaction.atomic():
+        SearchResult.objects.filter(system=system).delete()
+        SearchResult.objects.bulk_create(
+            (
+                SearchResult(
+                    system=system,
+                    direction=r.direction,
+                    query_id=ids[r.query],
+                    rank=r.rank,
+                    result_id=ids[r.result],
+                    score=r.score,
+                )
+                for r in ranked
+            ),
+            batch_size=2000,
+        )
+
+
 def _read(upload) -> tuple[str, bytes]:
     if isinstance(upload, str | Path):
         path = Path(upload)
@@ -418,22 +439,7 @@ def _store(collection, name, kind, filename, data, ranked, embeddings, metrics) 
             system.status, system.progress = System.Status.READY, 1.0
             system.message = f"Uploaded {kind}: {len(ranked)} search results"
             system.save()
-            ids = dict(Pair.objects.filter(collection=collection).values_list("key", "pk"))
-            SearchResult.objects.filter(system=system).delete()
-            SearchResult.objects.bulk_create(
-                (
-                    SearchResult(
-                        system=system,
-                        direction=r.direction,
-                        query_id=ids[r.query],
-                        rank=r.rank,
-                        result_id=ids[r.result],
-                        score=r.score,
-                    )
-                    for r in ranked
-                ),
-                batch_size=2000,
-            )
+            replace_search_results(system, ranked)
             storage = system.source_file.storage
             transaction.on_commit(lambda: [storage.delete(n) for n in old if n not in written])
     except Exception:
