@@ -12,10 +12,14 @@ from tqdm.auto import tqdm
 
 from engine.features import MediaError
 from engine.features.audio import music_features
-from engine.features.video import frame_features
+from engine.features.audio_batch import music_features_batch
+from engine.features.video import best_device, frame_features, frame_features_batch
 from engine.processes import process_pool
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".webm", ".avi"}
+# Files per step on an accelerator: the progress bar moves per step, and a step whose music
+# batch fails is split in halves until the bad files are found (each costs ~2 steps' decode).
+DEVICE_STEP = 2048
 
 
 def find_videos(folder) -> list[Path]:
@@ -38,17 +42,31 @@ def _safe(path, kwargs):
     except MediaError as exc:
         return path, None, str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-        return path, None, f"{path}: {type(exc).__name__}: {exc}"
+        return path, None, _message(path, exc)
+
+
+def _message(path, exc: Exception) -> str:
+    return str(exc) if isinstance(exc, MediaError) else f"{path}: {type(exc).__name__}: {exc}"
 
 
 def extract_folder(paths, workers: int | None = None, progress: bool = True, **kwargs):
     """Features of every path. Returns (keys, frames, music, errors); failed files are
-    left out and listed in `errors` as (path, message)."""
+    left out and listed in `errors` as (path, message).
+
+    On a CUDA device (`device`, or the default when there is one) frames and music are
+    computed in large batches on the device, decoded by `workers` CPU processes; on the CPU
+    each file is one task of a pool of `workers` processes."""
     paths = [Path(p) for p in paths]
     workers = workers or os.cpu_count() or 1
     results, errors = {}, []
     bar = tqdm(total=len(paths), desc="extract", unit="file", disable=not progress)
-    if workers > 1 and len(paths) > 1:
+    if best_device(kwargs.get("device")).type == "cuda":
+        for start in range(0, len(paths), DEVICE_STEP):
+            step = paths[start : start + DEVICE_STEP]
+            for result in _extract_batch(step, workers, **kwargs):
+                _collect(result, results, errors)
+            bar.update(len(step))
+    elif workers > 1 and len(paths) > 1:
         with process_pool(workers, initializer=_init_worker) as pool:
             futures = [pool.submit(_safe, p, kwargs) for p in paths]
             for fut in as_completed(futures):
@@ -63,6 +81,40 @@ def extract_folder(paths, workers: int | None = None, progress: bool = True, **k
     frames = [results[p][0] for p in keys]
     music = np.stack([results[p][1] for p in keys]) if keys else np.zeros((0, 1140), np.float32)
     return keys, frames, music, errors
+
+
+def _extract_batch(
+    paths, workers, encoder="efficientnet-lite0", pretrained=True, image_size=None, device=None
+):
+    """(path, (frames, music) or None, error or None) of every path, batched on `device`."""
+    frames = frame_features_batch(
+        paths, encoder, device, workers=workers, image_size=image_size, pretrained=pretrained
+    )
+    failed = [
+        (p, None, str(f)) for p, f in zip(paths, frames, strict=True) if isinstance(f, MediaError)
+    ]
+    ok = [(p, f) for p, f in zip(paths, frames, strict=True) if not isinstance(f, MediaError)]
+    music = _music_rows([p for p, _ in ok], device, workers)
+    done = [
+        (p, None, row) if isinstance(row, str) else (p, (f, row), None)
+        for (p, f), row in zip(ok, music, strict=True)
+    ]
+    return failed + done
+
+
+def _music_rows(paths, device, workers) -> list[np.ndarray | str]:
+    """Music vector or error message per path: one batch, or, when it fails, its halves."""
+    if not paths:
+        return []
+    try:
+        return list(music_features_batch(paths, device, workers=workers))
+    except Exception as exc:  # noqa: BLE001 - find the bad file; the others go on
+        if len(paths) == 1:
+            return [_message(paths[0], exc)]
+        half = len(paths) // 2
+        return _music_rows(paths[:half], device, workers) + _music_rows(
+            paths[half:], device, workers
+        )
 
 
 def _collect(result, results, errors):

