@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.http import (
     Http404,
@@ -61,23 +61,103 @@ class Step:
     question: Question | None = None
     answered: int = 0
     total: int = 0
+    following: Question | None = None  # the next question (its media are prefetched)
 
 
 def break_key(question: Question) -> str:
     return f"break:{question.position}"
 
 
+# The queries every page and every answer makes are written out: building them with the
+# ORM costs more CPU than PostgreSQL takes to run them (issue 8 counts ~1-2 ms an answer).
+
+
+class _Columns:
+    """A model's concrete columns in a hand-written SELECT, and instances made from them
+    with the conversions the ORM applies (JSON, and SQLite's dates and booleans)."""
+
+    def __init__(self, model, alias: str, names: tuple[str, ...] = ()):
+        self.model = model
+        self.fields = [model._meta.get_field(n) for n in names] or model._meta.concrete_fields
+        self.sql = ", ".join(f"{alias}.{field.column}" for field in self.fields)
+        self.attnames = [field.attname for field in self.fields]
+        self._converters = {}
+
+    def __len__(self):
+        return len(self.fields)
+
+    def instance(self, values):
+        values = list(values)
+        for i, convert, column in self._for(connection):
+            values[i] = convert(values[i], column, connection)
+        return self.model.from_db(connection.alias, self.attnames, values)
+
+    def _for(self, conn):
+        if conn.vendor not in self._converters:
+            found = []
+            for i, field in enumerate(self.fields):
+                column = field.get_col(self.model._meta.db_table)
+                for convert in conn.ops.get_db_converters(column) + field.get_db_converters(conn):
+                    found.append((i, convert, column))
+            self._converters[conn.vendor] = found
+        return self._converters[conn.vendor]
+
+
+_SUBJECT, _STUDY = _Columns(Subject, "s"), _Columns(Study, "t")
+_QUESTION = _Columns(
+    Question, "q", ("id", "subject", "position", "direction", "kind_a", "kind_b", "is_catch")
+)
+_TOKENS = ("query_video", "query_music", "a_video", "a_music", "b_video", "b_music")
+_Q, _R, _P = Question._meta.db_table, Response._meta.db_table, Pair._meta.db_table
+SUBJECT_SQL = f"""
+    SELECT {_SUBJECT.sql}, {_STUDY.sql}
+    FROM {Subject._meta.db_table} s JOIN {Study._meta.db_table} t ON t.id = s.study_id
+    WHERE s.token = %s"""
+PROGRESS_SQL = f"""
+    SELECT COUNT(q.id), COUNT(r.id), MIN(CASE WHEN r.id IS NULL THEN q.position END)
+    FROM {_Q} q LEFT JOIN {_R} r ON r.question_id = q.id
+    WHERE q.subject_id = %s"""
+NEARBY_SQL = f"""
+    SELECT {_QUESTION.sql}, pq.video_token AS query_video, pq.music_token AS query_music,
+        pa.video_token AS a_video, pa.music_token AS a_music,
+        pb.video_token AS b_video, pb.music_token AS b_music
+    FROM {_Q} q
+        JOIN {_P} pq ON pq.id = q.query_id
+        JOIN {_P} pa ON pa.id = q.option_a_id
+        JOIN {_P} pb ON pb.id = q.option_b_id
+    WHERE q.subject_id = %s AND q.position BETWEEN %s AND %s"""
+
+
+def subject_with_study(token: str, lock: bool = False) -> Subject:
+    """The subject behind `token` with its study, in one query (404 if none). With `lock`,
+    the subject's row (not its study's: subjects answer in parallel) stays locked until the
+    transaction ends, so that its current step is decided once at a time."""
+    sql = SUBJECT_SQL
+    if lock and connection.features.has_select_for_update:
+        sql += " FOR UPDATE OF s" if connection.features.has_select_for_update_of else " FOR UPDATE"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [token])
+        row = cursor.fetchone()
+    if row is None:
+        raise Http404("No such subject.")
+    subject = _SUBJECT.instance(row[: len(_SUBJECT)])
+    subject.study = _STUDY.instance(row[len(_SUBJECT) :])
+    return subject
+
+
 def current_step(subject: Subject) -> Step:
-    # Every page and answer asks this: one light query reads the plan's state (tuples, no
-    # joins but the answers'), then the current question is fetched alone, without its items.
-    plan = list(
-        subject.questions.order_by("position").values_list("id", "direction", "response__id")
-    )
-    total = len(plan)
-    answered = sum(1 for *_, response in plan if response is not None)
+    """The subject's current step, in two queries at most (every page and answer asks).
+
+    The plan's state is one aggregate row; the current question is the first unanswered one.
+    It comes with its predecessor (a change of direction starts a block, after a break) and
+    its successor (prefetched), each with its items' media tokens.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(PROGRESS_SQL, [subject.pk])
+        total, answered, current = cursor.fetchone()
     if subject.outcome in ENDED:
         return Step("ended", answered=answered, total=total)
-    if subject.completed_at or (total and answered == total):
+    if subject.completed_at or (total and current is None):
         return Step("done", answered=answered, total=total)
     if subject.study.status != Study.Status.OPEN or not total:
         return Step("closed", answered=answered, total=total)
@@ -85,12 +165,20 @@ def current_step(subject: Subject) -> Step:
         return Step("welcome", answered=answered, total=total)
     if subject.study.sound_check and "passed" not in subject.meta.get("sound_check", {}):
         return Step("sound", answered=answered, total=total)
-    index = next(i for i, (*_, response) in enumerate(plan) if response is None)
-    question = Question.objects.get(pk=plan[index][0])
-    starts_block = index > 0 and plan[index - 1][1] != question.direction
+    with connection.cursor() as cursor:
+        cursor.execute(NEARBY_SQL, [subject.pk, current - 1, current + 1])
+        rows = cursor.fetchall()
+    by_position = {}
+    for row in rows:
+        question = _QUESTION.instance(row[: len(_QUESTION)])
+        question.media_tokens = dict(zip(_TOKENS, row[len(_QUESTION) :], strict=True))
+        by_position[question.position] = question
+    question, previous = by_position[current], by_position.get(current - 1)
+    starts_block = previous is not None and previous.direction != question.direction
     passed = subject.meta.get("steps", {})
     name = "break" if starts_block and break_key(question) not in passed else "question"
-    return Step(name, question=question, answered=answered, total=total)
+    following = by_position.get(current + 1)
+    return Step(name, question=question, answered=answered, total=total, following=following)
 
 
 def subject_path(subject: Subject) -> str:
@@ -103,67 +191,82 @@ def subject_path(subject: Subject) -> str:
 @never_cache
 @require_http_methods(["GET", "HEAD", "POST"])
 def subject_page(request, token):
-    if request.method == "POST":  # the row is read again, locked, before anything is decided
-        return _subject_post(request, get_object_or_404(Subject.objects.only("pk"), token=token))
-    subject = get_object_or_404(Subject.objects.select_related("study"), token=token)
+    if request.method == "POST":
+        return _subject_post(request, token)
+    subject = subject_with_study(token)
     _capture_external_id(request, subject)
     now = timezone.now()
-    if subject.last_seen is None or (now - subject.last_seen).total_seconds() > LAST_SEEN_EVERY_S:
+    if _stale(subject.last_seen, now):
         Subject.objects.filter(pk=subject.pk).update(last_seen=now)
     return _render_step(request, subject, current_step(subject))
 
 
-def _subject_post(request, subject: Subject):
+def _stale(last_seen, now) -> bool:
+    return last_seen is None or (now - last_seen).total_seconds() > LAST_SEEN_EVERY_S
+
+
+def _subject_post(request, token):
     action = request.POST.get("step", "answer")
     form = AnswerForm(request.POST) if action == "answer" else None
     if form is not None and not form.is_valid():
+        get_object_or_404(Subject.objects.only("pk"), token=token)  # an unknown token: 404
         return HttpResponseBadRequest("Not a valid answer: choose A or B.")
-    with transaction.atomic():
-        subject = Subject.objects.select_for_update().select_related("study").get(pk=subject.pk)
-        step = current_step(subject)
-        now = timezone.now()
-        if step.name == "welcome" and action == "start":
-            start = StartForm(request.POST, require_consent=subject.study.require_consent)
-            if not start.is_valid():
-                return _render_step(request, subject, step, start_form=start)
-            subject.consented_at = now
-        elif step.name == "welcome" and action == "decline" and subject.study.require_consent:
-            subject.outcome = Subject.Outcome.NO_CONSENT
-        elif step.name == "sound" and action == "sound":
-            trials = _sound_trials(subject)
-            sound = SoundCheckForm(request.POST, trials=len(trials))
-            if not sound.is_valid():
-                return _render_step(request, subject, step, sound_form=sound)
-            result = checks.score_sound_check(trials, sound.answers())
-            subject.meta["sound_check"] = {**result, "at": now.isoformat()}
-            if not result["passed"]:
-                subject.outcome = Subject.Outcome.FAILED_SOUND
-        elif step.name == "break" and action == "continue" and _names(request, step):
-            subject.meta.setdefault("steps", {})[break_key(step.question)] = now.isoformat()
-        elif step.name == "question" and form and _names(request, step):
-            _record(subject, step, form.cleaned_data)
-            if step.question.is_catch:
-                subject.catch_score = checks.catch_score(subject)
-            if step.answered + 1 == step.total:
-                # Committed with the last answer, before any page can send the subject away.
-                subject.completed_at = now
-                subject.outcome = checks.final_outcome(subject.study, subject.catch_score)
-        elif step.name == "closed":
-            return _render_step(request, subject, step)
-        else:  # a stale or repeated POST: nothing to do but show the current step
-            return redirect(subject_path(subject), permanent=False)
-        subject.last_seen = now
-        subject.save(
-            update_fields=[
-                "consented_at",
-                "meta",
-                "completed_at",
-                "last_seen",
-                "outcome",
-                "catch_score",
-            ]
-        )
+    try:
+        with transaction.atomic():
+            subject = subject_with_study(token, lock=True)
+            step = current_step(subject)
+            now = timezone.now()
+            changed = _apply(request, subject, step, action, form, now)
+            if isinstance(changed, HttpResponse):
+                return changed
+            if changed or _stale(subject.last_seen, now):
+                subject.last_seen = now
+                subject.save(update_fields=[*changed, "last_seen"])
+    except IntegrityError:
+        pass  # answered in the meantime, outside the lock: the first answer stands
     return redirect(subject_path(subject))
+
+
+def _apply(request, subject: Subject, step: Step, action: str, form, now):
+    """Carry out a POST on the locked subject: the names of the fields it changed, or the
+    page to show instead (a form with errors, the closed page)."""
+    if step.name == "welcome" and action == "start":
+        start = StartForm(request.POST, require_consent=subject.study.require_consent)
+        if not start.is_valid():
+            return _render_step(request, subject, step, start_form=start)
+        subject.consented_at = now
+        return ["consented_at"]
+    if step.name == "welcome" and action == "decline" and subject.study.require_consent:
+        subject.outcome = Subject.Outcome.NO_CONSENT
+        return ["outcome"]
+    if step.name == "sound" and action == "sound":
+        trials = _sound_trials(subject)
+        sound = SoundCheckForm(request.POST, trials=len(trials))
+        if not sound.is_valid():
+            return _render_step(request, subject, step, sound_form=sound)
+        result = checks.score_sound_check(trials, sound.answers())
+        subject.meta["sound_check"] = {**result, "at": now.isoformat()}
+        if not result["passed"]:
+            subject.outcome = Subject.Outcome.FAILED_SOUND
+        return ["meta", "outcome"]
+    if step.name == "break" and action == "continue" and _names(request, step):
+        subject.meta.setdefault("steps", {})[break_key(step.question)] = now.isoformat()
+        return ["meta"]
+    if step.name == "question" and form and _names(request, step):
+        _record(subject, step, form.cleaned_data)
+        changed = []
+        if step.question.is_catch:
+            subject.catch_score = checks.catch_score(subject)
+            changed.append("catch_score")
+        if step.answered + 1 == step.total:
+            # Committed with the last answer, before any page can send the subject away.
+            subject.completed_at = now
+            subject.outcome = checks.final_outcome(subject.study, subject.catch_score)
+            changed += ["completed_at", "outcome"]
+        return changed
+    if step.name == "closed":
+        return _render_step(request, subject, step)
+    return []  # a stale or repeated POST: nothing to do but show the current step
 
 
 def _names(request, step: Step) -> bool:
@@ -172,19 +275,17 @@ def _names(request, step: Step) -> bool:
 
 
 def _record(subject: Subject, step: Step, answer: dict) -> None:
+    # No savepoint: under the subject's lock the question is unanswered; should another
+    # writer have answered it anyway, the unique constraint fails the whole transaction.
     question = step.question
-    try:
-        with transaction.atomic():
-            Response.objects.create(
-                question=question,
-                subject=subject,
-                choice=answer["choice"],
-                chosen_kind=question.kind_a if answer["choice"] == "a" else question.kind_b,
-                response_ms=answer["response_ms"],
-                behaviour=answer["behaviour"],
-            )
-    except IntegrityError:
-        pass  # answered in the meantime: the first answer stands
+    Response.objects.create(
+        question=question,
+        subject=subject,
+        choice=answer["choice"],
+        chosen_kind=question.kind_a if answer["choice"] == "a" else question.kind_b,
+        response_ms=answer["response_ms"],
+        behaviour=answer["behaviour"],
+    )
 
 
 def _sound_trials(subject: Subject) -> list[list[str]]:
@@ -250,45 +351,34 @@ def _render_step(request, subject: Subject, step: Step, start_form=None, sound_f
         context.update(_question_context(subject, step))
     elif step.name == "break":
         context["video_query"] = step.question.direction == Direction.V2M
-        context["prefetch"] = _media_urls(step.question)[0]
+        context["prefetch"] = _media_urls(step.question)
     status = 403 if step.name == "closed" else 200
     with translation.override(study.language):
         return render(request, f"experiments/{step.name}.html", context, status=status)
 
 
 def _question_context(subject: Subject, step: Step) -> dict:
-    question = step.question
+    question, following = step.question, step.following
     video_query = question.direction == Direction.V2M
-    following = subject.questions.filter(position=question.position + 1).first()
-    urls = _media_urls(question, following)
+    urls = _media_urls(question)
     return {
         "question": question,
         "load_timeout_ms": LOAD_TIMEOUT_MS,
         "number": question.position,
         "video_query": video_query,
-        "query_url": urls[0][0],
-        "candidates": [("a", urls[0][1]), ("b", urls[0][2])],
-        "prefetch": urls[1] if following else [],
+        "query_url": urls[0],
+        "candidates": [("a", urls[1]), ("b", urls[2])],
+        "prefetch": _media_urls(following) if following else [],
     }
 
 
-def _media_urls(*questions: Question | None) -> list[list[str]]:
-    """[query, a, b] media URLs of each question (tokens of all items read in one query)."""
-    present = [q for q in questions if q is not None]
-    ids = {pk for q in present for pk in (q.query_id, q.option_a_id, q.option_b_id)}
-    tokens = {
-        pk: {True: video, False: music}
-        for pk, video, music in Pair.objects.filter(pk__in=ids).values_list(
-            "pk", "video_token", "music_token"
-        )
-    }
-    urls = []
-    for q in present:
-        video_query = q.direction == Direction.V2M
-        items = [(q.query_id, video_query), (q.option_a_id, not video_query)]
-        items.append((q.option_b_id, not video_query))
-        urls.append([reverse("media", args=[tokens[pk][video]]) for pk, video in items])
-    return urls
+def _media_urls(question: Question) -> list[str]:
+    """[query, a, b] media URLs of a question read by `current_step` (tokens included)."""
+    query, candidates = (
+        ("video", "music") if question.direction == Direction.V2M else ("music", "video")
+    )
+    names = (f"query_{query}", f"a_{candidates}", f"b_{candidates}")
+    return [reverse("media", args=[question.media_tokens[name]]) for name in names]
 
 
 # --- Joining through a study's public link -----------------------------------------------
