@@ -1,7 +1,11 @@
 """Process pools for the engine's parallel work."""
 
 import multiprocessing
+import threading
 from concurrent.futures import ProcessPoolExecutor
+
+_shared: dict[tuple, ProcessPoolExecutor] = {}
+_shared_lock = threading.Lock()
 
 
 def process_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
@@ -13,3 +17,27 @@ def process_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
     """
     context = multiprocessing.get_context("forkserver")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=initializer)
+
+
+def shared_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
+    """A `process_pool` kept for the life of this process, one per (workers, initializer).
+
+    Starting a worker costs seconds (importing torch and librosa, building filter banks)
+    against a fraction of a second per track, so callers that come back with more work (a
+    Celery worker, a benchmark, a loop over batches) reuse the workers. Do not shut it
+    down; after a crashed worker, `discard_shared_pool` lets the next call start afresh.
+    """
+    with _shared_lock:
+        pool = _shared.get((workers, initializer))
+        if pool is None:
+            pool = _shared[workers, initializer] = process_pool(workers, initializer)
+        return pool
+
+
+def discard_shared_pool(pool: ProcessPoolExecutor) -> None:
+    """Forget (and shut down) a shared pool, e.g. one broken by a killed worker."""
+    with _shared_lock:
+        for key, value in list(_shared.items()):
+            if value is pool:
+                del _shared[key]
+    pool.shutdown(wait=False, cancel_futures=True)

@@ -78,26 +78,31 @@ def decode_audio(
         chunks: list[np.ndarray] = []
         have = 0
         start_time = None
+        skip = 0
         try:
             for frame in container.decode(stream):
                 if start_time is None:
                     start_time = float(frame.time) if frame.time is not None else 0.0
+                    skip = max(0, int(round((offset - start_time) * rate)))
+                # (channels, samples) each; mixed to mono once at the end (per-frame numpy
+                # calls cost more than the Vorbis decoder itself)
                 frames = [frame] if frame.format.name == "fltp" else convert.resample(frame)
                 for out in frames:
-                    chunks.append(out.to_ndarray().mean(axis=0))
-                    have += chunks[-1].size
-                skip = max(0, int(round((offset - start_time) * rate)))
+                    chunks.append(out.to_ndarray())
+                    have += out.samples
                 if wanted is not None and have >= skip + wanted:
                     break
         except av.FFmpegError as exc:
             raise MediaError(f"{source}: cannot decode audio ({exc})") from exc
     if not chunks:
         raise MediaError(f"{source}: no audio decoded")
-    y = np.concatenate(chunks)
-    y = y[max(0, int(round((offset - (start_time or 0.0)) * rate))) :]
-    y = y if wanted is None else y[:wanted]
+    if len({chunk.shape[0] for chunk in chunks}) > 1:  # the channel layout changed midway
+        chunks = [chunk.mean(axis=0, keepdims=True) for chunk in chunks]
+    y = np.concatenate(chunks, axis=1)[:, skip:]
+    y = y if wanted is None else y[:, :wanted]
     # Mono downmix (channel mean), then soxr's high-quality resampler (librosa's default),
     # several times faster than FFmpeg's default resampler.
+    y = y.mean(axis=0) if y.shape[0] > 1 else y[0]
     if rate != sr:
         y = soxr.resample(y, rate, sr, quality="HQ")
     return np.ascontiguousarray(y, dtype=np.float32)

@@ -17,6 +17,7 @@ import functools
 import math
 import os
 from collections import deque
+from concurrent.futures.process import BrokenProcessPool
 
 import librosa
 import numpy as np
@@ -26,10 +27,11 @@ import scipy.signal
 import torch
 
 from engine.features.audio import HOP, N_FFT, N_MELS, N_MFCC, SR, load_excerpt
-from engine.processes import process_pool
+from engine.processes import discard_shared_pool, shared_pool
 
 CQT_BINS_PER_OCTAVE = 36
 CQT_OCTAVES = 7
+CQT_N_FFT = 512  # librosa's FFT size for these wavelets at every octave
 TUNING_STEPS = np.linspace(-0.5, 0.5, 101)  # librosa.pitch_tuning's histogram edges
 
 
@@ -43,7 +45,8 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
     `workers` processes (default: one per CPU; 0 runs everything in this process) decode a
     few batches ahead. On an accelerator this process computes the features; on the CPU
     each worker computes its own batches too, on one thread, which keeps every core busy
-    with no thread synchronisation. A row does not depend on the rest of its batch.
+    with no thread synchronisation. The workers stay alive for the next call (see
+    `engine.processes.shared_pool`). A row does not depend on the rest of its batch.
     """
     device = torch.device(device) if device is not None else best_device()
     sources = list(sources)
@@ -52,8 +55,8 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
     if device.type == "cpu" and workers > 0 and len(sources) > 1:
         size = max(1, min(batch_size, math.ceil(len(sources) / (2 * workers))))
         starts = range(0, len(sources), size)
-        with process_pool(min(workers, len(starts)), initializer=_one_thread) as pool:
-            chunks = (sources[start : start + size] for start in starts)
+        chunks = (sources[start : start + size] for start in starts)
+        with _pool(workers, _one_thread) as pool:
             for start, rows in zip(starts, pool.map(_cpu_batch, chunks), strict=True):
                 out[start : start + len(rows)] = rows
         return out
@@ -61,6 +64,17 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
         y = torch.from_numpy(np.stack(waves)).to(device)
         out[start : start + len(waves)] = batch_features(y).cpu().numpy()
     return out
+
+
+@contextlib.contextmanager
+def _pool(workers: int, initializer=None):
+    """The shared pool of `workers` processes; dropped if a worker died under it."""
+    pool = shared_pool(workers, initializer)
+    try:
+        yield pool
+    except BrokenProcessPool:
+        discard_shared_pool(pool)
+        raise
 
 
 def _one_thread():
@@ -88,14 +102,18 @@ def _decoded_batches(sources, batch_size, workers):
         for start in range(0, len(sources), batch_size):
             yield start, [load_excerpt(s) for s in sources[start : start + batch_size]]
         return
-    with process_pool(min(workers, len(sources))) as pool:
-        pending: deque = deque()
-        ahead = iter(sources)
-        for start in range(0, len(sources), batch_size):
-            while len(pending) < min(len(sources) - start, 3 * batch_size):
-                pending.append(pool.submit(load_excerpt, next(ahead)))
-            n = min(batch_size, len(sources) - start)
-            yield start, [pending.popleft().result() for _ in range(n)]
+    pending: deque = deque()
+    try:
+        with _pool(workers) as pool:
+            ahead = iter(sources)
+            for start in range(0, len(sources), batch_size):
+                while len(pending) < min(len(sources) - start, 3 * batch_size):
+                    pending.append(pool.submit(load_excerpt, next(ahead)))
+                n = min(batch_size, len(sources) - start)
+                yield start, [pending.popleft().result() for _ in range(n)]
+    finally:  # the pool outlives this call: leave it no work nobody will collect
+        for future in pending:
+            future.cancel()
 
 
 @torch.no_grad()
@@ -105,15 +123,38 @@ def batch_features(y: torch.Tensor) -> torch.Tensor:
     y = y.float()
     mix = torch.stft(y, N_FFT, HOP, window=k.hann, return_complex=True, pad_mode="constant")
     parts = torch.stack(_hpss(mix), 1).flatten(0, 1)  # (B*2, F, T): harmonic, percussive
-    y2 = torch.istft(parts, N_FFT, HOP, window=k.hann, length=y.shape[-1])
+    y2 = _istft(parts, k.hann, y.shape[-1])
     frames = _component_frames(y2, k).unflatten(0, (y.shape[0], 2)).flatten(1, 2)
     return torch.cat([frames.mean(-1), frames.var(-1, unbiased=False), frames.amax(-1)], 1)
+
+
+def _istft(stft: torch.Tensor, window: torch.Tensor, length: int) -> torch.Tensor:
+    """torch.istft(stft, N_FFT, HOP, window, center=True, length=length), written out for
+    a hop of half the window: each output block of HOP samples is the second half of one
+    frame plus the first half of the next (torch's general overlap-add is 4x slower)."""
+    frames = torch.fft.irfft(stft, N_FFT, dim=-2) * window[:, None]  # (C, N_FFT, T)
+    first, second = frames[..., :HOP, :].mT, frames[..., HOP:, :].mT  # (C, T, HOP)
+    blocks = torch.nn.functional.pad(first, (0, 0, 0, 1)) + torch.nn.functional.pad(
+        second, (0, 0, 1, 0)
+    )
+    squared = window**2
+    envelope = torch.zeros(blocks.shape[-2:], device=stft.device)
+    envelope[:-1] += squared[:HOP]
+    envelope[1:] += squared[HOP:]
+    envelope = torch.where(envelope > 1e-11, envelope, 1.0)
+    y = (blocks / envelope).flatten(-2)
+    return y[..., N_FFT // 2 : N_FFT // 2 + length]
+
+
+def _power(z: torch.Tensor) -> torch.Tensor:
+    """|z|**2 of a complex tensor (torch's complex abs is several times slower on the CPU)."""
+    return z.real**2 + z.imag**2
 
 
 def _hpss(stft: torch.Tensor):
     """librosa.decompose.hpss: 31-bin median filters across time and frequency, soft masks
     of power 2 (margin 1, so frames silent in both get 0.5 each)."""
-    mag = stft.abs()
+    mag = stft.abs()  # (as librosa: its rounding decides ZCR in near-silent stretches)
     harm = _median(mag, dim=-1)
     perc = _median(mag, dim=-2)
     z = torch.maximum(harm, perc)
@@ -145,8 +186,10 @@ def _median(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
 
 def _component_frames(y: torch.Tensor, k) -> torch.Tensor:
     """(C, N) component waveforms -> (C, 190, T) frame features in Table I order."""
-    mag = torch.stft(y, N_FFT, HOP, window=k.hann, return_complex=True, pad_mode="constant").abs()
-    power = mag**2
+    power = _power(
+        torch.stft(y, N_FFT, HOP, window=k.hann, return_complex=True, pad_mode="constant")
+    )
+    mag = power.sqrt()
     mel = k.mel @ power
     mfcc = k.dct @ _db(mel, top_db=80.0)
     deltas = _deltas(mfcc, k.savgol)
@@ -156,10 +199,8 @@ def _component_frames(y: torch.Tensor, k) -> torch.Tensor:
     cumulative = mag.cumsum(-2)
     above = cumulative >= 0.85 * cumulative[..., -1:, :]
     rolloff = k.freqs[above.int().argmax(-2, keepdim=True)]
-    rms = _frame(y).pow(2).mean(-1).sqrt()[:, None]
-    frames = _frame(y, "edge")
-    signs = torch.signbit(torch.where(frames.abs() <= 1e-10, 0.0, frames))
-    zcr = (signs[..., 1:] != signs[..., :-1]).sum(-1)[:, None] / N_FFT
+    rms = _rms(y)
+    zcr = _zcr(y)
     rows = [
         _db(_chroma_stft(power, k)),
         _db(_chroma_cens(y, k)),
@@ -178,13 +219,30 @@ def _component_frames(y: torch.Tensor, k) -> torch.Tensor:
     return torch.cat(rows, 1)
 
 
-def _frame(y: torch.Tensor, pad_mode: str = "constant") -> torch.Tensor:
-    """Centred frames (C, T, n_fft), as librosa.feature.rms / zero_crossing_rate see them."""
-    if pad_mode == "edge":
-        padded = torch.nn.functional.pad(y[:, None], (N_FFT // 2, N_FFT // 2), "replicate")[:, 0]
-    else:
-        padded = torch.nn.functional.pad(y, (N_FFT // 2, N_FFT // 2))
-    return padded.unfold(-1, N_FFT, HOP)
+def _block_sums(x: torch.Tensor) -> torch.Tensor:
+    """(C, N) -> (C, 1 + N // HOP) sums over each centred frame of N_FFT = 2 * HOP samples
+    (as librosa frames with center=True), from sums over blocks of HOP samples."""
+    frames = 1 + (x.shape[-1] - N_FFT) // HOP
+    x = torch.nn.functional.pad(x, (0, (frames + 1) * HOP - x.shape[-1]))
+    blocks = x.unflatten(-1, (-1, HOP)).sum(-1)
+    return blocks[..., :-1] + blocks[..., 1:]
+
+
+def _rms(y: torch.Tensor) -> torch.Tensor:
+    """librosa.feature.rms(y, frame_length=N_FFT, hop_length=HOP): (C, 1, T)."""
+    padded = torch.nn.functional.pad(y, (N_FFT // 2, N_FFT // 2))
+    return (_block_sums(padded**2) / N_FFT).sqrt()[:, None]
+
+
+def _zcr(y: torch.Tensor) -> torch.Tensor:
+    """librosa.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP): (C, 1, T).
+    Sign changes between neighbours inside each edge-padded frame (|y| <= 1e-10 counts as
+    0, which is positive), over N_FFT; the pair straddling the frame's start is left out."""
+    padded = torch.nn.functional.pad(y[:, None], (N_FFT // 2, N_FFT // 2), "replicate")[:, 0]
+    signs = torch.signbit(torch.where(padded.abs() <= 1e-10, 0.0, padded))
+    changes = torch.nn.functional.pad(signs[:, 1:] != signs[:, :-1], (1, 0)).float()
+    counts = _block_sums(changes) - changes[:, : -N_FFT + 1 : HOP]
+    return counts[:, None] / N_FFT
 
 
 def _db(x: torch.Tensor, top_db: float | None = None) -> torch.Tensor:
@@ -204,17 +262,17 @@ def _norm_length(length: torch.Tensor) -> torch.Tensor:
 def _chroma_stft(power: torch.Tensor, k) -> torch.Tensor:
     """librosa.feature.chroma_stft(S=power): tuning estimated per component, max-normalised."""
     tuning = _estimate_tuning(power, bins_per_octave=12)
-    chroma = k.chroma[tuning] @ power
+    chroma = k.chroma(tuning) @ power
     return chroma / _norm_length(chroma.amax(-2, keepdim=True))
 
 
 def _chroma_cens(y: torch.Tensor, k) -> torch.Tensor:
     """librosa.feature.chroma_cens(y=y): tuning estimated per component, CQT, CENS."""
-    wide = torch.stft(
-        y, 2048, 512, window=k.hann2048, return_complex=True, pad_mode="constant"
-    ).abs()
+    wide = _power(
+        torch.stft(y, 2048, 512, window=k.hann2048, return_complex=True, pad_mode="constant")
+    ).sqrt()
     tuning = _estimate_tuning(wide, bins_per_octave=CQT_BINS_PER_OCTAVE, n_fft=2048)
-    chroma = k.cq_to_chroma @ _cqt(y, tuning, k).abs()
+    chroma = k.cq_to_chroma @ _cqt(y, tuning, k)
     chroma = chroma / _norm_length(chroma.sum(-2, keepdim=True))
     quantised = sum(0.25 * (chroma > step) for step in (0.4, 0.2, 0.1, 0.05))
     smooth = torch.nn.functional.conv1d(
@@ -224,28 +282,28 @@ def _chroma_cens(y: torch.Tensor, k) -> torch.Tensor:
 
 
 def _cqt(y: torch.Tensor, tuning: torch.Tensor, k) -> torch.Tensor:
-    """librosa.cqt (hop 256, C1, 7 octaves of 36 bins): octave by octave from the top, each
-    an STFT (rectangular window) times that octave's wavelet spectra, halving the rate and
-    the hop between octaves."""
+    """|librosa.cqt| (hop 256, C1, 7 octaves of 36 bins): octave by octave from the top,
+    halving the rate and the hop between octaves. librosa takes each octave's rectangular
+    512-sample frames to the FFT and multiplies by the wavelet spectra; that is one linear
+    map of the frame, applied here as one real matmul with its time-domain matrix (no FFT,
+    no complex arithmetic). Every octave uses the same matrix: its frequencies relative to
+    its rate are the top octave's."""
+    filters = k.cqt_filters(tuning)  # (C, 512, 72): real and imaginary parts of 36 bins
+    frames = 1 + y.shape[-1] // HOP
     octaves = []
     hop = HOP
     for octave in range(CQT_OCTAVES):
-        basis = k.cqt_basis(octave, tuning)  # (C, 36, n_fft // 2 + 1)
-        n_fft = (basis.shape[-1] - 1) * 2
-        window = torch.ones(n_fft, device=y.device)
-        spectrum = torch.stft(
-            y, n_fft, hop, window=window, return_complex=True, pad_mode="constant"
-        )
-        # The sparsified wavelet spectra cover a band of about an octave: multiply only it.
-        band = (basis.abs().amax((0, 1)) > 0).nonzero()
-        lo, hi = int(band.min()), int(band.max()) + 1
-        octaves.append(basis[..., lo:hi] @ spectrum[..., lo:hi, :])
+        padded = torch.nn.functional.pad(y, (CQT_N_FFT // 2, CQT_N_FFT // 2))
+        response = padded.unfold(-1, CQT_N_FFT, hop)[:, :frames] @ filters
+        # librosa scales octave j's basis by 2**(j/2) and soxr's halving (scale=True) the
+        # signal by 2**(1/2) per octave: 2**j in all
+        power = response[..., :CQT_BINS_PER_OCTAVE] ** 2 + response[..., CQT_BINS_PER_OCTAVE:] ** 2
+        octaves.append(power.sqrt() * 2.0**octave)
         if octave + 1 < CQT_OCTAVES:
             hop //= 2
-            y = _halve_rate(y, k.halfband) * np.sqrt(2.0)  # soxr's scale=True keeps the energy
-    frames = min(o.shape[-1] for o in octaves)
-    cqt = torch.cat([o[..., :frames] for o in reversed(octaves)], -2)
-    return cqt / k.cqt_lengths[tuning][..., None].sqrt()
+            y = _halve_rate(y, k.halfband)
+    cqt = torch.cat(octaves[::-1], -1).mT  # (C, 252, T), lowest octave first
+    return cqt / k.cqt_lengths(tuning)[..., None].sqrt()
 
 
 def _halve_rate(y: torch.Tensor, taps: torch.Tensor, block: int = 1024) -> torch.Tensor:
@@ -300,7 +358,8 @@ def _estimate_tuning(S: torch.Tensor, bins_per_octave: int, n_fft: int = N_FFT) 
 
 
 class _Kernels:
-    """Every constant matrix of the pipeline, built once per device with librosa/scipy."""
+    """Every constant matrix of the pipeline, built once per device with librosa/scipy; the
+    tuning-dependent ones on first use of a tuning (one of 100 steps, most never occur)."""
 
     def __init__(self, device: torch.device):
         def t(x, dtype=torch.float32):
@@ -313,11 +372,6 @@ class _Kernels:
         self.mel = t(librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=N_MELS))
         self.dct = t(scipy.fft.dct(np.eye(N_MELS), type=2, norm="ortho", axis=0)[:N_MFCC])
         self.savgol = t(_savgol())
-        self.chroma = t(
-            np.stack(
-                [librosa.filters.chroma(sr=SR, n_fft=N_FFT, tuning=s) for s in TUNING_STEPS[:-1]]
-            )
-        )
         freqs64 = librosa.fft_frequencies(sr=SR, n_fft=N_FFT)
         self.poly1 = t(np.linalg.pinv(np.vander(freqs64, 2)))
         self.poly2 = t(np.linalg.pinv(np.vander(freqs64, 3)))
@@ -329,36 +383,51 @@ class _Kernels:
         window = scipy.signal.get_window("hann", 43, fftbins=False)
         self.cens_window = t(window / window.sum())[None, None]
         self.halfband = t(scipy.signal.firwin(255, 0.48, window=("kaiser", 12.0)))
-        self.cqt_lengths = t(
-            [
-                librosa.filters.wavelet_lengths(freqs=_cqt_freqs(s), sr=SR)[0]
-                for s in TUNING_STEPS[:-1]
-            ]
-        )
-        self._cqt_bases: dict[tuple[int, int], torch.Tensor] = {}
+        self._per_tuning: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def cqt_basis(self, octave: int, tuning: torch.Tensor) -> torch.Tensor:
-        """(C, 36, n_fft // 2 + 1) complex wavelet spectra of one octave for each tuning;
-        built on first use (a track's tuning is one of 100 steps, most never occur)."""
+    def _tuned(self, tuning: torch.Tensor, which: int) -> torch.Tensor:
         for step in tuning.unique().tolist():
-            if (octave, step) not in self._cqt_bases:
-                basis = _cqt_octave_basis(octave, TUNING_STEPS[step])
-                self._cqt_bases[octave, step] = torch.as_tensor(basis, device=self.device)
-        return torch.stack([self._cqt_bases[octave, step] for step in tuning.tolist()])
+            if step not in self._per_tuning:
+                self._per_tuning[step] = tuple(
+                    torch.as_tensor(x, dtype=torch.float32, device=self.device)
+                    for x in _tuned_kernels(TUNING_STEPS[step])
+                )
+        return torch.stack([self._per_tuning[step][which] for step in tuning.tolist()])
+
+    def chroma(self, tuning: torch.Tensor) -> torch.Tensor:
+        """(C, 12, n_fft // 2 + 1) chroma filter banks."""
+        return self._tuned(tuning, 0)
+
+    def cqt_filters(self, tuning: torch.Tensor) -> torch.Tensor:
+        """(C, 512, 72) time-domain CQT matrices of one octave (see `_cqt_filters`)."""
+        return self._tuned(tuning, 1)
+
+    def cqt_lengths(self, tuning: torch.Tensor) -> torch.Tensor:
+        """(C, 252) wavelet lengths, for librosa.cqt's scale=True normalisation."""
+        return self._tuned(tuning, 2)
 
 
-def _cqt_octave_basis(octave: int, tuning: float) -> np.ndarray:
-    """One octave's FFT basis as librosa.vqt builds it (sparsified, scaled for the rate)."""
+def _tuned_kernels(tuning: float):
+    chroma = librosa.filters.chroma(sr=SR, n_fft=N_FFT, tuning=tuning)
+    lengths = librosa.filters.wavelet_lengths(freqs=_cqt_freqs(tuning), sr=SR)[0]
+    return chroma, _cqt_filters(tuning), lengths
+
+
+def _cqt_filters(tuning: float) -> np.ndarray:
+    """(512, 72): the top octave's FFT basis as librosa.vqt builds it (sparsified), as a
+    matrix on the time-domain frame: sum_f basis[k, f] * rfft(frame)[f] = frame @ w_k, with
+    w_k[n] = sum_f basis[k, f] exp(-2 pi i f n / 512); real parts, then imaginary parts."""
     bpo = CQT_BINS_PER_OCTAVE
-    freqs = _cqt_freqs(tuning)
-    top = len(freqs) - bpo * octave
-    sr = SR / 2**octave
-    basis, lengths = librosa.filters.wavelet(freqs=freqs[top - bpo : top], sr=sr, gamma=0)
+    freqs = _cqt_freqs(tuning)[-bpo:]
+    basis, lengths = librosa.filters.wavelet(freqs=freqs, sr=SR, gamma=0)
     n_fft = basis.shape[1]
+    assert n_fft == CQT_N_FFT, n_fft
     basis *= lengths[:, None] / n_fft
     spectra = np.fft.fft(basis, n=n_fft, axis=1)[:, : n_fft // 2 + 1]
     spectra = librosa.util.sparsify_rows(spectra, quantile=0.01).toarray()
-    return (spectra * np.sqrt(SR / sr)).astype(np.complex64)
+    spectra = spectra.astype(np.complex64).astype(np.complex128)  # librosa's dtype
+    w = np.fft.fft(spectra, n=n_fft, axis=1).T  # the sum over f, zero above n_fft // 2
+    return np.concatenate([w.real, w.imag], axis=1)
 
 
 def _cqt_freqs(tuning: float) -> np.ndarray:

