@@ -24,7 +24,6 @@ import av
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from sklearn.decomposition import PCA
 from torch import nn
 
 from engine.features import MediaError
@@ -333,6 +332,8 @@ class VideoFeaturizer:
         return int(self.state["video_components"].shape[0])
 
     def fit(self, frames: list[np.ndarray]) -> VideoFeaturizer:
+        from sklearn.decomposition import PCA  # here: decode processes start faster without it
+
         all_frames = np.concatenate(frames).astype(np.float64)
         n = min(self.frame_dims, all_frames.shape[1], all_frames.shape[0] - 1)
         wpca = PCA(n_components=n, whiten=True, svd_solver="full").fit(all_frames)
