@@ -145,6 +145,8 @@ def video(args):
     one = clips[: args.reference_videos]
     dev = device()
     frame_features(clips[0], device=dev)  # load the encoder once
+    # start the decode processes (they stay for later calls), as a long extraction would
+    frame_features_batch(clips[: 2 * (os.cpu_count() or 1)], device=dev)
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     runs = [
         (f"batched ({dev}, {len(clips)} videos)", clips, lambda: frame_features_batch(clips, device=dev)),

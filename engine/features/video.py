@@ -18,6 +18,7 @@ import functools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import av
@@ -27,7 +28,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from engine.features import MediaError
-from engine.processes import process_pool
+from engine.processes import discard_shared_pool, shared_pool
 
 FRAME_PCA_DIMS = 1024
 VIDEO_DIMS = 1024
@@ -227,7 +228,7 @@ def frame_features_batch(
         x, owner = torch.cat(queue), torch.cat(owners)
         done = len(x) if final else len(x) - len(x) % batch_size
         for start in range(0, done, batch_size):
-            feats = _encode(enc, x[start : start + batch_size].to(device, non_blocking=True))
+            feats = _encode(enc, x[start : start + batch_size].to(device))
             videos, counts = owner[start : start + batch_size].unique_consecutive(
                 return_counts=True
             )
@@ -248,24 +249,37 @@ def frame_features_batch(
         run_cnn(final=True)
     for i, parts in enumerate(rows):
         if results[i] is None:
-            results[i] = torch.cat(parts).numpy().astype(np.float32)
+            results[i] = torch.cat(parts).numpy()
     return results
 
 
 def _fitted_videos(paths, size, max_seconds, workers) -> Iterator[np.ndarray | MediaError]:
     """Per path, in order: its frames fitted to the encoder's input, or why there are none.
-    Decoded by `workers` processes a few videos ahead (memory stays bounded)."""
+    Decoded by `workers` processes (kept for the next call) a few videos ahead, so memory
+    stays bounded."""
     job = functools.partial(_fitted_frames, size=size, max_seconds=max_seconds)
     if workers == 0 or len(paths) <= 1:
         yield from map(job, paths)
         return
-    with process_pool(min(workers, len(paths)), initializer=_one_thread) as pool:
-        pending: deque = deque()
+    pool = shared_pool(workers)
+    pending: deque = deque()
+    try:
         ahead = iter(paths)
         for _ in paths:
             while len(pending) < 2 * workers and (path := next(ahead, None)) is not None:
-                pending.append(pool.submit(job, path))
+                pending.append(pool.submit(_in_worker, job, path))
             yield pending.popleft().result()
+    except BrokenProcessPool:  # a worker died (e.g. FFmpeg crashed): start afresh next time
+        discard_shared_pool(pool)
+        raise
+    finally:  # the pool outlives this call: leave it no work nobody will collect
+        for future in pending:
+            future.cancel()
+
+
+def _in_worker(job, path):
+    torch.set_num_threads(1)  # one decode process per core (a shared pool has no initializer)
+    return job(path)
 
 
 def _fitted_frames(path, size: int, max_seconds: float) -> np.ndarray | MediaError:
@@ -285,10 +299,6 @@ def _fitted_frames(path, size: int, max_seconds: float) -> np.ndarray | MediaErr
         return exc
     except Exception as exc:  # noqa: BLE001 - reported with its file; the others go on
         return MediaError(f"{path}: cannot decode video ({type(exc).__name__}: {exc})")
-
-
-def _one_thread():
-    torch.set_num_threads(1)  # one decode process per core; no oversubscription
 
 
 _CHUNK_ELEMENTS = 1 << 24  # padded (videos, frames, dims) values aggregated at once
