@@ -147,9 +147,9 @@ def video(args):
     frame_features(clips[0], device=dev)  # load the encoder once
     # start the decode processes (they stay for later calls), as a long extraction would
     frame_features_batch(clips[: 2 * (os.cpu_count() or 1)], device=dev)
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average before: {load()}")
     runs = [
-        (f"batched ({dev}, {len(clips)} videos)", clips, lambda: frame_features_batch(clips, device=dev)),
+        (f"batched ({dev}, {os.cpu_count()} decode processes)", clips, lambda: frame_features_batch(clips, device=dev)),
         (f"frame_features one by one ({len(one)})", one, lambda: [frame_features(c, device=dev) for c in one]),
     ]  # fmt: skip
     rates = []
@@ -160,10 +160,9 @@ def video(args):
         rates.append(frames / seconds)
         print(
             f"{name:40s} {len(done) / seconds:7.2f} videos/s, {frames / seconds:7.1f} frames/s, "
-            f"{(cpu_seconds() - cpu) / frames:.3f} CPU s/frame"
+            f"{(cpu_seconds() - cpu) / frames:.3f} CPU s/frame  (load {load()})"
         )
     print(f"speed-up batched vs one by one (frames/s): {rates[0] / rates[1]:.1f}x")
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     # the clips last 4-10 s; a music video of the paper's collection ~4 min (240 frames)
     print(f"200K videos of 240 frames at the batched rate: {200_000 * 240 / rates[0] / 3600:.2f} h")
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from engine.extract import _extract_batch, extract_one
+from engine.extract import _extract_batch, extract_folder, extract_one
 from tests.engine.conftest import write_audio
 
 
@@ -24,3 +24,13 @@ def test_batched_extraction_reports_bad_files_and_keeps_the_rest(tmp_path, clips
         assert error is None
         np.testing.assert_allclose(frames, alone_frames, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(music, alone_music, rtol=1e-4, atol=1e-4)
+
+
+def test_extract_folder_on_the_cpu_leaves_bad_files_out(tmp_path, clips):
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    keys, frames, music, errors = extract_folder(
+        [clips[3], bad], workers=1, progress=False, image_size=64, device="cpu"
+    )
+    assert keys == [clips[3]] and len(frames) == 1 and music.shape == (1, 1140)
+    assert [p for p, _ in errors] == [bad] and "cannot open" in errors[0][1]
