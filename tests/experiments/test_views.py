@@ -232,6 +232,30 @@ def test_a_break_separates_the_blocks(client, subject):
     assert shown_position(client, subject) == 4
 
 
+def statements(queries) -> list[str]:
+    """The captured queries less transaction control (BEGIN, COMMIT, savepoints)."""
+    control = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
+    return [q["sql"] for q in queries if not q["sql"].lstrip().upper().startswith(control)]
+
+
+def test_a_question_page_and_an_answer_each_take_a_few_queries(client, subject):
+    """Under load every answer is a POST and a GET (issue 8): 3 + 4 statements, whatever
+    the position; answers do not write the subject row, pages write last_seen once a minute."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    start(client, subject)
+    for position in (1, 2):
+        with CaptureQueriesContext(connection) as page:
+            client.get(url(subject))
+        with CaptureQueriesContext(connection) as posted:
+            assert answer(client, subject, position).status_code == 302
+        assert len(statements(page.captured_queries)) == 3, statements(page.captured_queries)
+        # the subject (locked) with its study, the progress, the question, the answer
+        assert len(statements(posted.captured_queries)) == 4, statements(posted.captured_queries)
+        assert not any(q.startswith("UPDATE") for q in statements(posted.captured_queries))
+
+
 def finish(client, subject):
     start(client, subject)
     for position in range(1, 7):
