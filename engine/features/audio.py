@@ -75,28 +75,35 @@ def decode_audio(
             # Seeks to the keyframe at or before `offset`; the exact start is cut below.
             container.seek(int(offset * av.time_base), any_frame=False)
         wanted = None if duration is None else int(round(duration * rate))
-        chunks: list[np.ndarray] = []
+        # Frames (1024 samples of Vorbis) go into FIFOs in C and come out as one array per
+        # channel layout: per-frame numpy conversions cost more than the decoder itself.
+        fifos: list[av.AudioFifo] = []
         have = 0
         start_time = None
         skip = 0
         try:
-            for frame in container.decode(stream):
-                if start_time is None:
-                    start_time = float(frame.time) if frame.time is not None else 0.0
-                    skip = max(0, int(round((offset - start_time) * rate)))
-                # (channels, samples) each; mixed to mono once at the end (per-frame numpy
-                # calls cost more than the Vorbis decoder itself)
-                frames = [frame] if frame.format.name == "fltp" else convert.resample(frame)
-                for out in frames:
-                    chunks.append(out.to_ndarray())
-                    have += out.samples
+            for packet in container.demux(stream):
+                for frame in stream.codec_context.decode(packet):
+                    if start_time is None:
+                        start_time = float(frame.time) if frame.time is not None else 0.0
+                        skip = max(0, int(round((offset - start_time) * rate)))
+                    frames = [frame] if frame.format.name == "fltp" else convert.resample(frame)
+                    for out in frames:
+                        out.pts = None  # the FIFO checks continuity; the cut below does not
+                        try:
+                            fifos[-1].write(out)
+                        except (IndexError, ValueError):  # first frame, or a new layout
+                            fifos.append(av.AudioFifo())
+                            fifos[-1].write(out)
+                        have += out.samples
                 if wanted is not None and have >= skip + wanted:
                     break
         except av.FFmpegError as exc:
             raise MediaError(f"{source}: cannot decode audio ({exc})") from exc
-    if not chunks:
+    if not fifos:
         raise MediaError(f"{source}: no audio decoded")
-    if len({chunk.shape[0] for chunk in chunks}) > 1:  # the channel layout changed midway
+    chunks = [fifo.read().to_ndarray() for fifo in fifos]  # (channels, samples) each
+    if len(chunks) > 1:  # the channel layout changed midway
         chunks = [chunk.mean(axis=0, keepdims=True) for chunk in chunks]
     y = np.concatenate(chunks, axis=1)[:, skip:]
     y = y if wanted is None else y[:, :wanted]

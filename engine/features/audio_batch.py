@@ -20,6 +20,7 @@ from collections import deque
 from concurrent.futures.process import BrokenProcessPool
 
 import librosa
+import numba
 import numpy as np
 import scipy.fft
 import scipy.ndimage
@@ -322,25 +323,13 @@ def _halve_rate(y: torch.Tensor, taps: torch.Tensor, block: int = 1024) -> torch
 def _estimate_tuning(S: torch.Tensor, bins_per_octave: int, n_fft: int = N_FFT) -> torch.Tensor:
     """librosa.estimate_tuning(S=S) per item of the batch, as indices into TUNING_STEPS:
     piptrack's interpolated peaks above a tenth of the frame maximum between 150 and
-    4000 Hz, the stronger half of them, and the most common deviation from the pitch grid.
-    Peaks are sparse, so the interpolation runs on the peaks only."""
+    4000 Hz, the stronger half of them, and the most common deviation from the pitch grid."""
     # Only bins inside 150..4000 Hz can be peaks; keep one neighbour each side.
     lo, hi = math.ceil(150 * n_fft / SR) - 1, min(math.ceil(4000 * n_fft / SR), S.shape[-2] - 1) + 1
-    floor = 0.1 * S.amax(-2, keepdim=True)
-    S = S[..., lo:hi, :]
-    gated = S * (floor < S)
-    peak = (gated[..., 1:-1, :] > gated[..., :-2, :]) & (gated[..., 1:-1, :] >= gated[..., 2:, :])
-    hz = torch.arange(lo + 1, hi - 1, device=S.device)[:, None] * (SR / n_fft)
-    peak &= (hz >= 150) & (hz < 4000)
-    item, row, frame = peak.nonzero(as_tuple=True)
-    below, centre, above = (S[item, row + d, frame] for d in range(3))
-    a = above + below - 2 * centre
-    b = (above - below) / 2  # also np.gradient's central difference at the peak
-    shift = torch.where(b.abs() < a.abs(), -b / a, 0.0)
-    # float32 like librosa's arrays, except the bin + shift sum (numpy promotes it)
-    pitch = ((row + lo + 1).double() + shift.double()) * (SR / n_fft)
-    mag = centre + 0.5 * b * shift
-    item, mag, pitch = (v.cpu().numpy() for v in (item, mag, pitch.float()))
+    if S.device.type == "cpu":
+        item, pitch, mag = _spectral_peaks_cpu(S.contiguous().numpy(), lo, hi, n_fft)
+    else:
+        item, pitch, mag = (v.cpu().numpy() for v in _spectral_peaks(S, lo, hi, n_fft))
     # librosa.pitch_tuning, in float32 as librosa computes it (the histogram's mode is
     # sensitive to the last bit near its bin edges)
     residual = np.mod(bins_per_octave * np.log2(pitch / np.float32(27.5)), np.float32(1.0))
@@ -355,6 +344,66 @@ def _estimate_tuning(S: torch.Tensor, bins_per_octave: int, n_fft: int = N_FFT) 
         counts, _ = np.histogram(residual[mine][strong], TUNING_STEPS)
         result.append(int(counts.argmax()))  # ties: the first, as numpy's argmax
     return torch.tensor(result, device=S.device)
+
+
+def _spectral_peaks(S: torch.Tensor, lo: int, hi: int, n_fft: int):
+    """piptrack's peaks of S (C, F, T) in bins lo+1 .. hi-2: (item, pitch Hz, magnitude).
+    Peaks are sparse, so the interpolation runs on the peaks only."""
+    floor = 0.1 * S.amax(-2, keepdim=True)
+    S = S[..., lo:hi, :]
+    gated = S * (floor < S)
+    peak = (gated[..., 1:-1, :] > gated[..., :-2, :]) & (gated[..., 1:-1, :] >= gated[..., 2:, :])
+    hz = torch.arange(lo + 1, hi - 1, device=S.device)[:, None] * (SR / n_fft)
+    peak &= (hz >= 150) & (hz < 4000)
+    item, row, frame = peak.nonzero(as_tuple=True)
+    below, centre, above = (S[item, row + d, frame] for d in range(3))
+    a = above + below - 2 * centre
+    b = (above - below) / 2  # also np.gradient's central difference at the peak
+    shift = torch.where(b.abs() < a.abs(), -b / a, 0.0)
+    # float32 like librosa's arrays, except the bin + shift sum (numpy promotes it)
+    pitch = ((row + lo + 1).double() + shift.double()) * (SR / n_fft)
+    mag = centre + 0.5 * b * shift
+    return item, pitch.float(), mag
+
+
+@numba.njit(cache=True, nogil=True)
+def _spectral_peaks_cpu(S, lo, hi, n_fft):  # pragma: no cover - compiled
+    """`_spectral_peaks` in one pass over S (C, F, T) float32, the same float32 operations
+    (tests/engine/test_audio_batch.py checks they agree)."""
+    count, bins, frames = S.shape
+    size = count * frames * ((hi - lo) // 2 + 1)  # peaks are never neighbours
+    items = np.empty(size, np.int64)
+    pitches = np.empty(size, np.float32)
+    mags = np.empty(size, np.float32)
+    floor = np.empty(frames, np.float32)
+    found = 0
+    for i in range(count):
+        for t in range(frames):
+            floor[t] = S[i, 0, t]
+        for f in range(1, bins):
+            for t in range(frames):
+                floor[t] = max(floor[t], S[i, f, t])
+        for t in range(frames):
+            floor[t] *= np.float32(0.1)
+        for f in range(lo + 1, hi - 1):
+            hz = f * (SR / n_fft)
+            if hz < 150 or hz >= 4000:
+                continue
+            for t in range(frames):
+                below, centre, above = S[i, f - 1, t], S[i, f, t], S[i, f + 1, t]
+                g = centre if floor[t] < centre else np.float32(0)
+                gb = below if floor[t] < below else np.float32(0)
+                ga = above if floor[t] < above else np.float32(0)
+                if not (g > gb and g >= ga):
+                    continue
+                a = above + below - np.float32(2) * centre
+                b = (above - below) / np.float32(2)
+                shift = -b / a if abs(b) < abs(a) else np.float32(0)
+                items[found] = i
+                pitches[found] = np.float32((f + np.float64(shift)) * (SR / n_fft))
+                mags[found] = centre + np.float32(0.5) * b * shift
+                found += 1
+    return items[:found], pitches[:found], mags[:found]
 
 
 class _Kernels:

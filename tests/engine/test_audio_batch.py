@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.features.audio import SR, decode_audio, load_excerpt, music_features_naive
-from engine.features.audio_batch import _decoded_batches, music_features_batch
+from engine.features.audio import N_FFT, SR, decode_audio, load_excerpt, music_features_naive
+from engine.features.audio_batch import (
+    _decoded_batches,
+    _one_thread,
+    _power,
+    _spectral_peaks,
+    _spectral_peaks_cpu,
+    music_features_batch,
+)
+from engine.processes import shared_pool
 
 SONGS = sorted(glob.glob("/usr/share/games/fretsonfire/data/songs/sectoid/*/*.ogg"))
 pytestmark = pytest.mark.skipif(
@@ -98,6 +106,26 @@ def test_worker_processes_equal_this_process():
     pooled = music_features_batch(paths, device="cpu", batch_size=2, workers=2)
     here = music_features_batch(paths, device="cpu", batch_size=2, workers=0)
     np.testing.assert_allclose(pooled, here, rtol=1e-5, atol=1e-5)
+
+
+def test_the_pool_outlives_a_call():
+    music_features_batch(SONGS[:2], device="cpu", batch_size=1, workers=2)
+    assert shared_pool(2, _one_thread) is shared_pool(2, _one_thread)
+
+
+@pytest.mark.parametrize("n_fft", [N_FFT, 2048])
+def test_cpu_peak_picking_equals_the_tensor_version(clips, n_fft):
+    """The compiled CPU peak picker of the tuning estimate against the tensor ops that run
+    on an accelerator: the same peaks, pitches and magnitudes, bit for bit."""
+    y = torch.from_numpy(np.stack([wave for wave, _ in clips[:2]]))
+    window = torch.hann_window(n_fft)
+    S = _power(torch.stft(y, n_fft, n_fft // 4, window=window, return_complex=True)).sqrt()
+    lo, hi = int(np.ceil(150 * n_fft / SR)) - 1, int(np.ceil(4000 * n_fft / SR)) + 1
+    tensor = [v.numpy() for v in _spectral_peaks(S, lo, hi, n_fft)]
+    compiled = _spectral_peaks_cpu(S.numpy(), lo, hi, n_fft)
+    assert len(tensor[0]) > 1000
+    for a, b in zip(tensor, compiled, strict=True):  # both in (item, bin, frame) order
+        np.testing.assert_array_equal(a, b)
 
 
 def test_parallel_decoding_keeps_order_and_equals_in_process_decoding():
