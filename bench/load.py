@@ -12,6 +12,9 @@ as a browser would: it opens its link, ticks consent and starts, and answers eve
 after a think time drawn per answer, following the server's redirects, with the CSRF cookie
 and the token from the page. The requests carry `X-Forwarded-Proto: https`, as behind the TLS
 proxy production runs behind (so the secure cookies and HSTS are those of production).
+Like a browser, each subject keeps its connections open between requests (keep-alive) and
+opens a second one for a second request at once. The client runs on the same cores as the
+server, so it is light: a small HTTP/1.1 client on asyncio streams, pages read by regex.
 
 Faults (each on by default, `--no-<fault>` turns it off):
   double   ~5% of answers are posted twice at once (a double click, two tabs)
@@ -87,6 +90,7 @@ class Config:
     think: tuple[float, float] = (0.5, 3.0)
     think_scale: float = 1.0
     workers: int = 0  # 0: gunicorn.conf.py's default
+    threads: int = 0  # per worker; 0: gunicorn.conf.py's default
     database_url: str = DEFAULT_DATABASE_URL
     double: float = 0.05
     refresh: float = 0.05
@@ -109,7 +113,8 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--pairs", type=int, default=0, help="test pairs (default: enough)")
     p.add_argument("--think", type=float, nargs=2, default=(0.5, 3.0), metavar=("MIN", "MAX"))
     p.add_argument("--think-scale", type=float, default=1.0, help="multiplies think times")
-    p.add_argument("--workers", type=int, default=0, help="gunicorn workers (default 2×cores+1)")
+    p.add_argument("--workers", type=int, default=0, help="gunicorn workers (default: cores)")
+    p.add_argument("--threads", type=int, default=0, help="threads per worker (default 6)")
     p.add_argument("--database-url", default=os.environ.get("LOAD_DATABASE_URL", ""))
     for name, share in (("double", 0.05), ("refresh", 0.05), ("back", 0.03), ("abandon", 0.02)):
         p.add_argument(f"--{name}", type=float, default=share, help=f"share (default {share})")
@@ -130,6 +135,7 @@ def parse_args(argv=None) -> Config:
         think=tuple(a.think),
         think_scale=a.think_scale,
         workers=a.workers,
+        threads=a.threads,
         database_url=a.database_url or DEFAULT_DATABASE_URL,
         double=0.0 if a.no_double else a.double,
         refresh=0.0 if a.no_refresh else a.refresh,
@@ -285,8 +291,9 @@ def free_port() -> int:
 class Server:
     """`gunicorn study_site.wsgi` in its own process group, so that a crash takes all of it."""
 
-    def __init__(self, env: dict, port: int, workers: int, log: Path):
-        self.env, self.port, self.workers, self.log = env, port, workers, log
+    def __init__(self, env: dict, port: int, workers: int, threads: int, log: Path):
+        self.env, self.port, self.log = env, port, log
+        self.workers, self.threads = workers, threads
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -303,6 +310,9 @@ class Server:
         ]
         if self.workers:
             command += ["--workers", str(self.workers)]
+        if self.threads:
+            command += ["--threads", str(self.threads)]
+            command += ["--worker-class", "gthread" if self.threads > 1 else "sync"]
         with self.log.open("a") as out:
             self.proc = subprocess.Popen(
                 command,
@@ -483,44 +493,80 @@ class Response:
         return self.status_code in (301, 302, 303, 307, 308) and self.header("location") is not None
 
 
-async def http_request(
-    host: str, port: int, method: str, path: str, headers: dict, body: bytes | None = None
-) -> Response:
-    """One HTTP/1.1 exchange on a connection of its own (`Connection: close`, as gunicorn's
-    sync workers answer anyway). Hand-written because the client shares the machine's cores
-    with the server: httpx took ~7 ms of CPU a request on these cores, this a fraction."""
-    try:
-        return await asyncio.wait_for(_exchange(host, port, method, path, headers, body), 60.0)
-    except (TimeoutError, OSError, EOFError, ValueError, asyncio.LimitOverrunError) as error:
-        raise TransportError(type(error).__name__) from error
+class Connections:
+    """A browser's keep-alive connections to the server: an idle one is reused, another one
+    opens while it is busy (a double click). Written by hand because the client shares the
+    machine's cores with the server: httpx took ~7 ms of CPU a request here, this ~1 ms."""
 
+    ERRORS = (TimeoutError, OSError, EOFError, ValueError, asyncio.LimitOverrunError)
 
-async def _exchange(host, port, method, path, headers, body) -> Response:
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def request(self, method: str, path: str, headers: dict, body: bytes | None):
+        for attempt in (1, 2):
+            streams = self.idle.pop() if self.idle and attempt == 1 else None
+            reused = streams is not None
+            try:
+                if streams is None:
+                    streams = await asyncio.wait_for(
+                        asyncio.open_connection(self.host, self.port), 60.0
+                    )
+                request = self._request(method, path, headers, body)
+                response, keep = await asyncio.wait_for(_exchange(*streams, request), 60.0)
+            except self.ERRORS as error:
+                if streams is not None:
+                    streams[1].close()
+                if reused and _nothing_received(error):
+                    continue  # the server had closed the idle connection: send on a new one
+                raise TransportError(type(error).__name__) from error
+            if keep:
+                self.idle.append(streams)
+            else:
+                streams[1].close()
+            return response
+        raise AssertionError("unreachable")
+
+    def _request(self, method, path, headers, body) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if body is not None:
             lines += [
                 "Content-Type: application/x-www-form-urlencoded",
                 f"Content-Length: {len(body)}",
             ]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        status = int(head[0].split(" ", 2)[1])
-        fields = [line.partition(":") for line in head[1:] if line]
-        response = Response(status, [(k.strip().lower(), v.strip()) for k, _, v in fields], "")
-        length = response.header("content-length")
-        if "chunked" in (response.header("transfer-encoding") or "").lower():
-            content = await _read_chunked(reader)
-        elif length is not None:
-            content = await reader.readexactly(int(length))
-        else:
-            content = await reader.read()
-        response.text = content.decode("utf-8", "replace")
-        return response
-    finally:
-        writer.close()
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+    def close(self):
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+def _nothing_received(error: Exception) -> bool:
+    if isinstance(error, asyncio.IncompleteReadError):
+        return not error.partial
+    return isinstance(error, (ConnectionResetError, BrokenPipeError))
+
+
+async def _exchange(reader, writer, request: bytes) -> tuple[Response, bool]:
+    """Send one request and read its response; (response, whether the connection stays open)."""
+    writer.write(request)
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    fields = [line.partition(":") for line in head[1:] if line]
+    response = Response(status, [(k.strip().lower(), v.strip()) for k, _, v in fields], "")
+    keep = "close" not in (response.header("connection") or "").lower()
+    length = response.header("content-length")
+    if "chunked" in (response.header("transfer-encoding") or "").lower():
+        content = await _read_chunked(reader)
+    elif length is not None:
+        content = await reader.readexactly(int(length))
+    else:
+        content, keep = await reader.read(), False
+    response.text = content.decode("utf-8", "replace")
+    return response, keep
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
@@ -541,11 +587,11 @@ class Browser:
         self.base, self.stats = base, stats
         self.cookies: dict[str, str] = {}
         address = urlparse(base)
-        self.host, self.port = address.hostname, address.port
+        self.connections = Connections(address.hostname, address.port)
         self.origin = "https://" + address.netloc
 
     async def close(self):
-        self.cookies.clear()  # what closing a browser without a cookie store forgets
+        self.connections.close()
 
     def _headers(self, post: bool = False) -> dict:
         headers = {"X-Forwarded-Proto": "https", "User-Agent": "vmstudy-load/1"}
@@ -560,8 +606,8 @@ class Browser:
         self.stats.requests += 1
         body = None if data is None else urlencode(data).encode()
         try:
-            response = await http_request(
-                self.host, self.port, method, path, self._headers(method == "POST"), body
+            response = await self.connections.request(
+                method, path, self._headers(method == "POST"), body
             )
         except TransportError as error:
             self.stats.statuses[str(error)] += 1
@@ -881,7 +927,8 @@ def summarise(config: Config, stats: Stats, ledgers, result, crash_log, elapsed,
         "load client CPU ms per request (shares the cores)": round(
             1000 * stats.client_cpu_s / max(stats.requests, 1), 2
         ),
-        "gunicorn workers": config.workers or f"default ({2 * (os.cpu_count() or 1) + 1})",
+        "gunicorn workers × threads": f"{config.workers or os.cpu_count()} × "
+        + str(config.threads or os.environ.get("WEB_THREADS", 6)),
         "load average 1 min (before / mean during / max / after)": (
             f"{loads[0]:.2f} / {sum(stats.loads) / max(len(stats.loads), 1):.2f} / "
             f"{max(stats.loads, default=0):.2f} / {loads[1]:.2f}"
@@ -927,7 +974,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         port = free_port()
-        server = Server(env, port, config.workers, var_dir / "gunicorn.log")
+        server = Server(env, port, config.workers, config.threads, var_dir / "gunicorn.log")
         server.start()
         stats = Stats()
         load_before = os.getloadavg()[0]

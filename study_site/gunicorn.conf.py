@@ -1,8 +1,8 @@
 """gunicorn settings: `gunicorn -c study_site/gunicorn.conf.py study_site.wsgi` (`make serve`).
 
 BIND             default 127.0.0.1:8000 (put a TLS proxy in front; it sets X-Forwarded-Proto)
-WEB_CONCURRENCY  worker processes; default 2 × cores + 1
-WEB_THREADS      threads per worker; default 1 (sync workers); more: gthread workers
+WEB_CONCURRENCY  worker processes; default one per core
+WEB_THREADS      threads per worker; default 6 (gthread workers); 1: sync workers
 ACCESS_LOG       a path, or "-" for standard output; default: none
 """
 
@@ -10,11 +10,16 @@ import multiprocessing
 import os
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("WEB_CONCURRENCY", 2 * multiprocessing.cpu_count() + 1))
-threads = int(os.environ.get("WEB_THREADS", "1"))
-# Sync workers: a request is a few short queries; the database, not I/O, bounds throughput.
+# A request is CPU in Python and short waits on the database: one process per core keeps the
+# cores busy, a few threads each cover the waits, and gthread workers keep a browser's
+# connection open between its requests (the answer's POST, its redirect's GET, the next
+# answer). On 2 cores shared with PostgreSQL and the load client (bench/load.py, 40 subjects
+# answering without pause) 2 × 6 threads answered 59 answers/s, 3 × 4: 50, 5 sync workers,
+# which close every connection: 24.
+workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count()))
+threads = int(os.environ.get("WEB_THREADS", "6"))
 worker_class = "gthread" if threads > 1 else "sync"
-keepalive = 5  # gthread: a browser's next request (the redirect's GET) reuses its connection
+keepalive = 5  # seconds an idle connection stays open: longer than most think times
 # Import Django (and the analysis stack the admin loads) once, then fork: faster (re)starts.
 preload_app = True
 timeout = 60
