@@ -44,27 +44,38 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
     """(n, 1140) float32 music vectors of file paths or `(waveform, sample_rate)` tuples.
 
     `workers` processes (default: one per CPU; 0 runs everything in this process) decode a
-    few batches ahead. On an accelerator this process computes the features; on the CPU
-    each worker computes its own batches too, on one thread, which keeps every core busy
-    with no thread synchronisation. The workers stay alive for the next call (see
-    `engine.processes.shared_pool`). A row does not depend on the rest of its batch.
+    few batches ahead. On an accelerator this process computes the features, `batch_size`
+    tracks at a time. On the CPU each worker computes its own share too, on one thread,
+    which keeps every core busy with no thread synchronisation, and one track at a time
+    (a track's arrays stay in the core's cache: 4-track batches cost 10% more per track,
+    8-track ones 35%); `batch_size` is then the number of tracks handed to a worker at once.
+    The workers stay alive for the next call (see `engine.processes.shared_pool`). A row
+    does not depend on the rest of its batch.
     """
     device = torch.device(device) if device is not None else best_device()
     sources = list(sources)
     out = np.empty((len(sources), 1140), np.float32)
     workers = os.cpu_count() or 1 if workers is None else workers
-    if device.type == "cpu" and workers > 0 and len(sources) > 1:
+    if device.type == "cpu" and (workers == 0 or len(sources) <= 1):
+        return _cpu_rows(sources) if sources else out
+    if device.type == "cpu":
         size = max(1, min(batch_size, math.ceil(len(sources) / (2 * workers))))
         starts = range(0, len(sources), size)
         chunks = (sources[start : start + size] for start in starts)
         with _pool(workers, _one_thread) as pool:
-            for start, rows in zip(starts, pool.map(_cpu_batch, chunks), strict=True):
+            for start, rows in zip(starts, pool.map(_cpu_rows, chunks), strict=True):
                 out[start : start + len(rows)] = rows
         return out
     for start, waves in _decoded_batches(sources, batch_size, workers):
         y = torch.from_numpy(np.stack(waves)).to(device)
         out[start : start + len(waves)] = batch_features(y).cpu().numpy()
     return out
+
+
+def _cpu_rows(sources) -> np.ndarray:
+    """Decode and compute track by track, in this process, on the CPU."""
+    rows = [batch_features(torch.from_numpy(load_excerpt(s))[None]) for s in sources]
+    return torch.cat(rows).numpy()
 
 
 @contextlib.contextmanager
@@ -91,11 +102,6 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _cpu_batch(sources) -> np.ndarray:
-    waves = np.stack([load_excerpt(s) for s in sources])
-    return batch_features(torch.from_numpy(waves)).numpy()
 
 
 def _decoded_batches(sources, batch_size, workers):
