@@ -203,9 +203,8 @@ def _component_frames(y: torch.Tensor, k) -> torch.Tensor:
     norm1 = mag / _norm_length(mag.sum(-2, keepdim=True))
     centroid = (k.freqs[:, None] * norm1).sum(-2, keepdim=True)
     bandwidth = ((k.freqs[:, None] - centroid) ** 2 * norm1).sum(-2, keepdim=True).sqrt()
-    cumulative = mag.cumsum(-2)
-    above = cumulative >= 0.85 * cumulative[..., -1:, :]
-    rolloff = k.freqs[above.int().argmax(-2, keepdim=True)]
+    cumulative = mag.cumsum(-2)  # non-decreasing: the first bin at 85% is the count below
+    rolloff = k.freqs[(cumulative < 0.85 * cumulative[..., -1:, :]).sum(-2, keepdim=True)]
     rms = _rms(y)
     zcr = _zcr(y)
     rows = [
@@ -333,7 +332,7 @@ def _estimate_tuning(S: torch.Tensor, bins_per_octave: int, n_fft: int = N_FFT) 
     # Only bins inside 150..4000 Hz can be peaks; keep one neighbour each side.
     lo, hi = math.ceil(150 * n_fft / SR) - 1, min(math.ceil(4000 * n_fft / SR), S.shape[-2] - 1) + 1
     if S.device.type == "cpu":
-        item, pitch, mag = _spectral_peaks_cpu(S.contiguous().numpy(), lo, hi, n_fft)
+        item, pitch, mag = _spectral_peaks_cpu(S.mT.contiguous().numpy(), lo, hi, n_fft)
     else:
         item, pitch, mag = (v.cpu().numpy() for v in _spectral_peaks(S, lo, hi, n_fft))
     # librosa.pitch_tuning, in float32 as librosa computes it (the histogram's mode is
@@ -374,33 +373,29 @@ def _spectral_peaks(S: torch.Tensor, lo: int, hi: int, n_fft: int):
 
 @numba.njit(cache=True, nogil=True)
 def _spectral_peaks_cpu(S, lo, hi, n_fft):  # pragma: no cover - compiled
-    """`_spectral_peaks` in one pass over S (C, F, T) float32, the same float32 operations
-    (tests/engine/test_audio_batch.py checks they agree)."""
-    count, bins, frames = S.shape
+    """`_spectral_peaks` in one pass over S laid out (C, T, F), as the STFT gives it, with
+    the same float32 operations; the peaks come frame by frame (tests/engine/
+    test_audio_batch.py checks they are the same)."""
+    count, frames, bins = S.shape
     size = count * frames * ((hi - lo) // 2 + 1)  # peaks are never neighbours
     items = np.empty(size, np.int64)
     pitches = np.empty(size, np.float32)
     mags = np.empty(size, np.float32)
-    floor = np.empty(frames, np.float32)
     found = 0
     for i in range(count):
         for t in range(frames):
-            floor[t] = S[i, 0, t]
-        for f in range(1, bins):
-            for t in range(frames):
-                floor[t] = max(floor[t], S[i, f, t])
-        for t in range(frames):
-            floor[t] *= np.float32(0.1)
-        for f in range(lo + 1, hi - 1):
-            hz = f * (SR / n_fft)
-            if hz < 150 or hz >= 4000:
-                continue
-            for t in range(frames):
-                below, centre, above = S[i, f - 1, t], S[i, f, t], S[i, f + 1, t]
-                g = centre if floor[t] < centre else np.float32(0)
-                gb = below if floor[t] < below else np.float32(0)
-                ga = above if floor[t] < above else np.float32(0)
-                if not (g > gb and g >= ga):
+            column = S[i, t]
+            floor = column[0]
+            for f in range(1, bins):
+                floor = max(floor, column[f])
+            floor *= np.float32(0.1)
+            for f in range(lo + 1, hi - 1):
+                hz = f * (SR / n_fft)
+                below, centre, above = column[f - 1], column[f], column[f + 1]
+                g = centre if floor < centre else np.float32(0)
+                gb = below if floor < below else np.float32(0)
+                ga = above if floor < above else np.float32(0)
+                if not (g > gb and g >= ga) or hz < 150 or hz >= 4000:
                     continue
                 a = above + below - np.float32(2) * centre
                 b = (above - below) / np.float32(2)
