@@ -774,6 +774,9 @@ class Subject:
         """Close the browser (cookies gone), stay away a while, open the link again."""
         self.stats.faults["abandon + return"] += 1
         await browser.close()
+        # A new browser has no history to go Back to (and the old pages' CSRF tokens belong
+        # to the cookie that went with the old one: posting them is refused, rightly, by 403).
+        self.old_forms.clear()
         await asyncio.sleep(self.config.abandon_pause * self.config.think_scale)
         browser = Browser(self.base, self.stats)
         page, _ = await browser.get(self.path)
