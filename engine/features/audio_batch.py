@@ -166,9 +166,16 @@ def _power(z: torch.Tensor) -> torch.Tensor:
 def _hpss(stft: torch.Tensor):
     """librosa.decompose.hpss: 31-bin median filters across time and frequency, soft masks
     of power 2 (margin 1, so frames silent in both get 0.5 each)."""
-    mag = stft.abs()  # (as librosa: its rounding decides ZCR in near-silent stretches)
+    mag = stft.abs()  # as librosa's np.abs
     harm = _median(mag, dim=-1)
     perc = _median(mag, dim=-2)
+    if stft.device.type == "cpu":  # the STFT's own (frame, bin) layout, in one pass
+        contiguous = (x.mT.contiguous().numpy() for x in (stft, harm, perc))
+        return tuple(torch.from_numpy(part).mT for part in _soft_masks_cpu(*contiguous))
+    return _soft_masks(stft, harm, perc)
+
+
+def _soft_masks(stft: torch.Tensor, harm: torch.Tensor, perc: torch.Tensor):
     z = torch.maximum(harm, perc)
     silent = z < torch.finfo(z.dtype).tiny
     z = torch.where(silent, 1.0, z)
@@ -176,6 +183,28 @@ def _hpss(stft: torch.Tensor):
     mask_h = torch.where(silent, 0.5, h / (h + p))
     mask_p = torch.where(silent, 0.5, p / (h + p))
     return stft * mask_h, stft * mask_p
+
+
+@numba.njit(cache=True, nogil=True)
+def _soft_masks_cpu(stft, harm, perc):  # pragma: no cover - compiled
+    """`_soft_masks` elementwise, the same float32 operations (tested against it)."""
+    out_h = np.empty_like(stft)
+    out_p = np.empty_like(stft)
+    tiny = np.finfo(np.float32).tiny
+    flat, flat_h, flat_p = stft.ravel(), harm.ravel(), perc.ravel()
+    res_h, res_p = out_h.ravel(), out_p.ravel()
+    for i in range(flat.size):
+        z = max(flat_h[i], flat_p[i])
+        if z < tiny:
+            mask_h = mask_p = np.float32(0.5)
+        else:
+            h = flat_h[i] / z
+            p = flat_p[i] / z
+            h, p = h * h, p * p
+            mask_h, mask_p = h / (h + p), p / (h + p)
+        res_h[i] = flat[i] * mask_h
+        res_p[i] = flat[i] * mask_p
+    return out_h, out_p
 
 
 def _median(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:

@@ -12,8 +12,11 @@ import torch
 from engine.features.audio import N_FFT, SR, decode_audio, load_excerpt, music_features_naive
 from engine.features.audio_batch import (
     _decoded_batches,
+    _hpss,
+    _median,
     _one_thread,
     _power,
+    _soft_masks,
     _spectral_peaks,
     _spectral_peaks_cpu,
     batch_features,
@@ -134,6 +137,16 @@ def test_cpu_peak_picking_equals_the_tensor_version(clips, n_fft):
     orders = [np.lexsort((v[2], v[1], v[0])) for v in (tensor, compiled)]
     for a, b in zip(tensor, compiled, strict=True):
         np.testing.assert_array_equal(a[orders[0]], b[orders[1]])
+
+
+def test_cpu_soft_masks_equal_the_tensor_version(clips):
+    """HPSS's compiled CPU masking against the tensor ops that run on an accelerator."""
+    y = torch.from_numpy(np.stack([wave for wave, _ in clips[:2]]))
+    stft = torch.stft(y, N_FFT, N_FFT // 2, window=torch.hann_window(N_FFT), return_complex=True)
+    mag = stft.abs()
+    tensor = _soft_masks(stft, _median(mag, dim=-1), _median(mag, dim=-2))
+    for a, b in zip(tensor, _hpss(stft), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_parallel_decoding_keeps_order_and_equals_in_process_decoding():
