@@ -124,7 +124,7 @@ class Command(BaseCommand):
     # --- preparation ----------------------------------------------------------------------
 
     def _prepare(self, opts):
-        from engine.corpus import make_demo_corpus
+        from engine.corpus import DEMO_FEATURES, DEMO_VMNET_CONFIG, make_demo_corpus
 
         corpus = Path(settings.VAR_DIR) / "demo" / "corpus"
         collection = Collection.objects.filter(name=DEMO).first()
@@ -140,11 +140,17 @@ class Command(BaseCommand):
             )  # fmt: skip
             collection = Collection.objects.get(name=DEMO)
 
+        # Settings for a few hundred pairs, the same as bench/corpus_learnability.py's; CCA
+        # sees the same features.
         vmnet, _ = System.objects.get_or_create(
-            collection=collection, name="VM-NET", defaults={"kind": System.Kind.VMNET}
+            collection=collection,
+            name="VM-NET",
+            defaults={"kind": System.Kind.VMNET, "config": DEMO_VMNET_CONFIG},
         )
         System.objects.get_or_create(
-            collection=collection, name="CCA", defaults={"kind": System.Kind.CCA}
+            collection=collection,
+            name="CCA",
+            defaults={"kind": System.Kind.CCA, "config": DEMO_FEATURES},
         )
         study, created = Study.objects.get_or_create(
             slug=DEMO,
