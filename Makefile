@@ -42,8 +42,9 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 # The production server: gunicorn (study_site/gunicorn.conf.py: BIND, default 127.0.0.1:8000;
-# WEB_CONCURRENCY, default 2 × cores + 1) with whitenoise serving the static files. Production
-# settings (HSTS, secure cookies, HTTPS redirect) expect a TLS proxy that sets X-Forwarded-Proto.
+# WEB_CONCURRENCY, default one worker per core; WEB_THREADS, default 6 threads each) with
+# whitenoise serving the static files. Production settings (HSTS, secure cookies, HTTPS
+# redirect) expect a TLS proxy that sets X-Forwarded-Proto.
 serve: export DJANGO_ENV ?= production
 serve: export ACCESS_LOG ?= -
 serve: install
