@@ -63,10 +63,22 @@ def _catch_key(study: Study) -> str | None:
 
 def create_subject(study: Study, external_id: str = "", meta: dict | None = None) -> Subject:
     """A new subject of `study` with its stored questions (and the machines' answers)."""
-    inputs = _plan_inputs(study)
-    catch_key = _catch_key(study)
+    return _create(study, _study_inputs(study), external_id, meta)
+
+
+def create_subjects(study: Study, n: int) -> list[Subject]:
+    inputs = _study_inputs(study)  # read once: the search results are the same for all
+    return [_create(study, inputs) for _ in range(n)]
+
+
+def _study_inputs(study: Study) -> tuple:
+    """What every subject's plan is built from: plan inputs, catch key, pair ids, judges."""
     pair_ids = dict(Pair.objects.filter(collection_id=study.collection_id).values_list("key", "pk"))
-    judges = _machine_judges(study)
+    return _plan_inputs(study), _catch_key(study), pair_ids, _machine_judges(study)
+
+
+def _create(study: Study, study_inputs: tuple, external_id: str = "", meta=None) -> Subject:
+    inputs, catch_key, pair_ids, judges = study_inputs
     for attempt in range(ORDINAL_ATTEMPTS):
         try:
             with transaction.atomic():
@@ -103,10 +115,6 @@ def create_subject(study: Study, external_id: str = "", meta: dict | None = None
             if attempt == ORDINAL_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
-
-
-def create_subjects(study: Study, n: int) -> list[Subject]:
-    return [create_subject(study) for _ in range(n)]
 
 
 def subject_url(subject: Subject, base_url: str) -> str:
