@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from engine import baselines
-from engine.features.video import MusicFeaturizer, VideoFeaturizer
+from engine.features.video import MusicFeaturizer, VideoFeaturizer, best_device
 from engine.metrics import recall_at_k
 from engine.model import VMNet, VMNetConfig
 from engine.train import TrainConfig, train_vmnet
@@ -71,13 +71,13 @@ class TrainedSystem:
 
     def embed(self, frames: list[np.ndarray], music: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """L2-normalised (n, d) video and music embeddings."""
-        v = self.video_featurizer.transform(frames)
+        device = next(self.model.parameters()).device if self.model else best_device()
+        v = self.video_featurizer.transform(frames, device)
         m = self.music_featurizer.transform(music)
         if self.kind != "vmnet":
             return baselines.project(self.projection, "video", v), baselines.project(
                 self.projection, "music", m
             )
-        device = next(self.model.parameters()).device
         self.model.eval()
         with torch.no_grad():
             ve = self.model.embed_video(torch.from_numpy(v).to(device))
@@ -155,9 +155,10 @@ def train_system(
         train.frames
     )
     mf = MusicFeaturizer().fit(train.music)
-    v, m = vf.transform(train.frames), mf.transform(train.music)
+    device = best_device(train_config.device)  # whitening and PCA of every frame: on the GPU
+    v, m = vf.transform(train.frames, device), mf.transform(train.music)
     val_vectors = (
-        (vf.transform(val.frames), mf.transform(val.music))
+        (vf.transform(val.frames, device), mf.transform(val.music))
         if val is not None and len(val)
         else None
     )
