@@ -44,7 +44,7 @@ DEMO_VMNET_CONFIG = DEMO_FEATURES | {
     "lr": 1e-3,
     "weight_decay": 0.05,
     "batch_size": 300,
-    "top_k": 10,
+    "top_k": 30,
     "max_epochs": 150,
     "patience": 40,
 }
@@ -121,19 +121,22 @@ def _envelope(y: np.ndarray, n_frames: int) -> np.ndarray:
 
 
 def picture_style(s: dict) -> dict:
-    """What the picture shows, from the music's style: one linear link, three that are not.
+    """What the picture shows, from the music's style: one coarse linear link, three that
+    are not linear at all.
 
-    - stripes: the number of radial stripes grows with the timbre (linear);
+    - stripes: 3, 6, 9 or 12 radial stripes as the timbre brightens (linear, coarse);
     - disc: size of the central disc, V-shaped in loudness (smallest at mid loudness);
-    - level: brightness, V-shaped in tempo (darkest at 120 BPM);
-    - hue: red .. green .. blue with (drums - 1/2) * (loudness - mid): loud songs redden
-      with drums, quiet ones turn blue (an interaction: neither alone says anything).
+    - level: brightness from (tempo - 120) * (timbre - 1/2): fast songs brighten with a
+      bright timbre, slow ones darken with it (an interaction);
+    - hue: red .. green .. blue from (drums - 1/2) * (loudness - mid): loud songs redden
+      with drums, quiet ones turn blue (an interaction).
     """
-    drums, loud = 2 * s["drums"] - 1, (s["loudness"] - 0.575) / 0.325  # both -1..1
+    drums, loud = 2 * s["drums"] - 1, (s["loudness"] - 0.575) / 0.325  # all -1..1
+    tempo, timbre = (s["tempo"] - 120.0) / 50.0, 2 * s["timbre"] - 1
     return {
-        "stripes": 2 + int(s["timbre"] * 14),
+        "stripes": 3 + 3 * int(round(s["timbre"] * 3)),
         "disc": abs(loud),
-        "level": 0.25 + 0.65 * min(abs(s["tempo"] - 120.0) / 50.0, 1.0),
+        "level": 0.575 + 0.325 * tempo * timbre,
         "hue": 0.31 - 0.31 * drums * loud,
     }
 

@@ -11,7 +11,7 @@ from engine.corpus import DEMO_FEATURES, DEMO_VMNET_CONFIG, make_demo_corpus, pi
 from engine.extract import extract_folder
 from engine.pipeline import Features, evaluate, train_system
 
-CACHE_KEY = "engine/demo-corpus-v2"  # bump when the corpus changes
+CACHE_KEY = "engine/demo-corpus-v3"  # bump when the corpus changes
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_only_the_stripes_follow_a_music_parameter_linearly():
                 name,
             )
     stripes = [p["stripes"] for p in pictures]
-    assert np.corrcoef(stripes, music["timbre"])[0, 1] > 0.95
+    assert np.corrcoef(stripes, music["timbre"])[0, 1] > 0.9
 
 
 @pytest.mark.slow
