@@ -68,8 +68,13 @@ def test_vmnet_learns_what_cca_cannot(demo_features):
     held_out = demo_features.subset(list(order[300:]))
     vmnet = evaluate(train_system("vmnet", train, val, DEMO_VMNET_CONFIG), held_out)
     cca = evaluate(train_system("cca", train, val, DEMO_FEATURES), held_out)
+    pls = evaluate(train_system("pls", train, val, DEMO_FEATURES), held_out)
     chance = vmnet["chance"]  # R@1 0.01, R@10 0.1 for 100 pairs
+    # Measured on two corpora (seed 0 at 10 s, seed 1 at 8 s; training seeds 0-2): VM-NET
+    # R@10 0.43-0.60 and R@1 0.06-0.12, CCA R@10 0.21-0.25, PLS 0.27-0.37. The thresholds
+    # leave room for other seeds and machines.
     for direction in ("V2M", "M2V"):
         assert vmnet[direction]["R@10"] > 3.5 * chance["R@10"], (vmnet, cca)
         assert vmnet[direction]["R@10"] > cca[direction]["R@10"] + 0.15, (vmnet, cca)
+        assert vmnet[direction]["R@10"] > pls[direction]["R@10"] + 0.05, (vmnet, pls)
         assert vmnet[direction]["R@1"] > 4 * chance["R@1"], (vmnet, cca)
