@@ -4,9 +4,10 @@ Each clip draws style parameters (tempo, key, mode, timbre, drum density, loudne
 music is synthesised from them (a chord loop in the key and mode over a tonic bass,
 harmonics set by the timbre, kick and hi-hat by the drum density, RMS level by the
 loudness); the picture is an audio-reactive visual driven by the same parameters and by the
-audio's envelope (`picture_style`). Only one link is linear (stripes from timbre); the
-others are V-shaped (disc size in loudness, brightness in tempo) or an interaction (hue from
-drums times loudness), so a small non-linear model trained on a few hundred pairs matches
+audio's envelope (`picture_style`). Only one link is linear, and coarse (stripes from
+timbre); the others are V-shaped (disc size in loudness) or interactions (brightness from
+tempo times timbre, hue from drums times loudness), so a small non-linear model trained on a
+few hundred pairs matches
 music to picture far better than a linear map (CCA, PLS) of the same features, while each
 music parameter stays linearly readable from the music features. The files are real MP4s
 (H.264 + AAC) written with PyAV, so every part of the engine runs on them as on the user's
