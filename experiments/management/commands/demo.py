@@ -31,7 +31,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--no-serve", action="store_true", help="Prepare, print, and exit.")
-        parser.add_argument("--pairs", type=int, default=200, help="Music videos to generate.")
+        parser.add_argument("--pairs", type=int, default=400, help="Music videos to generate.")
         parser.add_argument(
             "--test",
             type=int,
@@ -126,13 +126,15 @@ class Command(BaseCommand):
     def _prepare(self, opts):
         from engine.corpus import DEMO_FEATURES, DEMO_VMNET_CONFIG, make_demo_corpus
 
+        call_command("migrate", "--noinput", verbosity=0)  # a fresh machine has no tables
         corpus = Path(settings.VAR_DIR) / "demo" / "corpus"
         collection = Collection.objects.filter(name=DEMO).first()
         ready = collection and collection.pairs.filter(status=Pair.Status.READY).count()
         if not ready:
             if len(list(corpus.glob("*.mp4"))) < opts["pairs"]:
                 self.stdout.write(f"Generating {opts['pairs']} synthetic music videos in {corpus}")
-                make_demo_corpus(corpus, opts["pairs"], seed=0)
+                # 8 s clips: enough to judge a match, and the demo stays within minutes.
+                make_demo_corpus(corpus, opts["pairs"], seed=0, duration=8.0)
             # The synthetic clips are 160x120: a 112-px CNN input loses nothing and is 7x faster.
             call_command(
                 "import_collection", DEMO, str(corpus), "--test", str(opts["test"]),
