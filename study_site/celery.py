@@ -22,6 +22,14 @@ def _remember_pool_size(sender=None, **_):
     os.environ["STUDY_WORKER_POOL_SIZE"] = str(getattr(sender, "concurrency", None) or 1)
 
 
+@worker_init.connect
+def _compile_before_forking(**_):
+    """Pool processes inherit the compiled music features instead of compiling them at once."""
+    from engine.features.audio import warm_numba_cache
+
+    warm_numba_cache()
+
+
 @worker_process_init.connect
 def _share_cores_among_pool_processes(**_):
     """A forked pool process inherits torch's thread pool in a state that runs training many

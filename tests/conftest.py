@@ -18,6 +18,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """In the controlling process, before the xdist workers start: compile the music
+    features' numba functions once, so the workers read numba's cache instead of writing
+    it at the same time (concurrent writes can pair files that crash a reader)."""
+    if not hasattr(config, "workerinput"):
+        from engine.features.audio import warm_numba_cache
+
+        warm_numba_cache()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -29,6 +29,7 @@ rounding (see tests/engine/test_audio_batch.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -199,6 +200,21 @@ def music_features(source) -> np.ndarray:
 
     with one_torch_thread():  # one track gains little from threads, and loses much on a busy CPU
         return music_features_batch([source], device="cpu", workers=0)[0]
+
+
+@functools.cache
+def warm_numba_cache() -> None:
+    """Compile every numba function the music features use (librosa's and ours), or load it
+    from numba's on-disk cache, once in this process.
+
+    Call it before starting processes that compute music features: numba's cache files can
+    be corrupted when several processes compile the same gufunc at once, and a process that
+    loads such a pair crashes (numba issue #10128). Once the cache is written, the processes
+    only read it.
+    """
+    noise = np.random.default_rng(0).standard_normal(SR).astype(np.float32) * 0.1
+    music_features((noise, SR))
+    music_features_naive((noise, SR))
 
 
 def music_features_naive(source) -> np.ndarray:
