@@ -39,8 +39,6 @@ def extract_one(path, encoder="efficientnet-lite0", pretrained=True, image_size=
 def _safe(path, kwargs):
     try:
         return path, extract_one(path, **kwargs), None
-    except MediaError as exc:
-        return path, None, str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
         return path, None, _message(path, exc)
 
