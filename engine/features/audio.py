@@ -21,9 +21,9 @@ kernels).
 tensor implementation of the maths): one STFT of the mixture for HPSS, one inverse STFT
 and one re-analysis STFT per component (a masked STFT is not a consistent one; this is
 what the features of y_h / y_p really see), every spectral feature derived from it, and
-librosa's multirate CQT for chroma-CENS, computed on the CPU one track at a time. `music_features_naive` is the straightforward
-version (each librosa feature call computes its own transforms), kept as the test oracle
-and the benchmark baseline; on real music every feature group agrees with it to float32
+librosa's multirate CQT for chroma-CENS, computed on the CPU one track at a time.
+`music_features_naive` is the straightforward version (each librosa feature call computes
+its own transforms), kept as the test oracle and the benchmark baseline; on real music every feature group agrees with it to float32
 rounding (see tests/engine/test_audio_batch.py).
 """
 
