@@ -239,7 +239,7 @@ def test_logins_are_locked_after_repeated_failures(settings):
 
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
-def test_participant_pages_run_their_scripts_without_csp_violations(live_server):
+def test_participant_pages_run_their_scripts_without_csp_violations(live_server, monkeypatch):
     from tests.experiments.test_browser import CHROMIUM, CHROMIUM_ARGS
 
     if not os.path.exists(CHROMIUM):
@@ -248,7 +248,7 @@ def test_participant_pages_run_their_scripts_without_csp_violations(live_server)
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's sync API loop
     study = make_study(per_type=1)
     subject = make_subject(study)
     violations, errors = [], []
