@@ -21,6 +21,7 @@ from django.http import (
     HttpResponse,
     HttpResponseBadRequest,
     HttpResponseNotModified,
+    JsonResponse,
     StreamingHttpResponse,
 )
 from django.shortcuts import get_object_or_404, redirect, render
@@ -41,6 +42,7 @@ MTURK_PREVIEW = "ASSIGNMENT_ID_NOT_AVAILABLE"  # MTurk shows the page before the
 LOAD_TIMEOUT_MS = 20_000  # media not loaded by then: the page offers a retry
 ENDED = (Subject.Outcome.FAILED_SOUND, Subject.Outcome.NO_CONSENT)
 LAST_SEEN_EVERY_S = 60  # a GET refreshes `last_seen` at most this often (no write per view)
+STALE = ()  # what `_apply` changed for a POST that is not for the current step: nothing
 
 
 def home(request):
@@ -62,6 +64,15 @@ class Step:
     answered: int = 0
     total: int = 0
     following: Question | None = None  # the next question (its media are prefetched)
+    nearby: dict | None = None  # position → question, around the current one
+
+    def after_answer(self, subject: Subject) -> "Step":
+        """The step once this question is answered, from the questions already read (the
+        answered positions are always 1..n, so the next one is the following position)."""
+        if self.answered + 1 == self.total:
+            return Step("done", answered=self.total, total=self.total)
+        position = self.question.position + 1
+        return _question_step(subject, self.nearby, position, self.answered + 1, self.total)
 
 
 def break_key(question: Question) -> str:
@@ -166,19 +177,25 @@ def current_step(subject: Subject) -> Step:
     if subject.study.sound_check and "passed" not in subject.meta.get("sound_check", {}):
         return Step("sound", answered=answered, total=total)
     with connection.cursor() as cursor:
-        cursor.execute(NEARBY_SQL, [subject.pk, current - 1, current + 1])
+        # Two ahead: after an answer, the next question and the one it prefetches.
+        cursor.execute(NEARBY_SQL, [subject.pk, current - 1, current + 2])
         rows = cursor.fetchall()
-    by_position = {}
+    nearby = {}
     for row in rows:
         question = _QUESTION.instance(row[: len(_QUESTION)])
         question.media_tokens = dict(zip(_TOKENS, row[len(_QUESTION) :], strict=True))
-        by_position[question.position] = question
-    question, previous = by_position[current], by_position.get(current - 1)
+        nearby[question.position] = question
+    return _question_step(subject, nearby, current, answered, total)
+
+
+def _question_step(subject: Subject, nearby: dict, position: int, answered: int, total: int):
+    """The question at `position`, or the break before it where it starts a block."""
+    question, previous = nearby[position], nearby.get(position - 1)
     starts_block = previous is not None and previous.direction != question.direction
     passed = subject.meta.get("steps", {})
     name = "break" if starts_block and break_key(question) not in passed else "question"
-    following = by_position.get(current + 1)
-    return Step(name, question=question, answered=answered, total=total, following=following)
+    following = nearby.get(position + 1)
+    return Step(name, question, answered, total, following=following, nearby=nearby)
 
 
 def subject_path(subject: Subject) -> str:
@@ -206,25 +223,50 @@ def _stale(last_seen, now) -> bool:
 
 
 def _subject_post(request, token):
+    """Apply the POST, then redirect to the subject's page; or, for the page's script
+    (`Accept: application/json`), answer with the next step at once (see `_step_json`)."""
     action = request.POST.get("step", "answer")
     form = AnswerForm(request.POST) if action == "answer" else None
     if form is not None and not form.is_valid():
         get_object_or_404(Subject.objects.only("pk"), token=token)  # an unknown token: 404
         return HttpResponseBadRequest("Not a valid answer: choose A or B.")
+    following = None
     try:
         with transaction.atomic():
             subject = subject_with_study(token, lock=True)
-            step = current_step(subject)
+            step = following = current_step(subject)
             now = timezone.now()
             changed = _apply(request, subject, step, action, form, now)
             if isinstance(changed, HttpResponse):
                 return changed
+            if step.name == "question" and changed is not STALE:
+                following = step.after_answer(subject)
             if changed or _stale(subject.last_seen, now):
                 subject.last_seen = now
                 subject.save(update_fields=[*changed, "last_seen"])
     except IntegrityError:
-        pass  # answered in the meantime, outside the lock: the first answer stands
+        following = None  # answered in the meantime, outside the lock: the first answer stands
+    if "application/json" in request.headers.get("Accept", ""):
+        return JsonResponse(_step_json(subject, following))
     return redirect(subject_path(subject))
+
+
+def _step_json(subject: Subject, step: Step | None) -> dict:
+    """What the question page's script needs to show the next question in place; any other
+    step (or one not known here) is the subject's page to load."""
+    reply = {"step": step.name if step else "unknown", "location": subject_path(subject)}
+    if step and step.name == "question":
+        question = step.question
+        query, a, b = _media_urls(question)
+        reply |= {
+            "position": question.position,
+            "direction": question.direction,
+            "answered": step.answered,
+            "total": step.total,
+            "media": {"query": query, "a": a, "b": b},
+            "prefetch": _media_urls(step.following) if step.following else [],
+        }
+    return reply
 
 
 def _apply(request, subject: Subject, step: Step, action: str, form, now):
@@ -266,7 +308,7 @@ def _apply(request, subject: Subject, step: Step, action: str, form, now):
         return changed
     if step.name == "closed":
         return _render_step(request, subject, step)
-    return []  # a stale or repeated POST: nothing to do but show the current step
+    return STALE  # a stale or repeated POST: nothing to do but show the current step
 
 
 def _names(request, step: Step) -> bool:

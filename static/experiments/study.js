@@ -3,7 +3,8 @@
 // - Question pages: response time, a behaviour log (first play, plays and listening time
 //   per item, blur/focus, visibility, load failures), keys A/B and ←/→, one candidate
 //   playing at a time, optional play-before-answer with a minimum listening time, a load
-//   time limit with a Retry button, one click = one submit.
+//   time limit with a Retry button, one click = one submit; the answer goes in one
+//   request and the next question of the block is shown in place.
 // - Sound check: one tone playing at a time.
 "use strict";
 
@@ -35,23 +36,39 @@
   }
 
   function question(form) {
-    var shownAt = performance.now();
     var media = Array.prototype.slice.call(form.querySelectorAll("audio[data-role], video[data-role]"));
     var buttons = {};
     form.querySelectorAll("button[name=choice]").forEach(function (b) { buttons[b.value] = b; });
     var status = form.querySelector("[data-status]");
     var retry = form.querySelector("[data-retry]");
-    // The behaviour log sent with the answer (exported with it).
-    var log = {
-      plays: {}, listened_ms: {}, first_play_ms: null, first_play: {}, loaded_ms: {},
-      blur: 0, focus: 0, hidden: 0, visible: 0, events: [], errors: [], retries: 0
-    };
     var gated = form.hasAttribute("data-play-before-answer");
     var minListen = Number(form.dataset.minListenMs || 0);
     var loadTimeout = Number(form.dataset.loadTimeoutMs || 20000);
-    var enough = {};
-    var failed = [];
-    var sent = false;
+    // Per question (reset when the next one is shown in place): the behaviour log sent
+    // with the answer (exported with it), what has been heard enough, what failed to load.
+    var shownAt, log, enough, failed, sent, choice, heard, shown = 0;
+
+    function reset() {
+      shownAt = performance.now();
+      log = {
+        plays: {}, listened_ms: {}, first_play_ms: null, first_play: {}, loaded_ms: {},
+        blur: 0, focus: 0, hidden: 0, visible: 0, events: [], errors: [], retries: 0
+      };
+      enough = {};
+      failed = [];
+      sent = false;
+      choice = null;
+      heard = {};
+      shown += 1;
+      media.forEach(function (element) {
+        log.listened_ms[element.dataset.role] = 0;
+        heard[element.dataset.role] = { last: null, playing: false };
+      });
+      Object.keys(buttons).forEach(function (k) { buttons[k].disabled = false; });
+      form.classList.remove("is-sending");
+      if (retry) retry.hidden = true;
+      say("");
+    }
 
     function since() { return Math.round(performance.now() - shownAt); }
 
@@ -84,7 +101,9 @@
     }
 
     function watchLoading(elements) {
+      var question = shown;
       window.setTimeout(function () {
+        if (question !== shown) return; // another question is on show by now
         elements.forEach(function (element) {
           // NETWORK_IDLE with nothing loaded is a browser that waits for a tap (iOS): fine.
           var stuck = element.readyState < 1 && element.networkState !== 1;
@@ -108,20 +127,18 @@
 
     media.forEach(function (element) {
       var role = element.dataset.role;
-      var last = null;
-      var playing = false;
-      log.listened_ms[role] = 0;
       function needed() {
         var duration = element.duration;
         var cap = isFinite(duration) && duration > 0 ? duration * 1000 - 250 : minListen;
         return Math.max(0, Math.min(minListen, cap));
       }
       function count() {
-        if (playing && last !== null) {
-          var step = element.currentTime - last;
+        var state = heard[role];
+        if (state.playing && state.last !== null) {
+          var step = element.currentTime - state.last;
           if (step > 0 && step < 1.5) log.listened_ms[role] += step * 1000; // not a seek
         }
-        last = element.currentTime;
+        state.last = element.currentTime;
         if (log.plays[role] && log.listened_ms[role] >= needed() && !enough[role]) {
           enough[role] = true;
           updateGate();
@@ -134,8 +151,8 @@
         log.plays[role] = (log.plays[role] || 0) + 1;
         if (log.first_play_ms === null) log.first_play_ms = since();
         if (!(role in log.first_play)) log.first_play[role] = since();
-        last = element.currentTime;
-        playing = true;
+        heard[role].last = element.currentTime;
+        heard[role].playing = true;
         if (role !== "query") {
           // One candidate at a time: playing A pauses B and the reverse.
           media.forEach(function (other) {
@@ -148,22 +165,23 @@
         updateGate();
       });
       element.addEventListener("timeupdate", count);
-      element.addEventListener("seeked", function () { last = element.currentTime; });
+      element.addEventListener("seeked", function () { heard[role].last = element.currentTime; });
       element.addEventListener("ended", function () {
         count();
-        playing = false;
+        heard[role].playing = false;
         if (log.plays[role]) { enough[role] = true; updateGate(); }
       });
       element.addEventListener("pause", function () {
         count();
-        playing = false;
-        last = null;
+        heard[role].playing = false;
+        heard[role].last = null;
         var card = element.closest(".candidate");
         if (card) card.classList.remove("is-playing");
       });
-      element.addEventListener("error", function () { fail(element, "error"); });
+      element.addEventListener("error", function () {
+        if (element.getAttribute("src")) fail(element, "error");
+      });
     });
-    watchLoading(media);
 
     document.addEventListener("visibilitychange", function () {
       var hidden = document.visibilityState === "hidden";
@@ -183,6 +201,12 @@
       buttons[key].click(); // a disabled button ignores the click
     });
 
+    // Which button sent the form (the keys click it too): the answer a script-sent POST
+    // carries, and the one a plain submission falls back to.
+    Object.keys(buttons).forEach(function (k) {
+      buttons[k].addEventListener("click", function () { choice = k; });
+    });
+
     form.addEventListener("submit", function (event) {
       if (sent) { event.preventDefault(); return; }
       sent = true;
@@ -193,6 +217,10 @@
       form.elements.response_ms.value = String(since());
       form.elements.behaviour.value = JSON.stringify(log);
       form.classList.add("is-sending");
+      if (window.fetch && window.URLSearchParams && choice) {
+        event.preventDefault();
+        send(choice);
+      }
       // Disable only after the browser has collected the form data (a disabled
       // submitter would drop the choice).
       window.setTimeout(function () {
@@ -200,6 +228,66 @@
       }, 0);
     });
 
+    // The answer in one request: the server replies with the next question, shown here in
+    // place (no page load, its media already prefetched). Anything else (a break, the end,
+    // an error, no connection) is left to the plain form submission and the server's page.
+    function send(letter) {
+      var body = new URLSearchParams(new FormData(form));
+      body.set("choice", letter);
+      window.fetch(form.action, {
+        method: "POST",
+        body: body,
+        credentials: "same-origin",
+        headers: { Accept: "application/json" }
+      }).then(function (response) {
+        var json = (response.headers.get("Content-Type") || "").indexOf("application/json") === 0;
+        if (!response.ok || !json) throw new Error("HTTP " + response.status);
+        return response.json();
+      }).then(function (next) {
+        if (next.step === "question" && next.direction === form.dataset.direction) showNext(next);
+        else window.location.assign(next.location);
+      }).catch(function () { submitPlainly(letter); });
+    }
+
+    function submitPlainly(letter) {
+      var field = document.createElement("input");
+      field.type = "hidden";
+      field.name = "choice";
+      field.value = letter;
+      form.appendChild(field);
+      form.submit(); // no submit event: straight to the server
+    }
+
+    function showNext(next) {
+      var counter = (form.dataset.counter || "{number} / {total}")
+        .replace("{number}", next.position).replace("{total}", next.total);
+      document.getElementById("counter").textContent = counter;
+      document.title = counter;
+      var bar = document.querySelector("header.progress progress");
+      if (bar) { bar.value = next.answered; bar.textContent = next.answered + " / " + next.total; }
+      form.elements.position.value = String(next.position);
+      form.elements.response_ms.value = "";
+      form.elements.behaviour.value = "";
+      media.forEach(function (element) {
+        var card = element.closest(".candidate");
+        if (card) card.classList.remove("is-playing");
+        element.src = next.media[element.dataset.role];
+      });
+      document.querySelectorAll("link[rel=prefetch]").forEach(function (link) { link.remove(); });
+      next.prefetch.forEach(function (url) {
+        var link = document.createElement("link");
+        link.rel = "prefetch";
+        link.href = url;
+        document.head.appendChild(link);
+      });
+      reset();
+      watchLoading(media);
+      updateGate();
+      window.scrollTo(0, 0);
+    }
+
+    reset();
+    watchLoading(media);
     updateGate();
   }
 

@@ -11,7 +11,7 @@ import pytest
 from experiments.models import Response, Subject
 
 from .factories import make_study, make_subject
-from .test_browser import CHROMIUM, CHROMIUM_ARGS, counter
+from .test_browser import CHROMIUM, CHROMIUM_ARGS, counter, until, wait_for_media
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -56,23 +56,6 @@ def page(browser):
     page.on("pageerror", lambda error: page.errors.append(str(error)))
     yield page
     context.close()
-
-
-def until(page, expression, timeout_ms=10_000):
-    """Poll `expression` from here: the site's CSP forbids the eval that page.wait_for_function
-    needs, and page.evaluate is not subject to it."""
-    for _ in range(timeout_ms // 50):
-        if page.evaluate(expression):
-            return
-        page.wait_for_timeout(50)
-    raise AssertionError(f"still false after {timeout_ms} ms: {expression}")
-
-
-def wait_for_media(page, state=2):
-    until(
-        page,
-        f"Array.from(document.querySelectorAll('audio, video')).every(m => m.readyState >= {state})",
-    )
 
 
 def answer(page, name, then):

@@ -232,6 +232,67 @@ def test_a_break_separates_the_blocks(client, subject):
     assert shown_position(client, subject) == 4
 
 
+def answer_in_place(client, subject, position, choice="a"):
+    """The question page's script: the answer in one request, the next step as JSON."""
+    response = client.post(
+        url(subject), {"choice": choice, "position": position}, headers={"Accept": "application/json"}
+    )
+    assert response.status_code == 200 and response["Content-Type"] == "application/json"
+    return response.json()
+
+
+def page_media(client, subject) -> tuple[list[str], list[str]]:
+    """The media URLs (query, a, b) and the prefetched ones of the page shown now."""
+    html = client.get(url(subject)).content.decode()
+    shown = [
+        re.search(rf'<(?:audio|video) src="([^"]+)" data-role="{role}"', html)[1]
+        for role in ("query", "a", "b")
+    ]
+    return shown, re.findall(r'<link rel="prefetch" href="([^"]+)">', html)
+
+
+def test_the_script_answers_in_one_request_and_gets_the_next_question(client, study, subject):
+    start(client, subject)
+    after_first = answer_in_place(client, subject, 1, "b")
+    assert Response.objects.get().choice == "b"
+    shown, prefetched = page_media(client, subject)  # what a page load would show now
+    assert after_first == {
+        "step": "question",
+        "location": url(subject),
+        "position": 2,
+        "direction": "V2M",
+        "answered": 1,
+        "total": 6,
+        "media": dict(zip(("query", "a", "b"), shown, strict=True)),
+        "prefetch": prefetched,
+    }
+    # A double click or a Back re-post: nothing written, the current question again.
+    assert answer_in_place(client, subject, 1, "a") == after_first
+    assert answer_in_place(client, subject, 2)["position"] == 3
+    assert Response.objects.count() == 2
+
+    # The block's end, the break and the last answer are pages to load.
+    assert answer_in_place(client, subject, 3) == {"step": "break", "location": url(subject)}
+    assert answer_in_place(client, subject, 4) == {"step": "break", "location": url(subject)}
+    client.post(url(subject), {"step": "continue", "position": "4"})
+    assert answer_in_place(client, subject, 4)["direction"] == "M2V"
+    answer_in_place(client, subject, 5)
+    assert answer_in_place(client, subject, 6) == {"step": "done", "location": url(subject)}
+    subject.refresh_from_db()
+    assert subject.completed_at is not None
+    assert Response.objects.count() == 6
+
+
+def test_the_script_gets_errors_as_pages(client, subject):
+    """A refused answer is the same 4xx page as without the script (which then submits the
+    form plainly to show it)."""
+    start(client, subject)
+    json_accept = {"Accept": "application/json"}
+    refused = client.post(url(subject), {"choice": "c", "position": 1}, headers=json_accept)
+    assert refused.status_code == 400
+    assert Response.objects.count() == 0
+
+
 def statements(queries) -> list[str]:
     """The captured queries less transaction control (BEGIN, COMMIT, savepoints)."""
     control = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
@@ -239,8 +300,9 @@ def statements(queries) -> list[str]:
 
 
 def test_a_question_page_and_an_answer_each_take_a_few_queries(client, subject):
-    """Under load every answer is a POST and a GET (issue 8): 3 + 4 statements, whatever
-    the position; answers do not write the subject row, pages write last_seen once a minute."""
+    """Without the page's script every answer is a POST and a GET (issue 8): 3 + 4
+    statements, whatever the position; answers do not write the subject row, pages write
+    last_seen once a minute."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
@@ -254,6 +316,10 @@ def test_a_question_page_and_an_answer_each_take_a_few_queries(client, subject):
         # the subject (locked) with its study, the progress, the question, the answer
         assert len(statements(posted.captured_queries)) == 4, statements(posted.captured_queries)
         assert not any(q.startswith("UPDATE") for q in statements(posted.captured_queries))
+    # With the page's script the answer is the only request, and no more work.
+    with CaptureQueriesContext(connection) as in_place:
+        assert answer_in_place(client, subject, 3)["step"] == "break"
+    assert len(statements(in_place.captured_queries)) == 4, statements(in_place.captured_queries)
 
 
 def finish(client, subject):

@@ -240,7 +240,7 @@ def test_logins_are_locked_after_repeated_failures(settings):
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 def test_participant_pages_run_their_scripts_without_csp_violations(live_server, monkeypatch):
-    from tests.experiments.test_browser import CHROMIUM, CHROMIUM_ARGS
+    from tests.experiments.test_browser import CHROMIUM, CHROMIUM_ARGS, wait_for_media
 
     if not os.path.exists(CHROMIUM):
         if os.environ.get("REQUIRE_BROWSER") == "1":
@@ -266,10 +266,7 @@ def test_participant_pages_run_their_scripts_without_csp_violations(live_server,
         violations += page.evaluate("window.__csp")
         page.get_by_role("button", name="Start").click()
         page.locator("#counter").wait_for()
-        page.wait_for_function(
-            "Array.from(document.querySelectorAll('audio, video')).every(m => m.readyState >= 1)",
-            timeout=10_000,
-        )
+        wait_for_media(page, state=1)
         page.keyboard.press("a")  # the keyboard handler is the page's own JS
         page.locator("#counter", has_text="Question 2 of").wait_for()
         time.sleep(0.2)
