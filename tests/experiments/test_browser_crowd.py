@@ -11,7 +11,7 @@ import pytest
 from experiments.models import Response, Subject
 
 from .factories import make_study, make_subject
-from .test_browser import CHROMIUM, CHROMIUM_ARGS, counter, until, wait_for_media
+from .test_browser import CHROMIUM, CHROMIUM_ARGS, counter, wait_for_media
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

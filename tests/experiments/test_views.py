@@ -235,7 +235,9 @@ def test_a_break_separates_the_blocks(client, subject):
 def answer_in_place(client, subject, position, choice="a"):
     """The question page's script: the answer in one request, the next step as JSON."""
     response = client.post(
-        url(subject), {"choice": choice, "position": position}, headers={"Accept": "application/json"}
+        url(subject),
+        {"choice": choice, "position": position},
+        headers={"Accept": "application/json"},
     )
     assert response.status_code == 200 and response["Content-Type"] == "application/json"
     return response.json()
