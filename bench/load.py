@@ -9,8 +9,10 @@ synthetic collection (pairs without media files: the bench never fetches media) 
 subjects with `create_subject`, and starts `gunicorn study_site.wsgi` with production settings
 (DJANGO_ENV=production, DEBUG off, whitenoise) on a free loopback port. Every subject then acts
 as a browser would: it opens its link, ticks consent and starts, and answers every question
-after a think time drawn per answer, following the server's redirects, with the CSRF cookie
-and the token from the page. The requests carry `X-Forwarded-Proto: https`, as behind the TLS
+after a think time drawn per answer, with the CSRF cookie and the token from the page. Most
+answer as the question page's script does (one POST that gets the next question as JSON,
+shown in place); a share (`--plain`, default 10%) as a browser without JavaScript does (the
+form's POST, then the page it redirects to). The requests carry `X-Forwarded-Proto: https`, as behind the TLS
 proxy production runs behind (so the secure cookies and HSTS are those of production).
 Like a browser, each subject keeps its connections open between requests (keep-alive) and
 opens a second one for a second request at once. The client runs on the same cores as the
@@ -43,8 +45,8 @@ compared with every subject's acknowledged answers:
   different choice exported choice ≠ the acknowledged one
 Each must be 0; the run also fails when a subject could not finish, when a resumed or reloaded
 page showed another question than expected, or when the server's progress went backwards.
-Latency: answer POST sent → next page (after the redirect) fully received, for answers that
-needed no retry; answers that had to wait out the crash are counted apart, with their worst
+Latency: answer POST sent → next question received (the JSON, or the page after the
+redirect; both, and the plain forms' apart), for answers that needed no retry; answers that had to wait out the crash are counted apart, with their worst
 recovery time. Prints one table; `--json PATH` also writes the figures.
 """
 
@@ -89,6 +91,7 @@ class Config:
     pairs: int = 0  # 0: enough for per_type
     think: tuple[float, float] = (0.5, 3.0)
     think_scale: float = 1.0
+    plain: float = 0.1  # share of subjects whose browser runs no script
     workers: int = 0  # 0: gunicorn.conf.py's default
     threads: int = 0  # per worker; 0: gunicorn.conf.py's default
     database_url: str = DEFAULT_DATABASE_URL
@@ -113,6 +116,9 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--pairs", type=int, default=0, help="test pairs (default: enough)")
     p.add_argument("--think", type=float, nargs=2, default=(0.5, 3.0), metavar=("MIN", "MAX"))
     p.add_argument("--think-scale", type=float, default=1.0, help="multiplies think times")
+    p.add_argument(
+        "--plain", type=float, default=0.1, help="share of subjects without script (default 0.1)"
+    )
     p.add_argument("--workers", type=int, default=0, help="gunicorn workers (default: cores)")
     p.add_argument("--threads", type=int, default=0, help="threads per worker (default 6)")
     p.add_argument("--database-url", default=os.environ.get("LOAD_DATABASE_URL", ""))
@@ -134,6 +140,7 @@ def parse_args(argv=None) -> Config:
         pairs=a.pairs,
         think=tuple(a.think),
         think_scale=a.think_scale,
+        plain=a.plain,
         workers=a.workers,
         threads=a.threads,
         database_url=a.database_url or DEFAULT_DATABASE_URL,
@@ -374,6 +381,7 @@ def read_forms(html: str) -> tuple[list[dict], str]:
                 if a.get("method", "").lower() == "post":
                     form = {
                         "action": a.get("action", ""),
+                        "direction": a.get("data-direction", ""),
                         "fields": {},
                         "checks": [],
                         "submits": [],
@@ -445,6 +453,7 @@ class Stats:
     requests: int = 0
     statuses: Counter = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # clean answers, seconds
+    plain_latencies: list[float] = field(default_factory=list)  # those of script-less browsers
     recoveries: list[float] = field(default_factory=list)  # answers that needed retries
     answers_in: int = 0
     problems: Counter = field(default_factory=Counter)
@@ -452,6 +461,7 @@ class Stats:
     faults: Counter = field(default_factory=Counter)
     loads: list[float] = field(default_factory=list)  # 1-minute load average, sampled
     client_cpu_s: float = 0.0  # this process's CPU time while driving the subjects
+    server_cpu_s: dict = field(default_factory=dict)  # gunicorn's and PostgreSQL's
 
     def problem(self, kind: str, detail: str) -> None:
         self.problems[kind] += 1
@@ -593,21 +603,23 @@ class Browser:
     async def close(self):
         self.connections.close()
 
-    def _headers(self, post: bool = False) -> dict:
+    def _headers(self, post: bool = False, script: bool = False) -> dict:
         headers = {"X-Forwarded-Proto": "https", "User-Agent": "vmstudy-load/1"}
         if self.cookies:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         if post:
             headers["Origin"] = self.origin
+        if script:
+            headers["Accept"] = "application/json"
         return headers
 
-    async def _send(self, method: str, path: str, data: dict | None = None) -> Response:
+    async def _send(self, method: str, path: str, data=None, script=False) -> Response:
         """One request; connection failures raise TransportError."""
         self.stats.requests += 1
         body = None if data is None else urlencode(data).encode()
         try:
             response = await self.connections.request(
-                method, path, self._headers(method == "POST"), body
+                method, path, self._headers(method == "POST", script), body
             )
         except TransportError as error:
             self.stats.statuses[str(error)] += 1
@@ -621,12 +633,12 @@ class Browser:
                 self.cookies[name.strip()] = rest.split(";", 1)[0]
         return response
 
-    async def _retrying(self, method: str, path: str, data: dict | None = None):
+    async def _retrying(self, method: str, path: str, data=None, script=False):
         """Send until the server answers with something other than a 5xx; (response, retried)."""
         delay, deadline, retried = 0.2, time.monotonic() + self.RETRY_FOR_S, False
         while True:
             try:
-                response = await self._send(method, path, data)
+                response = await self._send(method, path, data, script)
                 if response.status_code < 500:
                     return response, retried
             except TransportError:
@@ -653,6 +665,19 @@ class Browser:
         page, more = await self.get(local(response.header("location")))
         return page, retried or more
 
+    async def post_in_place(self, path: str, data: dict, form: dict) -> tuple[Page, bool]:
+        """POST an answer as the question page's script does: the next question of the block
+        comes back as JSON and is shown in place; any other step is loaded as a page."""
+        response, retried = await self._retrying("POST", path, data, script=True)
+        if not (response.header("content-type") or "").startswith("application/json"):
+            return Page.parse(response), retried
+        step = json.loads(response.text)
+        if step["step"] != "question" or step["direction"] != form["direction"]:
+            page, more = await self.get(local(step["location"]))
+            return page, retried or more
+        fields = form["fields"] | {"position": str(step["position"])}
+        return Page(response.status_code, "", [form | {"fields": fields}], ""), retried
+
 
 def local(location: str) -> str:
     """A redirect's target as a path on this server."""
@@ -669,6 +694,7 @@ class Subject:
         self.path = f"/s/{token}/"
         self.base, self.config, self.stats, self.rng = base, config, stats, rng
         self.abandons = abandons
+        self.scripted = rng.random() >= config.plain  # the page's script sends the answers
         self.old_forms: list[dict] = []  # earlier question forms, for Back
 
     async def think(self, low: float | None = None, high: float | None = None):
@@ -728,16 +754,20 @@ class Subject:
         await self.think()
         expected = self.ledger.posted.setdefault(position, self.rng.choice("ab"))
         data = dict(page.form["fields"]) | {"choice": expected}
+
+        def send():
+            if self.scripted:
+                return browser.post_in_place(self.path, data, page.form)
+            return browser.post(self.path, data)
+
         start = time.perf_counter()
         if self.rng.random() < self.config.double:
             self.stats.faults["double post"] += 1
-            results = await asyncio.gather(
-                browser.post(self.path, data), browser.post(self.path, data)
-            )
+            results = await asyncio.gather(send(), send())
             next_page = max((page for page, _ in results), key=lambda p: p.progress)
             retried = any(retried for _, retried in results)
         else:
-            next_page, retried = await browser.post(self.path, data)
+            next_page, retried = await send()
         elapsed = time.perf_counter() - start
         if next_page.status >= 400:
             self.stats.problem(f"answer refused ({next_page.status})", next_page.html[:200])
@@ -747,6 +777,8 @@ class Subject:
             self.ledger.acked[position] = expected
             self.stats.answers_in += 1
             (self.stats.recoveries if retried else self.stats.latencies).append(elapsed)
+            if not (retried or self.scripted):
+                self.stats.plain_latencies.append(elapsed)
         elif next_page.progress < position:
             self.stats.problem("progress went backwards", f"{position} → {next_page.progress}")
         else:  # the same question again: the browser will post the same answer once more
@@ -811,6 +843,43 @@ async def sample_load(stats: Stats, every_s: float = 5.0):
         await asyncio.sleep(every_s)
 
 
+class CpuMeter:
+    """CPU seconds the server's processes (gunicorn, PostgreSQL) spend during the run, read
+    from /proc (Linux) once a second: each process's last reading less its first; processes
+    started during the run (a restarted server, new database connections) count from zero.
+    A process's last second before it is killed goes uncounted."""
+
+    KINDS = {"gunicorn": b"gunicorn", "postgres": b"postgres"}
+
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.first: dict[tuple[str, int], float] = self.read()
+        self.last = dict(self.first)
+
+    def read(self) -> dict[tuple[str, int], float]:
+        found = {}
+        for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+            if not name.isdigit():
+                continue
+            try:
+                command = Path(f"/proc/{name}/cmdline").read_bytes()
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            for kind, marker in self.KINDS.items():
+                if marker in command[:200]:
+                    found[kind, int(name)] = (int(fields[11]) + int(fields[12])) / self.tick
+        return found
+
+    async def run(self, every_s: float = 1.0):
+        while True:
+            await asyncio.sleep(every_s)
+            self.last.update(await asyncio.to_thread(self.read))
+
+    def seconds(self, kind: str) -> float:
+        return sum(t - self.first.get(key, 0.0) for key, t in self.last.items() if key[0] == kind)
+
+
 async def drive(config: Config, base: str, tokens: list[str], server: Server, stats: Stats):
     rng = random.Random(config.seed + 1)
     n_abandon = max(1, round(config.abandon * len(tokens))) if config.abandon else 0
@@ -827,6 +896,8 @@ async def drive(config: Config, base: str, tokens: list[str], server: Server, st
         else None
     )
     sampler = asyncio.create_task(sample_load(stats))
+    meter = CpuMeter()
+    metering = asyncio.create_task(meter.run())
     tasks = [asyncio.create_task(s.run()) for s in subjects]
     _, pending = await asyncio.wait(tasks, timeout=config.max_seconds)
     for task in pending:
@@ -839,6 +910,9 @@ async def drive(config: Config, base: str, tokens: list[str], server: Server, st
             error = task.exception()
             stats.problem("client crashed", f"{type(error).__name__}: {error}")
     sampler.cancel()
+    metering.cancel()
+    meter.last.update(meter.read())
+    stats.server_cpu_s = {kind: meter.seconds(kind) for kind in CpuMeter.KINDS}
     if crasher is not None:
         if not crasher.done():
             crasher.cancel()
@@ -895,6 +969,7 @@ def percentile(values: list[float], q: float) -> float:
 def summarise(config: Config, stats: Stats, ledgers, result, crash_log, elapsed, loads) -> dict:
     f = result["figures"]
     ms = [1000 * x for x in stats.latencies]
+    plain_ms = [1000 * x for x in stats.plain_latencies]
     statuses = ", ".join(f"{k}: {v}" for k, v in sorted(stats.statuses.items(), key=str))
     return {
         "subjects": config.subjects,
@@ -923,12 +998,19 @@ def summarise(config: Config, stats: Stats, ledgers, result, crash_log, elapsed,
         "answer→next p95 ms": round(percentile(ms, 95), 1),
         "answer→next p99 ms": round(percentile(ms, 99), 1),
         "answer→next max ms": round(max(ms, default=float("nan")), 1),
+        "answer→next p50 / p99 ms, browsers without script": (
+            f"{percentile(plain_ms, 50):.1f} / {percentile(plain_ms, 99):.1f}"
+        ),
         "answers that waited out the crash": len(stats.recoveries),
         "their worst wait s": round(max(stats.recoveries, default=0.0), 2),
         "answers/s (mean)": round(f["answers acknowledged"] / elapsed, 1),
         "run time s": round(elapsed, 1),
         "load client CPU ms per request (shares the cores)": round(
             1000 * stats.client_cpu_s / max(stats.requests, 1), 2
+        ),
+        "CPU ms per answer: gunicorn / PostgreSQL / load client": " / ".join(
+            f"{1000 * seconds / max(f['answers acknowledged'], 1):.2f}"
+            for seconds in (*stats.server_cpu_s.values(), stats.client_cpu_s)
         ),
         "gunicorn workers × threads": f"{config.workers or os.cpu_count()} × "
         + str(config.threads or os.environ.get("WEB_THREADS", 6)),

@@ -116,7 +116,7 @@ class _Columns:
 
 _SUBJECT, _STUDY = _Columns(Subject, "s"), _Columns(Study, "t")
 _QUESTION = _Columns(
-    Question, "q", ("id", "subject", "position", "direction", "kind_a", "kind_b", "is_catch")
+    Question, "n", ("id", "subject", "position", "direction", "kind_a", "kind_b", "is_catch")
 )
 _TOKENS = ("query_video", "query_music", "a_video", "a_music", "b_video", "b_music")
 _Q, _R, _P = Question._meta.db_table, Response._meta.db_table, Pair._meta.db_table
@@ -124,19 +124,27 @@ SUBJECT_SQL = f"""
     SELECT {_SUBJECT.sql}, {_STUDY.sql}
     FROM {Subject._meta.db_table} s JOIN {Study._meta.db_table} t ON t.id = s.study_id
     WHERE s.token = %s"""
-PROGRESS_SQL = f"""
-    SELECT COUNT(q.id), COUNT(r.id), MIN(CASE WHEN r.id IS NULL THEN q.position END)
-    FROM {_Q} q LEFT JOIN {_R} r ON r.question_id = q.id
-    WHERE q.subject_id = %s"""
-NEARBY_SQL = f"""
-    SELECT {_QUESTION.sql}, pq.video_token AS query_video, pq.music_token AS query_music,
-        pa.video_token AS a_video, pa.music_token AS a_music,
-        pb.video_token AS b_video, pb.music_token AS b_music
-    FROM {_Q} q
-        JOIN {_P} pq ON pq.id = q.query_id
-        JOIN {_P} pa ON pa.id = q.option_a_id
-        JOIN {_P} pb ON pb.id = q.option_b_id
-    WHERE q.subject_id = %s AND q.position BETWEEN %s AND %s"""
+# The plan's state (questions, answered, the first unanswered position) with the questions
+# around that position and their media tokens: the one before (a change of direction starts
+# a block) and two after (the next question, and the one it prefetches once this is answered).
+STEP_SQL = f"""
+    WITH progress AS (
+        SELECT COUNT(q.id) AS total, COUNT(r.id) AS answered,
+            MIN(CASE WHEN r.id IS NULL THEN q.position END) AS current_position
+        FROM {_Q} q LEFT JOIN {_R} r ON r.question_id = q.id
+        WHERE q.subject_id = %s)
+    SELECT p.total, p.answered, p.current_position, {_QUESTION.sql},
+        {", ".join(f"n.{name}" for name in _TOKENS)}
+    FROM progress p LEFT JOIN (
+        SELECT q.*, pq.video_token AS query_video, pq.music_token AS query_music,
+            pa.video_token AS a_video, pa.music_token AS a_music,
+            pb.video_token AS b_video, pb.music_token AS b_music
+        FROM {_Q} q
+            JOIN {_P} pq ON pq.id = q.query_id
+            JOIN {_P} pa ON pa.id = q.option_a_id
+            JOIN {_P} pb ON pb.id = q.option_b_id
+        WHERE q.subject_id = %s
+    ) n ON n.position BETWEEN p.current_position - 1 AND p.current_position + 2"""
 
 
 def subject_with_study(token: str, lock: bool = False) -> Subject:
@@ -157,15 +165,12 @@ def subject_with_study(token: str, lock: bool = False) -> Subject:
 
 
 def current_step(subject: Subject) -> Step:
-    """The subject's current step, in two queries at most (every page and answer asks).
-
-    The plan's state is one aggregate row; the current question is the first unanswered one.
-    It comes with its predecessor (a change of direction starts a block, after a break) and
-    its successor (prefetched), each with its items' media tokens.
-    """
+    """The subject's current step, in one query (every page and answer asks): the current
+    question is the first unanswered one."""
     with connection.cursor() as cursor:
-        cursor.execute(PROGRESS_SQL, [subject.pk])
-        total, answered, current = cursor.fetchone()
+        cursor.execute(STEP_SQL, [subject.pk, subject.pk])
+        rows = cursor.fetchall()
+    total, answered, current = rows[0][:3]
     if subject.outcome in ENDED:
         return Step("ended", answered=answered, total=total)
     if subject.completed_at or (total and current is None):
@@ -176,14 +181,10 @@ def current_step(subject: Subject) -> Step:
         return Step("welcome", answered=answered, total=total)
     if subject.study.sound_check and "passed" not in subject.meta.get("sound_check", {}):
         return Step("sound", answered=answered, total=total)
-    with connection.cursor() as cursor:
-        # Two ahead: after an answer, the next question and the one it prefetches.
-        cursor.execute(NEARBY_SQL, [subject.pk, current - 1, current + 2])
-        rows = cursor.fetchall()
     nearby = {}
     for row in rows:
-        question = _QUESTION.instance(row[: len(_QUESTION)])
-        question.media_tokens = dict(zip(_TOKENS, row[len(_QUESTION) :], strict=True))
+        question = _QUESTION.instance(row[3 : 3 + len(_QUESTION)])
+        question.media_tokens = dict(zip(_TOKENS, row[3 + len(_QUESTION) :], strict=True))
         nearby[question.position] = question
     return _question_step(subject, nearby, current, answered, total)
 

@@ -1,6 +1,8 @@
 """Settings from environment variables, with embedded defaults that work on a bare machine.
 
 DATABASE_URL   default: SQLite at ./var/db.sqlite3 (postgres://… for PostgreSQL)
+DB_PREPARED_STATEMENTS  PostgreSQL: "1" (default) binds parameters on the server and prepares
+               repeated statements; "0" behind a connection pooler in transaction mode
 REDIS_URL      default: redis://localhost:6379/0 (Celery broker and result backend)
 MEDIA_ROOT     default: ./var/media
 SECRET_KEY     default: generated once and kept in ./var/secret_key
@@ -103,6 +105,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     # A file, not memory, so that a Celery worker started by the tests sees the test data.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test_db.sqlite3")}
+elif os.environ.get("DB_PREPARED_STATEMENTS", "1") == "1":
+    # A participant's page or answer runs the same few statements: prepared once per
+    # connection, PostgreSQL plans them once (planning took more CPU than running them).
+    DATABASES["default"]["OPTIONS"] = {"server_side_binding": True, "prepare_threshold": 2}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTHENTICATION_BACKENDS = [

@@ -302,7 +302,7 @@ def statements(queries) -> list[str]:
 
 
 def test_a_question_page_and_an_answer_each_take_a_few_queries(client, subject):
-    """Without the page's script every answer is a POST and a GET (issue 8): 3 + 4
+    """Without the page's script every answer is a POST and a GET (issue 8): 3 + 2
     statements, whatever the position; answers do not write the subject row, pages write
     last_seen once a minute."""
     from django.db import connection
@@ -314,14 +314,14 @@ def test_a_question_page_and_an_answer_each_take_a_few_queries(client, subject):
             client.get(url(subject))
         with CaptureQueriesContext(connection) as posted:
             assert answer(client, subject, position).status_code == 302
-        assert len(statements(page.captured_queries)) == 3, statements(page.captured_queries)
-        # the subject (locked) with its study, the progress, the question, the answer
-        assert len(statements(posted.captured_queries)) == 4, statements(posted.captured_queries)
+        assert len(statements(page.captured_queries)) == 2, statements(page.captured_queries)
+        # the subject (locked) with its study, its step (progress and questions), the answer
+        assert len(statements(posted.captured_queries)) == 3, statements(posted.captured_queries)
         assert not any(q.startswith("UPDATE") for q in statements(posted.captured_queries))
     # With the page's script the answer is the only request, and no more work.
     with CaptureQueriesContext(connection) as in_place:
         assert answer_in_place(client, subject, 3)["step"] == "break"
-    assert len(statements(in_place.captured_queries)) == 4, statements(in_place.captured_queries)
+    assert len(statements(in_place.captured_queries)) == 3, statements(in_place.captured_queries)
 
 
 def finish(client, subject):
