@@ -127,11 +127,13 @@ SUBJECT_SQL = f"""
 # The plan's state (questions, answered, the first unanswered position) with the questions
 # around that position and their media tokens: the one before (a change of direction starts
 # a block) and two after (the next question, and the one it prefetches once this is answered).
+# Responses are matched by subject too, so that no plan reads other subjects' answers (one
+# made while the table was small and unanalysed would scan all of them).
 STEP_SQL = f"""
     WITH progress AS (
         SELECT COUNT(q.id) AS total, COUNT(r.id) AS answered,
             MIN(CASE WHEN r.id IS NULL THEN q.position END) AS current_position
-        FROM {_Q} q LEFT JOIN {_R} r ON r.question_id = q.id
+        FROM {_Q} q LEFT JOIN {_R} r ON r.question_id = q.id AND r.subject_id = %s
         WHERE q.subject_id = %s)
     SELECT p.total, p.answered, p.current_position, {_QUESTION.sql},
         {", ".join(f"n.{name}" for name in _TOKENS)}
@@ -168,7 +170,7 @@ def current_step(subject: Subject) -> Step:
     """The subject's current step, in one query (every page and answer asks): the current
     question is the first unanswered one."""
     with connection.cursor() as cursor:
-        cursor.execute(STEP_SQL, [subject.pk, subject.pk])
+        cursor.execute(STEP_SQL, [subject.pk] * 3)
         rows = cursor.fetchall()
     total, answered, current = rows[0][:3]
     if subject.outcome in ENDED:
