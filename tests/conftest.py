@@ -98,6 +98,19 @@ def subprocess_database_url() -> str:
     return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
 
 
+def start_celery_worker(env: dict, log: Path, name: str, *options: str, **popen):
+    """A real `celery worker` process (one child) on the default and gpu queues, its output
+    appended to `log`."""
+    command = [sys.executable, "-m", "celery", "-A", "study_site", "worker"]
+    command += ["-Q", "default,gpu", "--concurrency", "1", "-l", "info"]
+    command += ["--without-gossip", "--without-mingle", *options]
+    command += ["-n", f"{name}-{uuid.uuid4().hex[:8]}@%h"]
+    with log.open("a") as out:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, **popen
+        )
+
+
 class Worker:
     def __init__(self, proc, log: Path, env: dict):
         self.proc, self.log, self.env = proc, log, env
@@ -114,6 +127,10 @@ def celery_worker(redis_url, media_root, django_db_setup, django_db_blocker, tmp
     with django_db_blocker.unblock():
         db_url = subprocess_database_url()
     app.conf.update(broker_url=redis_url, result_backend=redis_url, task_always_eager=False)
+    # A result backend made before this (by a test that sent a task first) would keep reading
+    # results from the old URL: Celery caches it, so drop it.
+    app._backend_cache = None
+    vars(app._local).pop("backend", None)
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {
         **os.environ,
@@ -123,31 +140,7 @@ def celery_worker(redis_url, media_root, django_db_setup, django_db_blocker, tmp
         "CELERY_ALWAYS_EAGER": "0",
         "PYTHONUNBUFFERED": "1",
     }
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "study_site",
-                "worker",
-                "-Q",
-                "default,gpu",
-                "--concurrency",
-                "1",
-                "-l",
-                "info",
-                "--without-gossip",
-                "--without-mingle",
-                "-n",
-                f"test-{uuid.uuid4().hex[:8]}@%h",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_celery_worker(env, log, name="test")
     try:
         ping.delay("ready").get(timeout=120)
     except Exception:

@@ -217,15 +217,18 @@
       form.elements.response_ms.value = String(since());
       form.elements.behaviour.value = JSON.stringify(log);
       form.classList.add("is-sending");
+      function disable() {
+        Object.keys(buttons).forEach(function (k) { buttons[k].disabled = true; });
+      }
       if (window.fetch && window.URLSearchParams && choice) {
         event.preventDefault();
+        disable();
         send(choice);
+      } else {
+        // Disable only after the browser has collected the form data (a disabled
+        // submitter would drop the choice).
+        window.setTimeout(disable, 0);
       }
-      // Disable only after the browser has collected the form data (a disabled
-      // submitter would drop the choice).
-      window.setTimeout(function () {
-        Object.keys(buttons).forEach(function (k) { buttons[k].disabled = true; });
-      }, 0);
     });
 
     // The answer in one request: the server replies with the next question, shown here in

@@ -162,6 +162,39 @@ def test_a_media_failure_shows_retry_and_is_recorded_with_the_answer(live_server
     assert log["retries"] == 1
 
 
+def test_answers_go_in_place_and_fall_back_to_the_form_without_a_connection(live_server, page):
+    study = make_study(per_type=1)
+    subject = make_subject(study)
+    link = f"{live_server.url}/s/{subject.token}/"
+    page.goto(link)
+    page.get_by_role("button", name="Start").click()
+    wait_for_media(page)
+    page.evaluate("document.querySelector('[data-role=a]').play()")
+    loads = []
+    page.on("framenavigated", lambda frame: loads.append(frame.url))
+    answer(page, "Choose A", "Question 2 of 6")
+    assert loads == []  # the next question is shown in place, with its own media
+    second = subject.questions.get(position=2)
+    shown = page.evaluate("document.querySelector('[data-role=query]').getAttribute('src')")
+    assert shown == f"/m/{second.query.video_token}"
+    wait_for_media(page)
+
+    def no_connection_for_the_script(route):
+        if "application/json" in route.request.headers.get("accept", ""):
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route("**/s/*/", no_connection_for_the_script)
+    answer(page, "Choose B", "Question 3 of 6")
+    assert loads and loads[-1] == link  # the form went plainly: a page load
+    first, again = Response.objects.filter(subject=subject).order_by("question__position")
+    assert (first.choice, again.choice) == ("a", "b")
+    assert first.behaviour["plays"] == {"a": 1}
+    assert again.behaviour["plays"] == {} and again.response_ms > 0  # its own log
+    assert page.errors == []
+
+
 def test_the_prolific_round_trip(live_server, browser):
     study = make_study(
         per_type=1,

@@ -14,9 +14,7 @@ another test started it) cannot take the task in their place.
 import os
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from django.conf import settings
 from experiments.models import SearchResult, Study, System
 from experiments.tasks import prepare_study
 from study_site.celery import app
-from tests.conftest import ROOT, subprocess_database_url
+from tests.conftest import start_celery_worker, subprocess_database_url
 from tests.experiments.test_tasks import make_collection, make_study
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -41,33 +39,8 @@ def start_worker(broker: str, log: Path, visibility_timeout: int) -> subprocess.
         "CELERY_VISIBILITY_TIMEOUT": str(visibility_timeout),
         "PYTHONUNBUFFERED": "1",
     }
-    with log.open("a") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "study_site",
-                "worker",
-                "-Q",
-                "default,gpu",
-                "--concurrency",
-                "1",
-                "-l",
-                "info",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-n",
-                f"crash-{uuid.uuid4().hex[:8]}@%h",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the kill takes the pool too
-        )
+    # its own process group: the kill takes the pool too
+    return start_celery_worker(env, log, "crash", "--without-heartbeat", start_new_session=True)
 
 
 def wait(condition, timeout: float, what: str, log: Path):
