@@ -14,6 +14,7 @@ n^2), and peak memory. A section whose piece cannot be imported prints "n/a: rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import resource
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -97,7 +99,7 @@ def music(args):
     librosa imported, the filter banks of the songs' tunings built. The batched path on a
     CPU uses one process per core; the other two run in this process on one core."""
     from engine.features.audio import music_features, music_features_naive
-    from engine.features.audio_batch import music_features_batch
+    from engine.features.audio_batch import music_features_batch, one_torch_thread
 
     songs = sorted(glob.glob(SONGS))
     if not songs:
@@ -114,12 +116,17 @@ def music(args):
     workers = os.cpu_count() if device().type == "cpu" else 0
     runs = [
         (f"batched ({device()}, {workers} worker processes)", tracks, batched),
-        ("music_features one by one (1 process)", reference, lambda: [music_features(t) for t in reference]),
-        ("music_features_naive (1 process)", reference, lambda: [music_features_naive(t) for t in reference]),
+        ("music_features one by one (1 core)", reference, lambda: [music_features(t) for t in reference]),
+        ("music_features_naive (1 core)", reference, lambda: [music_features_naive(t) for t in reference]),
     ]  # fmt: skip
     for name, done, fn in runs:
         cpu = cpu_seconds()
-        seconds, _ = timed(fn)
+        # The reference is one core's speed (issue 9): no BLAS or torch threads on the other.
+        with contextlib.ExitStack() as one_core:
+            if "1 core" in name:
+                one_core.enter_context(threadpoolctl.threadpool_limits(1))
+                one_core.enter_context(one_torch_thread())
+            seconds, _ = timed(fn)
         rows[name] = (len(done) / seconds, (cpu_seconds() - cpu) / len(done))
         print(
             f"{name:42s} {len(done):3d} tracks {rows[name][0]:6.2f} tracks/s, "

@@ -30,6 +30,7 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 import scipy.signal
+import threadpoolctl
 import torch
 
 from engine.features.audio import HOP, N_FFT, N_MELS, N_MFCC, SR, load_excerpt
@@ -95,7 +96,9 @@ def _pool(workers: int, initializer=None):
 
 
 def _one_thread():
+    """A worker process computes on one thread: torch's, and the BLAS numpy calls."""
     torch.set_num_threads(1)
+    threadpoolctl.threadpool_limits(1)
 
 
 @contextlib.contextmanager
