@@ -149,6 +149,18 @@ STEP_SQL = f"""
     ) n ON n.position BETWEEN p.current_position - 1 AND p.current_position + 2"""
 
 
+_ANSWER = [
+    Response._meta.get_field(name)
+    for name in (
+        "question", "subject", "choice", "chosen_kind", "response_ms", "behaviour", "answered_at"
+    )
+]  # fmt: skip
+# The fields' own conversions (`get_db_prep_save`), without the ORM's per-call SQL compiling.
+INSERT_ANSWER_SQL = f"""
+    INSERT INTO {_R} ({", ".join(field.column for field in _ANSWER)})
+    VALUES ({", ".join(["%s"] * len(_ANSWER))})"""
+
+
 def subject_with_study(token: str, lock: bool = False) -> Subject:
     """The subject behind `token` with its study, in one query (404 if none). With `lock`,
     the subject's row (not its study's: subjects answer in parallel) stays locked until the
@@ -323,14 +335,18 @@ def _record(subject: Subject, step: Step, answer: dict) -> None:
     # No savepoint: under the subject's lock the question is unanswered; should another
     # writer have answered it anyway, the unique constraint fails the whole transaction.
     question = step.question
-    Response.objects.create(
-        question=question,
-        subject=subject,
-        choice=answer["choice"],
-        chosen_kind=question.kind_a if answer["choice"] == "a" else question.kind_b,
-        response_ms=answer["response_ms"],
-        behaviour=answer["behaviour"],
+    values = (
+        question.pk,
+        subject.pk,
+        answer["choice"],
+        question.kind_a if answer["choice"] == "a" else question.kind_b,
+        answer["response_ms"],
+        answer["behaviour"],
+        timezone.now(),
     )
+    params = [f.get_db_prep_save(v, connection) for f, v in zip(_ANSWER, values, strict=True)]
+    with connection.cursor() as cursor:
+        cursor.execute(INSERT_ANSWER_SQL, params)
 
 
 def _sound_trials(subject: Subject) -> list[list[str]]:
