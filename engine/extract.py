@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.features import MediaError
-from engine.features.audio import music_features
+from engine.features.audio import music_features, warm_numba_cache
 from engine.features.audio_batch import music_features_batch
 from engine.features.video import best_device, frame_features, frame_features_batch
 from engine.processes import process_pool
@@ -65,6 +65,7 @@ def extract_folder(paths, workers: int | None = None, progress: bool = True, **k
                 _collect(result, results, errors)
             bar.update(len(step))
     elif workers > 1 and len(paths) > 1:
+        warm_numba_cache()  # the workers then read numba's cache instead of racing to write it
         with process_pool(workers, initializer=_init_worker) as pool:
             futures = [pool.submit(_safe, p, kwargs) for p in paths]
             for fut in as_completed(futures):

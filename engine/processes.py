@@ -15,9 +15,6 @@ def process_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
     forked child cannot use: torch work in such a child hangs. Test runners, Celery workers
     and notebooks are such processes, so every pool that runs torch comes from here.
     """
-    from engine.features.audio import warm_numba_cache
-
-    warm_numba_cache()  # the workers then read numba's cache instead of racing to write it
     context = multiprocessing.get_context("forkserver")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=initializer)
 

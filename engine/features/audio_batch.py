@@ -33,7 +33,15 @@ import scipy.signal
 import threadpoolctl
 import torch
 
-from engine.features.audio import HOP, N_FFT, N_MELS, N_MFCC, SR, load_excerpt
+from engine.features.audio import (
+    HOP,
+    N_FFT,
+    N_MELS,
+    N_MFCC,
+    SR,
+    load_excerpt,
+    warm_numba_cache,
+)
 from engine.processes import discard_shared_pool, shared_pool
 
 CQT_BINS_PER_OCTAVE = 36
@@ -65,6 +73,7 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
     if device.type == "cpu" and (workers == 0 or len(sources) <= 1):
         return _cpu_rows(sources) if sources else out
     if device.type == "cpu":
+        warm_numba_cache()  # the workers then read numba's cache instead of racing to write it
         size = max(1, min(batch_size, math.ceil(len(sources) / (2 * workers))))
         starts = range(0, len(sources), size)
         chunks = (sources[start : start + size] for start in starts)
