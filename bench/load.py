@@ -12,8 +12,9 @@ as a browser would: it opens its link, ticks consent and starts, and answers eve
 after a think time drawn per answer, with the CSRF cookie and the token from the page. Most
 answer as the question page's script does (one POST that gets the next question as JSON,
 shown in place); a share (`--plain`, default 10%) as a browser without JavaScript does (the
-form's POST, then the page it redirects to). The requests carry `X-Forwarded-Proto: https`, as behind the TLS
-proxy production runs behind (so the secure cookies and HSTS are those of production).
+form's POST, then the page it redirects to). The requests carry `X-Forwarded-Proto: https`,
+as behind the TLS proxy production runs behind (so the secure cookies and HSTS are those of
+production).
 Like a browser, each subject keeps its connections open between requests (keep-alive) and
 opens a second one for a second request at once. The client runs on the same cores as the
 server, so it is light: a small HTTP/1.1 client on asyncio streams, pages read by regex.
@@ -46,8 +47,9 @@ compared with every subject's acknowledged answers:
 Each must be 0; the run also fails when a subject could not finish, when a resumed or reloaded
 page showed another question than expected, or when the server's progress went backwards.
 Latency: answer POST sent → next question received (the JSON, or the page after the
-redirect; both, and the plain forms' apart), for answers that needed no retry; answers that had to wait out the crash are counted apart, with their worst
-recovery time. Prints one table; `--json PATH` also writes the figures.
+redirect; both together, the plain forms' also apart, and those 30 s or more away from the
+start and the restart), for answers that needed no retry; answers that had to wait out the
+crash are counted apart, with their worst recovery time. Prints one table; `--json PATH` also writes the figures.
 """
 
 from __future__ import annotations
@@ -453,9 +455,8 @@ class Page:
 class Stats:
     requests: int = 0
     statuses: Counter = field(default_factory=Counter)
-    latencies: list[float] = field(default_factory=list)  # clean answers, seconds
-    plain_latencies: list[float] = field(default_factory=list)  # those of script-less browsers
-    sent_at: list[float] = field(default_factory=list)  # each clean answer's time.monotonic()
+    # answers that needed no retry: (time.monotonic() when sent, seconds, sent by the script)
+    latencies: list[tuple[float, float, bool]] = field(default_factory=list)
     recoveries: list[float] = field(default_factory=list)  # answers that needed retries
     answers_in: int = 0
     problems: Counter = field(default_factory=Counter)
@@ -779,11 +780,10 @@ class Subject:
         if next_page.progress > position:
             self.ledger.acked[position] = expected
             self.stats.answers_in += 1
-            (self.stats.recoveries if retried else self.stats.latencies).append(elapsed)
-            if not retried:
-                self.stats.sent_at.append(sent_at)
-            if not (retried or self.scripted):
-                self.stats.plain_latencies.append(elapsed)
+            if retried:
+                self.stats.recoveries.append(elapsed)
+            else:
+                self.stats.latencies.append((sent_at, elapsed, self.scripted))
         elif next_page.progress < position:
             self.stats.problem("progress went backwards", f"{position} → {next_page.progress}")
         else:  # the same question again: the browser will post the same answer once more
@@ -975,15 +975,15 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarise(config: Config, stats: Stats, ledgers, result, crash_log, elapsed, loads) -> dict:
     f = result["figures"]
-    ms = [1000 * x for x in stats.latencies]
-    plain_ms = [1000 * x for x in stats.plain_latencies]
+    ms = [1000 * seconds for _, seconds, _ in stats.latencies]
+    plain_ms = [1000 * seconds for _, seconds, scripted in stats.latencies if not scripted]
     # Away from the two bursts the run has by design: every subject opening its link at once,
     # and every client retrying after the restart.
+    restarted_at = crash_log.get("restarted_at", -1e9)
     calm = [
-        m
-        for m, at in zip(ms, stats.sent_at, strict=True)
-        if at - stats.started_at >= CALM_AFTER_S
-        and not 0 <= at - crash_log.get("restarted_at", -1e9) < CALM_AFTER_S
+        1000 * seconds
+        for at, seconds, _ in stats.latencies
+        if at - stats.started_at >= CALM_AFTER_S and not 0 <= at - restarted_at < CALM_AFTER_S
     ]
     statuses = ", ".join(f"{k}: {v}" for k, v in sorted(stats.statuses.items(), key=str))
     return {
