@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import csv
 import os
-from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+
+from engine.processes import process_pool
 
 AUDIO_SR = 12_000  # the rate the music features analyse; keeps synthesis and AAC cheap
 FPS = 10
@@ -214,7 +215,9 @@ def make_demo_corpus(
     jobs = [(p, seed * 1_000_003 + i, duration) for i, p in enumerate(paths)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers > 1 and n > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # Not a fork of this process: its live connections (a Celery broker's, say) would be
+        # the children's too, and closing them there hangs.
+        with process_pool(workers) as pool:
             meta = list(pool.map(_make, jobs, chunksize=max(1, n // (4 * workers))))
     else:
         meta = [_make(j) for j in jobs]
