@@ -1,5 +1,6 @@
 """Process pools for the engine's parallel work."""
 
+import ctypes
 import multiprocessing
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -16,7 +17,32 @@ def process_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
     and notebooks are such processes, so every pool that runs torch comes from here.
     """
     context = multiprocessing.get_context("forkserver")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=initializer)
+    return ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(initializer,)
+    )
+
+
+def _start_worker(initializer) -> None:
+    keep_freed_memory()
+    if initializer is not None:
+        initializer()
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed blocks of up to 32 MiB in the heap for the next allocation.
+
+    By default every block over 128 KiB is mapped for the allocation and unmapped when freed,
+    so a worker's large temporaries (a track's spectrograms, a batch of frames) fault their
+    pages in afresh each time: 7-10% of a music worker's CPU time, most of it in the kernel.
+    A worker's resident memory then stays near its peak. Nothing happens without glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    mallopt(m_trim_threshold, 1 << 30)
 
 
 def shared_pool(workers: int, initializer=None) -> ProcessPoolExecutor:

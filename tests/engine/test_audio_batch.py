@@ -149,6 +149,15 @@ def test_cpu_soft_masks_equal_the_tensor_version(clips):
         assert torch.equal(a, b)
 
 
+def test_cpu_power_equals_the_tensor_version(clips):
+    """The compiled |z|**2 against the tensor ops that run on an accelerator, bit for bit,
+    in the STFT's layout and in a plain contiguous one."""
+    y = torch.from_numpy(np.stack([wave for wave, _ in clips[:2]]))
+    stft = torch.stft(y, 2048, 512, window=torch.hann_window(2048), return_complex=True)
+    for z in (stft, stft.contiguous()):
+        assert torch.equal(_power(z), z.real**2 + z.imag**2)
+
+
 def test_parallel_decoding_keeps_order_and_equals_in_process_decoding():
     paths = SONGS[:3]
     batches = list(_decoded_batches(paths, batch_size=2, workers=2))
