@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -36,12 +37,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """A redis-server of our own on a free port; REDIS_URL when no binary is installed."""
+    """A redis-server of our own on a free port; REDIS_URL (a database per xdist worker)
+    when no binary is installed."""
     from study_site.celery import redis_answers
 
     binary = shutil.which("redis-server")
     if binary is None:
         url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        if worker.startswith("gw"):
+            # One server for every xdist worker: a database each (8, 9, …; 6 and 7 are for
+            # test_demo and test_worker_crash), or one session's Celery worker would take
+            # another's tasks and look for their rows in its own test database.
+            url = urlparse(url)._replace(path=f"/{8 + int(worker[2:]) % 8}").geturl()
         if not redis_answers(url):
             pytest.fail(f"no redis-server binary and nothing answers at {url}")
         yield url

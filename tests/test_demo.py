@@ -33,8 +33,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def demo_env(tmp_path, redis_url):
-    # A Redis database of its own, so the session's test worker never takes the demo's tasks.
-    redis_db = redis_url.rsplit("/", 1)[0] + "/7"
+    # A Redis database of its own, so the session's test worker never takes the demo's tasks
+    # (nor the workers of test_worker_crash, on database 7, or the demo's worker theirs).
+    redis_db = redis_url.rsplit("/", 1)[0] + "/6"
     env = {**os.environ, "VAR_DIR": str(tmp_path / "var"), "REDIS_URL": redis_db,
            "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     env.pop("MEDIA_ROOT", None)

@@ -49,7 +49,7 @@ def counter(page) -> str:
     return page.locator("#counter").inner_text()
 
 
-def until(page, expression, timeout_ms=10_000):
+def until(page, expression, timeout_ms=30_000):
     """Poll `expression` from here: the site's CSP forbids the eval that page.wait_for_function
     needs, and page.evaluate is not subject to it."""
     for _ in range(timeout_ms // 50):

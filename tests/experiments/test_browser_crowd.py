@@ -92,6 +92,9 @@ def test_start_unlocks_audio_inside_the_tap_and_one_video_plays_at_a_time(live_s
     answer(page, "Choose A", "Time for a short break")
     answer(page, "Continue", "Question 4 of 6")
     wait_for_media(page)
+    # The clips last 2 s: looping, none ends (and so pauses) on a slow machine before the
+    # checks below read which ones play.
+    page.evaluate("document.querySelectorAll('[data-role]').forEach(m => { m.loop = true; })")
     page.evaluate("document.querySelector('video[data-role=a]').play()")
     page.wait_for_timeout(200)
     page.evaluate("document.querySelector('video[data-role=b]').play()")
@@ -110,7 +113,9 @@ def test_start_unlocks_audio_inside_the_tap_and_one_video_plays_at_a_time(live_s
 
 
 def test_answers_wait_until_each_candidate_has_played_long_enough(live_server, page):
-    study = make_study(per_type=1, play_before_answer=True, min_listen_ms=900)
+    # The clips last 2 s; 1.5 s to hear of each leaves the short play below far from enough
+    # even on a slow machine (the page caps the minimum at the clip's length less 250 ms).
+    study = make_study(per_type=1, play_before_answer=True, min_listen_ms=1500)
     subject = make_subject(study)
     page.goto(f"{live_server.url}/s/{subject.token}/")
     page.get_by_role("button", name="Start").click()
@@ -122,10 +127,10 @@ def test_answers_wait_until_each_candidate_has_played_long_enough(live_server, p
     assert counter(page) == "Question 1 of 6"
 
     play_for(page, "a", 300)
-    play_for(page, "b", 1200)
+    play_for(page, "b", 2300)  # to its end: enough, however slowly the page ran
     assert disabled(page) == [True, True]  # A has played, but not long enough
     assert "Keep listening" in page.locator("[data-status]").inner_text()
-    play_for(page, "a", 900)
+    play_for(page, "a", 2000)  # on from 0.3 s: 1.5 s heard in all well before its end
     page.locator("button[name=choice]:disabled").first.wait_for(state="detached")
     page.evaluate(
         "window.dispatchEvent(new Event('blur')); window.dispatchEvent(new Event('focus'))"
@@ -134,7 +139,7 @@ def test_answers_wait_until_each_candidate_has_played_long_enough(live_server, p
     page.locator("#counter", has_text="Question 2 of 6").wait_for()
     log = Response.objects.get(subject=subject).behaviour
     assert log["plays"] == {"a": 2, "b": 1}
-    assert log["listened_ms"]["a"] >= 900 and log["listened_ms"]["b"] >= 900
+    assert log["listened_ms"]["a"] >= 1500 and log["listened_ms"]["b"] >= 1500
     assert 0 < log["first_play_ms"] < log["first_play"]["b"]
     assert (log["blur"], log["focus"], log["errors"]) == (1, 1, [])
     assert page.errors == []
@@ -228,7 +233,7 @@ def test_the_prolific_round_trip(live_server, browser):
     answer(page, "Choose B", "Question 6 of 6")
     answer(page, "Choose B", "Thank you!")
     assert page.locator("#completion-code").inner_text() == "PRO-42"
-    page.wait_for_url(f"{PROLIFIC}**", timeout=10_000)  # the automatic redirect
+    page.wait_for_url(f"{PROLIFIC}**", timeout=30_000)  # the automatic redirect, after 5 s
     assert landed == [(f"{PROLIFIC}?cc=PRO-42", 6)]
     second.close()
     subject = Subject.objects.get(study=study)

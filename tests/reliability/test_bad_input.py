@@ -485,12 +485,18 @@ def test_a_two_hour_audio_file_costs_no_more_than_its_clip(tmp_path, monkeypatch
 
     from engine.features.audio import load_excerpt
 
-    start = time.perf_counter()
-    excerpt = load_excerpt(tmp_path / "minute.mp3")
-    short_s = time.perf_counter() - start
-    start = time.perf_counter()
-    excerpt_long = load_excerpt(long)
-    long_s = time.perf_counter() - start
+    def fastest(path):
+        """(excerpt, the best of three timings): one timing can take a pause of a loaded
+        machine; the best of three is the cost of the work."""
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            excerpt = load_excerpt(path)
+            times.append(time.perf_counter() - start)
+        return excerpt, min(times)
+
+    excerpt, short_s = fastest(tmp_path / "minute.mp3")
+    excerpt_long, long_s = fastest(long)
     assert excerpt_long.shape == excerpt.shape
     assert long_s < 3 * short_s + 1.0, (long_s, short_s)  # decoding it all takes ~20×
 
