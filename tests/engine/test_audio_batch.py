@@ -7,6 +7,7 @@ import glob
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 
 from engine.features.audio import N_FFT, SR, decode_audio, load_excerpt, music_features_naive
@@ -14,6 +15,7 @@ from engine.features.audio_batch import (
     _decoded_batches,
     _hpss,
     _median,
+    _median_sorted,
     _one_thread,
     _power,
     _soft_masks,
@@ -147,6 +149,20 @@ def test_cpu_soft_masks_equal_the_tensor_version(clips):
     tensor = _soft_masks(stft, _median(mag, dim=-1), _median(mag, dim=-2))
     for a, b in zip(tensor, _hpss(stft), strict=True):
         assert torch.equal(a, b)
+
+
+def test_cpu_medians_equal_librosas_filter_and_the_tensor_version(clips):
+    """HPSS's running medians: the compiled sorting network on the CPU against the filter
+    librosa runs (scipy.ndimage.median_filter, 'reflect' edges) and the sort of unfolded
+    windows an accelerator runs, bit for bit, along time and along frequency."""
+    y = torch.from_numpy(np.stack([wave for wave, _ in clips[:2]]))
+    mag = torch.stft(y, N_FFT, N_FFT // 2, window=torch.hann_window(N_FFT), return_complex=True)
+    mag = mag.abs()
+    for dim, size in ((-1, (1, 1, 31)), (-2, (1, 31, 1))):
+        compiled = _median(mag, dim)
+        assert torch.equal(compiled, _median_sorted(mag, dim))
+        librosa_filter = scipy.ndimage.median_filter(mag.numpy(), size=size, mode="reflect")
+        np.testing.assert_array_equal(compiled.numpy(), librosa_filter)
 
 
 def test_cpu_power_equals_the_tensor_version(clips):
