@@ -101,9 +101,9 @@ def music(args):
     from engine.features.audio import music_features, music_features_naive
     from engine.features.audio_batch import music_features_batch, one_torch_thread
 
-    songs = sorted(glob.glob(SONGS))
+    songs = sorted(glob.glob(args.songs))
     if not songs:
-        raise ImportError("no songs: apt-get install fretsonfire-songs-sectoid")
+        raise ImportError(f"no songs at {args.songs}: apt-get install fretsonfire-songs-sectoid")
     reference = songs[: args.reference_tracks] if args.reference_tracks else songs
     tracks = (reference * (args.tracks // len(reference) + 1))[: args.tracks]
     batched = lambda: music_features_batch(tracks, batch_size=args.music_batch)  # noqa: E731
@@ -242,6 +242,9 @@ def main():
     parser.add_argument("--tracks", type=int, default=16 if quick else 512)
     parser.add_argument(
         "--reference-tracks", type=int, default=0, help="songs for the reference (0: all)"
+    )
+    parser.add_argument(
+        "--songs", default=SONGS, help="glob of the real songs (e.g. a few carried to a GPU host)"
     )
     parser.add_argument("--music-batch", type=int, default=4 if quick else 64)
     parser.add_argument("--videos", type=int, default=8 if quick else 256)
