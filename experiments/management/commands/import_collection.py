@@ -35,14 +35,20 @@ class Command(BaseCommand):
 
     def handle(self, *args, **o):
         try:
-            read_source(o["path"])  # a bad manifest is reported before anything else
+            items = read_source(o["path"])  # a bad manifest is reported before anything else
         except ManifestError as error:
             raise CommandError(str(error)) from None
         if not o["sync"] and not workers_listening():
             raise CommandError(
                 "No Celery worker answers: start one (`make worker`) or import with --sync."
             )
-        bar = tqdm(unit="pair", desc="importing", file=self.stderr, disable=o["verbosity"] < 1)
+        bar = tqdm(
+            total=len(items),
+            unit="pair",
+            desc="importing",
+            file=self.stderr,
+            disable=o["verbosity"] < 1,
+        )
 
         def progress(done, total):
             bar.total = total
