@@ -87,11 +87,14 @@ def redis_url(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def media_root(tmp_path_factory):
-    """Every test session writes media under its own temporary folder."""
+    """Every test session writes media under its own temporary folder. Static files come
+    from the app folders; an empty STATIC_ROOT stands for `collectstatic`'s (whitenoise
+    warns on every request when the folder is missing)."""
     from django.test import override_settings
 
     path = tmp_path_factory.mktemp("media")
-    with override_settings(MEDIA_ROOT=str(path)):
+    static = tmp_path_factory.mktemp("static")
+    with override_settings(MEDIA_ROOT=str(path), STATIC_ROOT=str(static)):
         yield path
 
 
