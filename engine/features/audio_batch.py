@@ -281,9 +281,9 @@ def _median_kernel(width: int):
     """A compiled running median of `width` along axis 1 of (count, length, lanes) float32.
 
     The window's values go through `_median_network` as straight-line min/max code, which
-    LLVM vectorises across the lanes with every value in a register: ~8x scipy's running
+    LLVM vectorises across the lanes with every value in a register: 7x scipy's running
     median (a sorted window per line, one sample at a time). The code is unrolled here from
-    the network and compiled once per process (~2 s; numba cannot cache generated code)."""
+    the network and compiled once per process (2-3 s; numba cannot cache generated code)."""
     half = width // 2
     lines = [
         "def median(a):",
@@ -298,7 +298,7 @@ def _median_kernel(width: int):
         lines.append(f"            i = s + {r - half}")
         lines.append(
             f"            x{r} = a[c, -1 - i if i < 0 else (2 * length - 1 - i if i >= length else i)]"
-        )  # noqa: E501
+        )
     lines.append("            for lane in range(lanes):")
     lines += [f"                v{r} = x{r}[lane]" for r in range(width)]
     for i, j in _median_network(width):
