@@ -5,6 +5,7 @@ variant, see `clips`) and copied into each pair, so every pair has files a brows
 """
 
 import functools
+import re
 import tempfile
 from pathlib import Path
 
@@ -110,3 +111,10 @@ def make_study(
 def make_subject(study: Study, external_id: str = "", meta: dict | None = None) -> Subject:
     """A subject with its stored question plan, made the way the platform makes them."""
     return create_subject(study, external_id=external_id, meta=meta)
+
+
+def without_random_tokens(html: str, subject: Subject) -> str:
+    """A subject's page without its random strings (the link's token, the CSRF token), which
+    may spell any short word by chance; for checks that the page reveals nothing."""
+    html = re.sub(r'name="csrfmiddlewaretoken" value="[^"]*"', "", html)
+    return html.replace(subject.token, "")
