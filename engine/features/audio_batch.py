@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import importlib.util
 import math
 import os
+import sys
 from collections import deque
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import librosa
 import numba
@@ -282,10 +286,39 @@ def _median_kernel(width: int):
 
     The window's values go through `_median_network` as straight-line min/max code, which
     LLVM vectorises across the lanes with every value in a register: 7x scipy's running
-    median (a sorted window per line, one sample at a time). The code is unrolled here from
-    the network and compiled once per process (2-3 s; numba cannot cache generated code)."""
+    median (a sorted window per line, one sample at a time). The code is generated from the
+    network into a module file under this package's `__pycache__`, named by its content's
+    hash, so that numba caches its compiled form on disk like any other (compiling it takes
+    2-3 s); where that folder is read-only, it is compiled in each process."""
+    source = _median_source(width)
+    name = f"median{width}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+    path = Path(__file__).parent / "__pycache__" / f"{name}.py"
+    try:
+        if not path.exists():  # written whole, once: numba's cache is keyed by its mtime
+            path.parent.mkdir(exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(source)
+            os.replace(partial, path)
+    except OSError:
+        scope: dict = {}
+        uncached = _median_source(width, cache=False)  # numba caches only code from a file
+        exec(compile(uncached, name, "exec"), scope)  # noqa: S102 - our own generated source
+        return scope["median"]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # numba's cached code refers to its module by name
+    spec.loader.exec_module(module)
+    return module.median
+
+
+def _median_source(width: int, cache: bool = True) -> str:
     half = width // 2
     lines = [
+        "import numba",
+        "import numpy as np",
+        "",
+        "",
+        f"@numba.njit(cache={cache}, nogil=True)",
         "def median(a):",
         "    count, length, lanes = a.shape",
         f"    assert length > {half}, 'the reflected edges need a longer line'",
@@ -305,10 +338,8 @@ def _median_kernel(width: int):
         lines.append(f"                low = min(v{i}, v{j})")
         lines.append(f"                v{j} = max(v{i}, v{j})")
         lines.append(f"                v{i} = low")
-    lines += [f"                o[lane] = v{half}", "    return out"]
-    scope = {"np": np}
-    exec("\n".join(lines), scope)  # noqa: S102 - our own generated source
-    return numba.njit(nogil=True)(scope["median"])
+    lines += [f"                o[lane] = v{half}", "    return out", ""]
+    return "\n".join(lines)
 
 
 def _component_frames(y: torch.Tensor, k) -> torch.Tensor:

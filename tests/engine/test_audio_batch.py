@@ -12,11 +12,13 @@ import pytest
 import scipy.ndimage
 import torch
 
+from engine.features import audio_batch
 from engine.features.audio import N_FFT, SR, decode_audio, load_excerpt, music_features_naive
 from engine.features.audio_batch import (
     _decoded_batches,
     _hpss,
     _median,
+    _median_kernel,
     _median_sorted,
     _one_thread,
     _power,
@@ -168,6 +170,19 @@ def test_cpu_medians_equal_librosas_filter_and_the_tensor_version(clips):
         assert torch.equal(compiled, _median_sorted(mag, dim))
         librosa_filter = scipy.ndimage.median_filter(mag.numpy(), size=size, mode="reflect")
         np.testing.assert_array_equal(compiled.numpy(), librosa_filter)
+
+
+def test_median_kernel_compiles_without_a_writable_cache_folder(monkeypatch):
+    """Where the package's __pycache__ cannot be written (here: under /proc), the generated
+    median kernel is compiled in the process instead, and gives the same medians."""
+    x = np.random.default_rng(0).random((2, 40, 5), dtype=np.float32)
+    expected = scipy.ndimage.median_filter(x, size=(1, 31, 1), mode="reflect")
+    monkeypatch.setattr(audio_batch, "__file__", "/proc/no-such-folder/audio_batch.py")
+    _median_kernel.cache_clear()
+    try:
+        np.testing.assert_array_equal(_median_kernel(31)(x), expected)
+    finally:
+        _median_kernel.cache_clear()
 
 
 def test_cpu_power_equals_the_tensor_version(clips):
