@@ -17,11 +17,11 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 SONGS_GLOB="$PWD/.whl/songs/*/*.o
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 # Not the venv's pytest-django: the engine's tests import no Django.
-timeout 240 "$PYTHON" -m pytest tests/engine -m gpu -q -p no:cacheprovider -p no:django \
+timeout 180 "$PYTHON" -m pytest tests/engine -m gpu -q -p no:cacheprovider -p no:django \
     -W "ignore::pytest.PytestConfigWarning" 2>&1 | tee "$OUT/tests.log"
 tests=${PIPESTATUS[0]}
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-timeout 360 "$PYTHON" bench/engine_scale.py --profile ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+timeout 330 "$PYTHON" bench/engine_scale.py --profile ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 bench=${PIPESTATUS[0]}
 echo "device_check: tests rc=$tests, bench rc=$bench"
 exit $((tests || bench))

@@ -7,6 +7,7 @@ starts at a seek to the clip, so a two-hour file costs no more than a short one.
 cannot be used raises the engine's MediaError with a message a researcher can act on.
 """
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -122,12 +123,7 @@ def web_video(src, dst, start: float = 0.0, length: float | None = None, max_hei
         width, height = _web_size(
             stream.codec_context.width, stream.codec_context.height, max_height
         )
-        with av.open(
-            str(dst), "w", format="mp4", container_options={"movflags": "+faststart"}
-        ) as out:
-            encoder = out.add_stream("libx264", rate=rate)
-            encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
-            encoder.options = {"preset": "veryfast", "crf": "23"}
+        with _h264_output(dst, rate, width, height) as (out, encoder):
             last_pts, decoded_until = -1, None
             for frame in _decode_from(source, stream, start, name):
                 t = frame.time
@@ -189,12 +185,7 @@ def broken_items(
     silent audio clip, `seconds` long, in the same formats as every other item."""
     width, height = size
     rate = Fraction(fps)
-    with av.open(
-        str(video_out), "w", format="mp4", container_options={"movflags": "+faststart"}
-    ) as out:
-        encoder = out.add_stream("libx264", rate=rate)
-        encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
-        encoder.options = {"preset": "veryfast", "crf": "23"}
+    with _h264_output(video_out, rate, width, height) as (out, encoder):
         black = np.zeros((height, width, 3), np.uint8)
         for n in range(max(1, round(seconds * fps))):
             frame = av.VideoFrame.from_ndarray(black, format="rgb24").reformat(format="yuv420p")
@@ -202,6 +193,17 @@ def broken_items(
             out.mux(encoder.encode(frame))
         out.mux(encoder.encode(None))
     _write_aac(np.zeros((2, round(seconds * AUDIO_RATE)), np.float32), music_out)
+
+
+@contextlib.contextmanager
+def _h264_output(dst, rate: Fraction, width: int, height: int):
+    """(container, encoder): a streamable MP4 (index first) with one H.264 stream, the
+    format of every item's video."""
+    with av.open(str(dst), "w", format="mp4", container_options={"movflags": "+faststart"}) as out:
+        encoder = out.add_stream("libx264", rate=rate)
+        encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+        encoder.options = {"preset": "veryfast", "crf": "23"}
+        yield out, encoder
 
 
 def _write_aac(samples: np.ndarray, dst):
