@@ -139,6 +139,23 @@ def music(args):
     )
     print(f"load average after: {load()}")
     print(f"200K tracks at the batched rate: {200_000 / batched_rate / 3600:.2f} h")
+    if device().type != "cpu":
+        device_medians(args.music_batch)
+
+
+def device_medians(batch: int):
+    """HPSS's two running medians of one batch on the accelerator: the compare-exchanges
+    the engine runs against torch's median of unfolded windows (what it ran before)."""
+    from engine.features.audio_batch import _median, _median_sorted
+
+    mag = torch.rand(batch, 1025, 1251, device=device())  # a batch's STFT magnitudes
+    for name, fn in (("compare-exchanges", _median), ("torch median of windows", _median_sorted)):
+        fn(mag[:2], -1), fn(mag[:2], -2)  # warm up
+        seconds, _ = timed(lambda fn=fn: [fn(mag, dim) for dim in (-1, -2)])
+        print(
+            f"HPSS medians, {name:24s} {batch} tracks: {seconds * 1e3:7.1f} ms, "
+            f"{seconds / batch * 1e3:.2f} ms/track"
+        )
 
 
 @section("video features (decode included)")

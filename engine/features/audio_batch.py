@@ -239,24 +239,47 @@ def _soft_masks_cpu(stft, harm, perc):  # pragma: no cover - compiled
 
 def _median(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
     """Running median along `dim` with scipy.ndimage's 'reflect' edges (the edge sample
-    repeated), as librosa's HPSS filters. On the CPU, a compiled sorting network
-    (`_median_kernel`); elsewhere, `_median_sorted`. Both give the exact order statistic."""
+    repeated), as librosa's HPSS filters: `_median_network`'s compare-exchanges, on the CPU
+    as a compiled kernel (`_median_kernel`), elsewhere as tensor ops (`_median_exchanges`).
+    Minima and maxima are exact: every path gives scipy's numbers, bit for bit."""
     if x.device.type != "cpu":
-        return _median_sorted(x, dim, width)
+        return _median_exchanges(x, dim, _median_network(width))
     lines = x.movedim(dim, -2).contiguous()  # (..., sequence, lanes)
     filtered = _median_kernel(width)(lines.reshape(-1, *lines.shape[-2:]).numpy())
     return torch.from_numpy(filtered).view(lines.shape).movedim(-2, dim)
 
 
-def _median_sorted(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
-    """`_median` as a sort of unfolded windows."""
-    half, n = width // 2, x.shape[dim]
+def _reflected(x: torch.Tensor, dim: int, half: int) -> torch.Tensor:
+    """`x` with `half` samples mirrored onto each end of `dim` (the edge sample repeated)."""
+    n = x.shape[dim]
     idx = torch.arange(-half, n + half, device=x.device)
     idx = torch.where(idx < 0, -1 - idx, torch.where(idx >= n, 2 * n - 1 - idx, idx))
-    return x.index_select(dim, idx).unfold(dim, width, 1).median(-1).values
+    return x.index_select(dim, idx)
 
 
-def _median_network(width: int) -> list[tuple[int, int]]:
+def _median_sorted(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
+    """`_median` as torch's median of unfolded windows: another formulation, for the tests
+    (and the bench: on CUDA, a selection per window of 31 values is slow)."""
+    return _reflected(x, dim, width // 2).unfold(dim, width, 1).median(-1).values
+
+
+def _median_exchanges(x: torch.Tensor, dim: int, network: tuple) -> torch.Tensor:
+    """`_median` as elementwise minima and maxima of whole shifted views of `x`, one pair
+    per compare-exchange of `network` (`_median_network(width)`): 304 elementwise kernels
+    that stream memory at full speed, where torch's median of unfolded windows runs a
+    selection per window. (torch.compile fuses them into one kernel, but compiles for
+    20-40 s per input shape, and for over 15 min with dynamic shapes, measured on a CPU.)"""
+    width = 1 + max(high for _, high in network)
+    n = x.shape[dim]
+    padded = _reflected(x, dim, width // 2)
+    wires = [padded.narrow(dim, r, n) for r in range(width)]
+    for i, j in network:
+        wires[i], wires[j] = torch.minimum(wires[i], wires[j]), torch.maximum(wires[i], wires[j])
+    return wires[width // 2]
+
+
+@functools.cache
+def _median_network(width: int) -> tuple[tuple[int, int], ...]:
     """Compare-exchanges (low wire, high wire) after which wire width // 2 holds the median
     of `width` inputs: Batcher's odd-even merge sort of the next power of two (the missing
     inputs count as +inf, so their comparators do nothing), pruned to the comparators the
@@ -277,7 +300,7 @@ def _median_network(width: int) -> list[tuple[int, int]]:
         if low in needed or high in needed:
             kept.append((low, high))
             needed |= {low, high}
-    return kept[::-1]
+    return tuple(kept[::-1])
 
 
 @functools.cache

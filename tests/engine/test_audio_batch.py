@@ -18,7 +18,9 @@ from engine.features.audio_batch import (
     _decoded_batches,
     _hpss,
     _median,
+    _median_exchanges,
     _median_kernel,
+    _median_network,
     _median_sorted,
     _one_thread,
     _power,
@@ -158,18 +160,32 @@ def test_cpu_soft_masks_equal_the_tensor_version(clips):
         assert torch.equal(a, b)
 
 
-def test_cpu_medians_equal_librosas_filter_and_the_tensor_version(clips):
-    """HPSS's running medians: the compiled sorting network on the CPU against the filter
-    librosa runs (scipy.ndimage.median_filter, 'reflect' edges) and the sort of unfolded
-    windows an accelerator runs, bit for bit, along time and along frequency."""
+def magnitudes(clips) -> torch.Tensor:
     y = torch.from_numpy(np.stack([wave for wave, _ in clips[:2]]))
-    mag = torch.stft(y, N_FFT, N_FFT // 2, window=torch.hann_window(N_FFT), return_complex=True)
-    mag = mag.abs()
+    stft = torch.stft(y, N_FFT, N_FFT // 2, window=torch.hann_window(N_FFT), return_complex=True)
+    return stft.abs()
+
+
+def test_cpu_medians_equal_librosas_filter_and_the_tensor_versions(clips):
+    """HPSS's running medians: the compiled sorting network on the CPU against the filter
+    librosa runs (scipy.ndimage.median_filter, 'reflect' edges), the same network as the
+    tensor ops an accelerator runs, and torch's median of unfolded windows, bit for bit,
+    along time and along frequency."""
+    mag = magnitudes(clips)
     for dim, size in ((-1, (1, 1, 31)), (-2, (1, 31, 1))):
         compiled = _median(mag, dim)
+        assert torch.equal(compiled, _median_exchanges(mag, dim, _median_network(31)))
         assert torch.equal(compiled, _median_sorted(mag, dim))
         librosa_filter = scipy.ndimage.median_filter(mag.numpy(), size=size, mode="reflect")
         np.testing.assert_array_equal(compiled.numpy(), librosa_filter)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_medians_equal_the_cpu_kernel(clips):
+    mag = magnitudes(clips)
+    for dim in (-1, -2):
+        assert torch.equal(_median(mag.cuda(), dim).cpu(), _median(mag, dim))
 
 
 def test_median_kernel_compiles_without_a_writable_cache_folder(monkeypatch):
