@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # pytest-xdist workers; the suite's slow end-to-end checks run in parallel with the rest.
 TEST_WORKERS ?= 3
 
-.PHONY: install demo test lint format serve worker system-deps clean
+.PHONY: install demo test lint format serve worker system-deps device-bundle clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,5 +56,9 @@ serve: install
 worker: install
 	$(VENV)/bin/celery -A study_site worker -Q default,gpu --concurrency 1 -l info
 
+# What a bare GPU host needs for bench/device_check.sh (bench/README.md): wheels and songs.
+device-bundle: install system-deps
+	$(PY) bench/device_bundle.py
+
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) var .whl

@@ -1,6 +1,6 @@
 """What a bare GPU host (the `device` tool's H200 image) needs to run `bench/device_check.sh`.
 
-    .venv/bin/python bench/device_bundle.py            # writes .whl/ (git-ignored)
+    make device-bundle          # or .venv/bin/python bench/device_bundle.py: writes .whl/
 
 That image holds torch, numpy, scipy, numba, scikit-learn, pytest and the like, but not the
 engine's media libraries and nothing can be fetched there. This writes into `.whl/`:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's GPU checks in one device call, on a bare GPU host (the device tool's image):
 #
-#   .venv/bin/python bench/device_bundle.py        # here, once: writes .whl/
+#   make device-bundle                             # here, once: writes .whl/
 #   run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
 #
 # Installs the carried wheels, runs the CUDA tests, then bench/engine_scale.py at full size
