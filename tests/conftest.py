@@ -163,3 +163,24 @@ def celery_worker(redis_url, media_root, django_db_setup, django_db_blocker, tmp
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+    with django_db_blocker.unblock():
+        wait_for_other_sessions_to_end()
+
+
+def wait_for_other_sessions_to_end(seconds: float = 10):
+    """PostgreSQL ends a session shortly after its client process has exited; dropping the
+    test database before then fails ("being accessed by other users")."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    deadline = time.monotonic() + seconds
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            if cursor.fetchone()[0] == 0:
+                return
+            time.sleep(0.1)
