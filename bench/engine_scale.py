@@ -144,17 +144,35 @@ def music(args):
 
 
 def device_medians(batch: int):
-    """HPSS's two running medians of one batch on the accelerator: the compare-exchanges
-    the engine runs against torch's median of unfolded windows (what it ran before)."""
-    from engine.features.audio_batch import _median, _median_sorted
+    """HPSS's two running medians of one batch on the accelerator: the Triton kernel the
+    engine runs, the same network as tensor ops (its fallback), and torch's median of
+    unfolded windows (what it ran before)."""
+    from engine.features.audio_batch import (
+        _median_exchanges,
+        _median_network,
+        _median_sorted,
+        _median_triton,
+    )
 
     mag = torch.rand(batch, 1025, 1251, device=device())  # a batch's STFT magnitudes
-    for name, fn in (("compare-exchanges", _median), ("torch median of windows", _median_sorted)):
-        fn(mag[:2], -1), fn(mag[:2], -2)  # warm up
-        seconds, _ = timed(lambda fn=fn: [fn(mag, dim) for dim in (-1, -2)])
+    methods = {
+        "Triton kernel": _median_triton,
+        "tensor ops": lambda x, dim: _median_exchanges(x, dim, _median_network(31)),
+        "torch median of windows": _median_sorted,
+    }
+    expected = None
+    for name, fn in methods.items():
+        try:
+            fn(mag[:2], -1), fn(mag[:2], -2)  # warm up (compiles the Triton kernel)
+            seconds, medians = timed(lambda fn=fn: [fn(mag, dim) for dim in (-1, -2)])
+        except Exception as exc:  # one method's failure must not hide the others' figures
+            print(f"HPSS medians, {name:24s} n/a: {type(exc).__name__}: {exc}")
+            continue
+        expected = medians if expected is None else expected
+        same = all(torch.equal(a, b) for a, b in zip(medians, expected, strict=True))
         print(
             f"HPSS medians, {name:24s} {batch} tracks: {seconds * 1e3:7.1f} ms, "
-            f"{seconds / batch * 1e3:.2f} ms/track"
+            f"{seconds / batch * 1e3:.2f} ms/track{'' if same else ', NOT EQUAL to the first'}"
         )
 
 

@@ -24,6 +24,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from collections import deque
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -240,13 +241,33 @@ def _soft_masks_cpu(stft, harm, perc):  # pragma: no cover - compiled
 def _median(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
     """Running median along `dim` with scipy.ndimage's 'reflect' edges (the edge sample
     repeated), as librosa's HPSS filters: `_median_network`'s compare-exchanges, on the CPU
-    as a compiled kernel (`_median_kernel`), elsewhere as tensor ops (`_median_exchanges`).
-    Minima and maxima are exact: every path gives scipy's numbers, bit for bit."""
+    as a compiled kernel (`_median_kernel`), on CUDA as a Triton kernel (`_median_triton`),
+    elsewhere as tensor ops (`_median_exchanges`). Minima and maxima are exact: every path
+    gives scipy's numbers, bit for bit."""
+    if x.device.type == "cuda":
+        return _cuda_median(x, dim, width)
     if x.device.type != "cpu":
         return _median_exchanges(x, dim, _median_network(width))
     lines = x.movedim(dim, -2).contiguous()  # (..., sequence, lanes)
     filtered = _median_kernel(width)(lines.reshape(-1, *lines.shape[-2:]).numpy())
     return torch.from_numpy(filtered).view(lines.shape).movedim(-2, dim)
+
+
+_triton_failure: Exception | None = None
+
+
+def _cuda_median(x: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """`_median_triton`, or the tensor ops where it cannot run (no Triton, no compiler):
+    the first failure is told once, and the process keeps to the tensor ops."""
+    global _triton_failure
+    if _triton_failure is None:
+        try:
+            return _median_triton(x, dim, width)
+        except Exception as exc:  # noqa: BLE001 - whatever stops the kernel, the ops still work
+            _triton_failure = exc
+            message = f"HPSS medians run as tensor ops: the Triton kernel failed ({exc!r})"
+            warnings.warn(message, stacklevel=2)
+    return _median_exchanges(x, dim, _median_network(width))
 
 
 def _reflected(x: torch.Tensor, dim: int, half: int) -> torch.Tensor:
@@ -267,8 +288,8 @@ def _median_exchanges(x: torch.Tensor, dim: int, network: tuple) -> torch.Tensor
     """`_median` as elementwise minima and maxima of whole shifted views of `x`, one pair
     per compare-exchange of `network` (`_median_network(width)`): 304 elementwise kernels
     that stream memory at full speed, where torch's median of unfolded windows runs a
-    selection per window. (torch.compile fuses them into one kernel, but compiles for
-    20-40 s per input shape, and for over 15 min with dynamic shapes, measured on a CPU.)"""
+    selection per window. (torch.compile would fuse them into one kernel, but it compiled
+    for 20-40 s per input shape, and for over 15 min with dynamic shapes, on this CPU.)"""
     width = 1 + max(high for _, high in network)
     n = x.shape[dim]
     padded = _reflected(x, dim, width // 2)
@@ -310,11 +331,23 @@ def _median_kernel(width: int):
     The window's values go through `_median_network` as straight-line min/max code, which
     LLVM vectorises across the lanes with every value in a register: 7x scipy's running
     median (a sorted window per line, one sample at a time). The code is generated from the
-    network into a module file under this package's `__pycache__`, named by its content's
-    hash, so that numba caches its compiled form on disk like any other (compiling it takes
-    2-3 s); where that folder is read-only, it is compiled in each process."""
-    source = _median_source(width)
-    name = f"median{width}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+    network into a module file (`_generated_module`), so that numba caches its compiled form
+    on disk like any other (compiling it takes 2-3 s); where no file can be written, it is
+    compiled in each process."""
+    module = _generated_module(f"median{width}", _median_source(width))
+    if module is not None:
+        return module.median
+    scope: dict = {}
+    uncached = _median_source(width, cache=False)  # numba caches only code from a file
+    exec(compile(uncached, "median", "exec"), scope)  # noqa: S102 - our own generated source
+    return scope["median"]
+
+
+def _generated_module(prefix: str, source: str):
+    """`source` imported as a module from a file under this package's `__pycache__`, named
+    by its content's hash (numba's cache and Triton read a function's file); None where the
+    folder cannot be written."""
+    name = f"{prefix}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
     path = Path(__file__).parent / "__pycache__" / f"{name}.py"
     try:
         if not path.exists():  # written whole, once: numba's cache is keyed by its mtime
@@ -323,15 +356,12 @@ def _median_kernel(width: int):
             partial.write_text(source)
             os.replace(partial, path)
     except OSError:
-        scope: dict = {}
-        uncached = _median_source(width, cache=False)  # numba caches only code from a file
-        exec(compile(uncached, name, "exec"), scope)  # noqa: S102 - our own generated source
-        return scope["median"]
+        return None
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # numba's cached code refers to its module by name
     spec.loader.exec_module(module)
-    return module.median
+    return module
 
 
 def _median_source(width: int, cache: bool = True) -> str:
@@ -362,6 +392,62 @@ def _median_source(width: int, cache: bool = True) -> str:
         lines.append(f"                v{j} = max(v{i}, v{j})")
         lines.append(f"                v{i} = low")
     lines += [f"                o[lane] = v{half}", "    return out", ""]
+    return "\n".join(lines)
+
+
+def _median_triton(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
+    """`_median` on CUDA as one Triton kernel: a thread per output loads its window (from
+    cache: neighbours share it) and runs `_median_network` in registers, where the tensor
+    ops (`_median_exchanges`) write 304 whole tensors. The lines go to axis 1 as on the CPU,
+    so that a warp's loads are neighbouring lanes."""
+    kernel = _median_triton_kernel(width)
+    lines = x.movedim(dim, -2).contiguous()
+    flat = lines.reshape(-1, *lines.shape[-2:])
+    if flat.shape[1] <= width // 2:
+        raise ValueError("the reflected edges need a longer line")
+    if flat.numel() >= 2**31:
+        raise ValueError("a batch this large overflows the kernel's 32-bit offsets")
+    out = torch.empty_like(flat)
+    block = 256
+    grid = (-(-flat.numel() // block),)
+    kernel[grid](flat, out, flat.shape[1], flat.shape[2], flat.numel(), BLOCK=block)
+    return out.view(lines.shape).movedim(-2, dim)
+
+
+@functools.cache
+def _median_triton_kernel(width: int):
+    module = _generated_module(f"median{width}_triton", _median_triton_source(width))
+    if module is None:
+        raise OSError("no writable folder for the generated Triton kernel")
+    return module.median
+
+
+def _median_triton_source(width: int) -> str:
+    half = width // 2
+    lines = [
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+        "@triton.jit",
+        "def median(a, out, length, lanes, total, BLOCK: tl.constexpr):",
+        "    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+        "    inside = offsets < total",
+        "    lane = offsets % lanes",
+        "    s = (offsets // lanes) % length",
+        "    base = (offsets // (lanes * length)) * (length * lanes) + lane",
+    ]
+    for r in range(width):  # the window's rows, reflected at the edges
+        lines.append(f"    i = s + {r - half}")
+        lines.append(
+            "    i = tl.where(i < 0, -1 - i, tl.where(i >= length, 2 * length - 1 - i, i))"
+        )
+        lines.append(f"    v{r} = tl.load(a + base + i * lanes, mask=inside, other=0.0)")
+    for i, j in _median_network(width):
+        lines.append(f"    low = tl.minimum(v{i}, v{j})")
+        lines.append(f"    v{j} = tl.maximum(v{i}, v{j})")
+        lines.append(f"    v{i} = low")
+    lines += [f"    tl.store(out + offsets, v{half}, mask=inside)", ""]
     return "\n".join(lines)
 
 

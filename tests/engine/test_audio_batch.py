@@ -6,6 +6,7 @@ The songs are Debian's `fretsonfire-songs-sectoid` (OGG Vorbis), or those SONGS_
 
 import glob
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from engine.features.audio_batch import (
     _median_kernel,
     _median_network,
     _median_sorted,
+    _median_triton,
+    _median_triton_kernel,
     _one_thread,
     _power,
     _soft_masks,
@@ -180,12 +183,33 @@ def test_cpu_medians_equal_librosas_filter_and_the_tensor_versions(clips):
         np.testing.assert_array_equal(compiled.numpy(), librosa_filter)
 
 
+def test_triton_medians_equal_the_cpu_kernel(monkeypatch):
+    """The CUDA kernel's code, run by Triton's interpreter on the CPU, gives the kernel's
+    medians (a small input: the interpreter is slow)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernel is decorated
+    _median_triton_kernel.cache_clear()
+    try:
+        x = torch.rand(2, 40, 24, generator=torch.Generator().manual_seed(0))
+        for dim in (-1, -2):
+            assert torch.equal(_median_triton(x, dim), _median(x, dim))
+        with pytest.raises(ValueError, match="longer line"):
+            _median_triton(x[:, :15], -2)
+    finally:
+        _median_triton_kernel.cache_clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_medians_equal_the_cpu_kernel(clips):
     mag = magnitudes(clips)
-    for dim in (-1, -2):
-        assert torch.equal(_median(mag.cuda(), dim).cpu(), _median(mag, dim))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Triton kernel must run, not its fallback
+        for dim in (-1, -2):
+            expected = _median(mag, dim)
+            assert torch.equal(_median(mag.cuda(), dim).cpu(), expected)
+            network = _median_network(31)
+            assert torch.equal(_median_exchanges(mag.cuda(), dim, network).cpu(), expected)
 
 
 def test_median_kernel_compiles_without_a_writable_cache_folder(monkeypatch):
