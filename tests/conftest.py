@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -163,24 +164,32 @@ def celery_worker(redis_url, media_root, django_db_setup, django_db_blocker, tmp
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """pytest-django's, waiting at the end until no other session uses the test database:
+    PostgreSQL ends a session shortly after its client (a worker process, a thread's
+    connection) has gone, and dropping the database before then fails ("being accessed by
+    other users"). A session still there after 10 s is named in a warning."""
+    yield
     with django_db_blocker.unblock():
-        wait_for_other_sessions_to_end()
+        from django.db import connection
 
-
-def wait_for_other_sessions_to_end(seconds: float = 10):
-    """PostgreSQL ends a session shortly after its client process has exited; dropping the
-    test database before then fails ("being accessed by other users")."""
-    from django.db import connection
-
-    if connection.vendor != "postgresql":
-        return
-    deadline = time.monotonic() + seconds
-    with connection.cursor() as cursor:
-        while time.monotonic() < deadline:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            if cursor.fetchone()[0] == 0:
-                return
-            time.sleep(0.1)
+        if connection.vendor != "postgresql":
+            return
+        deadline = time.monotonic() + 10
+        with connection.cursor() as cursor:
+            while True:
+                cursor.execute(
+                    "SELECT application_name, state, backend_start, left(query, 200)"
+                    " FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                others = cursor.fetchall()
+                if not others:
+                    return
+                if time.monotonic() > deadline:
+                    warnings.warn(f"sessions left on the test database: {others}", stacklevel=1)
+                    return
+                time.sleep(0.1)
