@@ -34,6 +34,7 @@ def chromium(monkeypatch):
         if os.environ.get("REQUIRE_BROWSER") == "1":
             pytest.fail(f"REQUIRE_BROWSER=1 but no Chromium at {CHROMIUM}")
         pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from django.db import connections
     from playwright.sync_api import sync_playwright
 
     # Playwright's sync API runs an event loop in this thread; the ORM calls the test makes
@@ -43,6 +44,9 @@ def chromium(monkeypatch):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+        # While Playwright's loop runs, asgiref keeps the ORM's connections per context, not
+        # per thread: the tests' calls opened their own, which pytest-django never closes.
+        connections.close_all()
 
 
 def counter(page) -> str:

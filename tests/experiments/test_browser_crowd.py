@@ -37,6 +37,7 @@ def browser():
         if os.environ.get("REQUIRE_BROWSER") == "1":
             pytest.fail(f"REQUIRE_BROWSER=1 but no Chromium at {CHROMIUM}")
         pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from django.db import connections
     from playwright.sync_api import sync_playwright
 
     with pytest.MonkeyPatch.context() as patch, sync_playwright() as playwright:
@@ -46,6 +47,9 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield browser
         browser.close()
+        # While Playwright's loop runs, asgiref keeps the ORM's connections per context, not
+        # per thread: the tests' calls opened their own, which pytest-django never closes.
+        connections.close_all()
 
 
 @pytest.fixture
