@@ -247,7 +247,7 @@ def _median(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
     if x.device.type == "cuda":
         return _cuda_median(x, dim, width)
     if x.device.type != "cpu":
-        return _median_exchanges(x, dim, _median_network(width))
+        return _median_exchanges(x, dim, width)
     lines = x.movedim(dim, -2).contiguous()  # (..., sequence, lanes)
     filtered = _median_kernel(width)(lines.reshape(-1, *lines.shape[-2:]).numpy())
     return torch.from_numpy(filtered).view(lines.shape).movedim(-2, dim)
@@ -267,7 +267,7 @@ def _cuda_median(x: torch.Tensor, dim: int, width: int) -> torch.Tensor:
             _triton_failure = exc
             message = f"HPSS medians run as tensor ops: the Triton kernel failed ({exc!r})"
             warnings.warn(message, stacklevel=2)
-    return _median_exchanges(x, dim, _median_network(width))
+    return _median_exchanges(x, dim, width)
 
 
 def _reflected(x: torch.Tensor, dim: int, half: int) -> torch.Tensor:
@@ -284,17 +284,16 @@ def _median_sorted(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
     return _reflected(x, dim, width // 2).unfold(dim, width, 1).median(-1).values
 
 
-def _median_exchanges(x: torch.Tensor, dim: int, network: tuple) -> torch.Tensor:
+def _median_exchanges(x: torch.Tensor, dim: int, width: int = 31) -> torch.Tensor:
     """`_median` as elementwise minima and maxima of whole shifted views of `x`, one pair
-    per compare-exchange of `network` (`_median_network(width)`): 304 elementwise kernels
+    per compare-exchange of `_median_network(width)`: 304 elementwise kernels
     that stream memory at full speed, where torch's median of unfolded windows runs a
     selection per window. (torch.compile would fuse them into one kernel, but it compiled
     for 20-40 s per input shape, and for over 15 min with dynamic shapes, on this CPU.)"""
-    width = 1 + max(high for _, high in network)
     n = x.shape[dim]
     padded = _reflected(x, dim, width // 2)
     wires = [padded.narrow(dim, r, n) for r in range(width)]
-    for i, j in network:
+    for i, j in _median_network(width):
         wires[i], wires[j] = torch.minimum(wires[i], wires[j]), torch.maximum(wires[i], wires[j])
     return wires[width // 2]
 

@@ -21,7 +21,6 @@ from engine.features.audio_batch import (
     _median,
     _median_exchanges,
     _median_kernel,
-    _median_network,
     _median_sorted,
     _median_triton,
     _median_triton_kernel,
@@ -177,7 +176,7 @@ def test_cpu_medians_equal_librosas_filter_and_the_tensor_versions(clips):
     mag = magnitudes(clips)
     for dim, size in ((-1, (1, 1, 31)), (-2, (1, 31, 1))):
         compiled = _median(mag, dim)
-        assert torch.equal(compiled, _median_exchanges(mag, dim, _median_network(31)))
+        assert torch.equal(compiled, _median_exchanges(mag, dim))
         assert torch.equal(compiled, _median_sorted(mag, dim))
         librosa_filter = scipy.ndimage.median_filter(mag.numpy(), size=size, mode="reflect")
         np.testing.assert_array_equal(compiled.numpy(), librosa_filter)
@@ -208,8 +207,7 @@ def test_cuda_medians_equal_the_cpu_kernel(clips):
         for dim in (-1, -2):
             expected = _median(mag, dim)
             assert torch.equal(_median(mag.cuda(), dim).cpu(), expected)
-            network = _median_network(31)
-            assert torch.equal(_median_exchanges(mag.cuda(), dim, network).cpu(), expected)
+            assert torch.equal(_median_exchanges(mag.cuda(), dim).cpu(), expected)
 
 
 def test_median_kernel_compiles_without_a_writable_cache_folder(monkeypatch):
