@@ -13,7 +13,7 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 SONGS_GLOB="$PWD/.whl/songs/*/*.ogg"
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 SONGS_GLOB="$PWD/.whl/songs/*/*.m4a"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 # Not the venv's pytest-django: the engine's tests import no Django.

@@ -141,7 +141,45 @@ def music(args):
     print(f"load average after: {load()}")
     print(f"200K tracks at the batched rate: {200_000 / batched_rate / 3600:.2f} h")
     if device().type != "cpu":
+        music_parts(tracks, reference, args.music_batch)
         device_medians(args.music_batch)
+
+
+def music_parts(tracks, reference, batch: int):
+    """The batched path's two halves apart, on an accelerator: decoding in the worker
+    processes alone, and the features of decoded batches alone (with where this process's
+    time goes), so that the slower half shows."""
+    import cProfile
+    import pstats
+
+    from engine.features.audio import load_excerpt
+    from engine.features.audio_batch import _decoded_batches, batch_features
+
+    start = time.process_time()
+    seconds, waves = timed(lambda: [load_excerpt(t) for t in reference])
+    cpu = (time.process_time() - start) / len(reference)
+    print(
+        f"decode, this process: {seconds / len(reference) * 1e3:.1f} ms/track, {cpu * 1e3:.1f} CPU ms"
+    )
+    workers = os.cpu_count()
+    cpu = cpu_seconds()
+    seconds, _ = timed(lambda: [len(w) for _, w in _decoded_batches(tracks, batch, workers)])
+    print(
+        f"decode only, {workers} processes: {len(tracks) / seconds:.1f} tracks/s, "
+        f"{(cpu_seconds() - cpu) / len(tracks):.3f} CPU s/track"
+    )
+    for size in (batch, 2 * batch):
+        y = torch.from_numpy(np.stack((waves * (size // len(waves) + 1))[:size])).to(device())
+        batch_features(y)  # the filter banks of every tuning here
+        start = time.process_time()
+        seconds, _ = timed(lambda y=y: [batch_features(y).cpu() for _ in range(3)])
+        print(
+            f"features only, batches of {size}: {3 * size / seconds:.1f} tracks/s, this process "
+            f"{(time.process_time() - start) / (3 * size) * 1e3:.2f} CPU ms/track"
+        )
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: batch_features(y).cpu())
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
 def device_medians(batch: int):

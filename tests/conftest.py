@@ -4,6 +4,7 @@ Tests that use the worker need `transactional_db` (the worker is another process
 sees committed rows). The worker gets the test database's URL and the test media folder.
 """
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -91,6 +92,9 @@ def media_root(tmp_path_factory):
     """Every test session writes media under its own temporary folder. Static files come
     from the app folders; an empty STATIC_ROOT stands for `collectstatic`'s (whitenoise
     warns on every request when the folder is missing)."""
+    if importlib.util.find_spec("django") is None:  # the engine's tests on a GPU host
+        yield None
+        return
     from django.test import override_settings
 
     path = tmp_path_factory.mktemp("media")
