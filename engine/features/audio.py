@@ -76,10 +76,9 @@ def decode_audio(
             # Seeks to the keyframe at or before `offset`; the exact start is cut below.
             container.seek(int(offset * av.time_base), any_frame=False)
         wanted = None if duration is None else int(round(duration * rate))
-        # Each frame's channels (1024 samples of AAC) stay where the decoder put them, as
-        # arrays over its buffers, joined once at the end: per-frame copies into FIFOs or
-        # per-frame ndarray conversions cost as much as the decoder itself.
-        runs: list[list[list[np.ndarray]]] = []  # per channel layout, per channel: planes
+        # Frames (1024 samples of Vorbis) go into FIFOs in C and come out as one array per
+        # channel layout: per-frame numpy conversions cost more than the decoder itself.
+        fifos: list[av.AudioFifo] = []
         have = 0
         start_time = None
         skip = 0
@@ -91,19 +90,20 @@ def decode_audio(
                         skip = max(0, int(round((offset - start_time) * rate)))
                     frames = [frame] if frame.format.name == "fltp" else convert.resample(frame)
                     for out in frames:
-                        planes = [np.frombuffer(p, np.float32, out.samples) for p in out.planes]
-                        if not runs or len(runs[-1]) != len(planes):  # first, or a new layout
-                            runs.append([[] for _ in planes])
-                        for channel, plane in zip(runs[-1], planes, strict=True):
-                            channel.append(plane)
+                        out.pts = None  # the FIFO checks continuity; the cut below does not
+                        try:
+                            fifos[-1].write(out)
+                        except (IndexError, ValueError):  # first frame, or a new layout
+                            fifos.append(av.AudioFifo())
+                            fifos[-1].write(out)
                         have += out.samples
                 if wanted is not None and have >= skip + wanted:
                     break
         except av.FFmpegError as exc:
             raise MediaError(f"{source}: cannot decode audio ({exc})") from exc
-    if not runs:
+    if not fifos:
         raise MediaError(f"{source}: no audio decoded")
-    chunks = [np.stack([np.concatenate(channel) for channel in run]) for run in runs]
+    chunks = [fifo.read().to_ndarray() for fifo in fifos]  # (channels, samples) each
     if len(chunks) > 1:  # the channel layout changed midway
         chunks = [chunk.mean(axis=0, keepdims=True) for chunk in chunks]
     y = np.concatenate(chunks, axis=1)[:, skip:]
