@@ -76,9 +76,10 @@ def decode_audio(
             # Seeks to the keyframe at or before `offset`; the exact start is cut below.
             container.seek(int(offset * av.time_base), any_frame=False)
         wanted = None if duration is None else int(round(duration * rate))
-        # Frames (1024 samples of Vorbis) go into FIFOs in C and come out as one array per
-        # channel layout: per-frame numpy conversions cost more than the decoder itself.
-        fifos: list[av.AudioFifo] = []
+        # Each frame (1024 samples of AAC) is mixed to mono straight into one buffer, and
+        # the decoder gets its frame back at once: a FIFO's copies, growth and read cost
+        # as much as the decoder itself.
+        mono = np.empty(0, np.float32)
         have = 0
         start_time = None
         skip = 0
@@ -88,32 +89,38 @@ def decode_audio(
                     if start_time is None:
                         start_time = float(frame.time) if frame.time is not None else 0.0
                         skip = max(0, int(round((offset - start_time) * rate)))
+                        mono = np.empty(skip + (wanted or 60 * rate) + rate, np.float32)
                     frames = [frame] if frame.format.name == "fltp" else convert.resample(frame)
                     for out in frames:
-                        out.pts = None  # the FIFO checks continuity; the cut below does not
-                        try:
-                            fifos[-1].write(out)
-                        except (IndexError, ValueError):  # first frame, or a new layout
-                            fifos.append(av.AudioFifo())
-                            fifos[-1].write(out)
+                        if have + out.samples > len(mono):
+                            mono = np.concatenate([mono, np.empty_like(mono)])
+                        _mix_down(out, mono[have : have + out.samples])
                         have += out.samples
                 if wanted is not None and have >= skip + wanted:
                     break
         except av.FFmpegError as exc:
             raise MediaError(f"{source}: cannot decode audio ({exc})") from exc
-    if not fifos:
+    if not have:
         raise MediaError(f"{source}: no audio decoded")
-    chunks = [fifo.read().to_ndarray() for fifo in fifos]  # (channels, samples) each
-    if len(chunks) > 1:  # the channel layout changed midway
-        chunks = [chunk.mean(axis=0, keepdims=True) for chunk in chunks]
-    y = np.concatenate(chunks, axis=1)[:, skip:]
-    y = y if wanted is None else y[:, :wanted]
-    # Mono downmix (channel mean), then soxr's high-quality resampler (librosa's default),
-    # several times faster than FFmpeg's default resampler.
-    y = y.mean(axis=0) if y.shape[0] > 1 else y[0]
+    y = mono[skip:have] if wanted is None else mono[skip : min(have, skip + wanted)]
+    # soxr's high-quality resampler (librosa's default), several times faster than
+    # FFmpeg's default resampler.
     if rate != sr:
         y = soxr.resample(y, rate, sr, quality="HQ")
     return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _mix_down(frame: av.AudioFrame, out: np.ndarray) -> None:
+    """The channel mean of a planar float frame into `out`, in the order numpy's mean over
+    the channels takes (a running sum, then one division)."""
+    planes = [np.frombuffer(plane, np.float32, frame.samples) for plane in frame.planes]
+    if len(planes) == 1:
+        out[:] = planes[0]
+        return
+    np.add(planes[0], planes[1], out=out)
+    for plane in planes[2:]:
+        out += plane
+    out /= len(planes)
 
 
 def _media_duration(path) -> float | None:

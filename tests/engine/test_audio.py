@@ -1,3 +1,4 @@
+import av
 import numpy as np
 import pytest
 
@@ -70,6 +71,30 @@ def test_decode_audio_seeks_to_the_excerpt(tmp_path):
         spectrum = np.abs(np.fft.rfft(chunk * np.hanning(chunk.size)))
         peak = np.argmax(spectrum) * sr / chunk.size
         assert peak == pytest.approx(expected, abs=5)
+
+
+@pytest.mark.parametrize(("codec", "name"), [("pcm_s16le", "long.wav"), ("aac", "long.m4a")])
+def test_decode_audio_mixes_the_channels_of_every_frame(tmp_path, codec, name):
+    """70 s of stereo (a different tone each side; 16-bit PCM, converted to planar float,
+    and AAC), decoded whole: every frame's channel mean, in order, past the first buffer."""
+    sr = 12_000
+    t = np.arange(70 * sr) / sr
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 660 * t)])
+    path = tmp_path / name
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=sr, layout="stereo")
+        for start in range(0, stereo.shape[1], 1024):
+            chunk = np.ascontiguousarray(stereo[:, start : start + 1024], np.float32)
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts = sr, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        planar = av.AudioResampler(format="fltp")
+        frames = [f for frame in container.decode(audio=0) for f in planar.resample(frame)]
+    expected = np.concatenate([f.to_ndarray() for f in frames], axis=1).mean(axis=0)
+    y = decode_audio(path, sr=sr)
+    assert y.size >= 70 * sr and np.array_equal(y, expected)
 
 
 def test_short_tracks_are_zero_padded(tmp_path):
