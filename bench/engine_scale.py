@@ -241,8 +241,9 @@ def video(args):
     # start the decode processes (they stay for later calls), as a long extraction would
     frame_features_batch(clips[: 2 * (os.cpu_count() or 1)], device=dev)
     print(f"load average before: {load()}")
+    role = "worker" if dev.type == "cpu" else "decode"  # on the CPU each one runs the CNN too
     runs = [
-        (f"batched ({dev}, {os.cpu_count()} decode processes)", clips, lambda: frame_features_batch(clips, device=dev)),
+        (f"batched ({dev}, {os.cpu_count()} {role} processes)", clips, lambda: frame_features_batch(clips, device=dev)),
         (f"frame_features one by one ({len(one)})", one, lambda: [frame_features(c, device=dev) for c in one]),
     ]  # fmt: skip
     rates = []

@@ -15,6 +15,7 @@ on the device; both give the numbers of the one-video CPU path within float tole
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -230,15 +231,29 @@ def frame_features_batch(
 
     `workers` processes (default: one per CPU; 0: this process) decode 1 frame/s and fit it
     to the encoder's input (resize, centre crop: the same code as `encode_frames`, so the
-    same uint8 pixels on the CPU); this process runs the CNN on `device` over batches of
-    `batch_size` frames that mix several videos (float16 autocast on CUDA; default 256 on
-    CUDA, 32 elsewhere: on a CPU larger batches leave the cache and cost 25% more a frame).
+    same uint8 pixels on the CPU); on an accelerator this process runs the CNN over batches
+    of `batch_size` frames that mix several videos (default 256; float16 autocast on CUDA).
+    On the CPU each worker runs the CNN on its own videos too, on one thread, `batch_size`
+    (default 32) frames at a time: a CNN beside the decode processes competed with them
+    for the cores (half the frames/s).
     """
     paths = list(paths)
     device = best_device(device)
-    batch_size = batch_size or (256 if device.type == "cuda" else 32)
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    batch_size = batch_size or (32 if device.type == "cpu" else 256)
     enc = load_encoder(encoder, pretrained, str(device))
     size = image_size or enc.spec.image_size
+    if device.type == "cpu" and workers and len(paths) > 1:
+        job = functools.partial(
+            _encoded_video, size=size, max_seconds=max_seconds, batch_size=batch_size,
+            encoder=encoder, pretrained=pretrained,
+        )  # fmt: skip
+        pool = shared_pool(workers)
+        try:
+            return list(pool.map(_in_worker, itertools.repeat(job), paths))
+        except BrokenProcessPool:  # a worker died: start afresh next time
+            discard_shared_pool(pool)
+            raise
     results: list = [None] * len(paths)
     rows: list[list[torch.Tensor]] = [[] for _ in paths]
     queue, owners = [], []  # fitted frames waiting for the CNN, and their video's index
@@ -255,7 +270,6 @@ def frame_features_batch(
                 rows[i].append(part)
         queue[:], owners[:] = [x[done:]], [owner[done:]]
 
-    workers = (os.cpu_count() or 1) if workers is None else workers
     for i, fitted in enumerate(_fitted_videos(paths, size, max_seconds, workers)):
         if isinstance(fitted, MediaError):
             results[i] = fitted
@@ -300,6 +314,18 @@ def _fitted_videos(paths, size, max_seconds, workers) -> Iterator[np.ndarray | M
 def _in_worker(job, path):
     torch.set_num_threads(1)  # one decode process per core (a shared pool has no initializer)
     return job(path)
+
+
+def _encoded_video(path, size, max_seconds, batch_size, encoder, pretrained):
+    """One video's (T, D) features on the CPU in a worker process, or its MediaError."""
+    fitted = _fitted_frames(path, size, max_seconds, threads=False)
+    if isinstance(fitted, MediaError):
+        return fitted
+    enc = load_encoder(encoder, pretrained, "cpu")
+    x = torch.from_numpy(fitted)
+    return torch.cat(
+        [_encode(enc, x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    ).numpy()
 
 
 def _fitted_frames(
