@@ -1,9 +1,11 @@
 """Process pools for the engine's parallel work."""
 
+import contextlib
 import ctypes
 import multiprocessing
 import threading
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 _shared: dict[tuple, ProcessPoolExecutor] = {}
 _shared_lock = threading.Lock()
@@ -51,7 +53,7 @@ def shared_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
     Starting a worker costs seconds (importing torch and librosa, building filter banks)
     against a fraction of a second per track, so callers that come back with more work (a
     Celery worker, a benchmark, a loop over batches) reuse the workers. Do not shut it
-    down; after a crashed worker, `discard_shared_pool` lets the next call start afresh.
+    down; `using_shared_pool` drops it when a worker dies, so the next call starts afresh.
     """
     with _shared_lock:
         pool = _shared.get((workers, initializer))
@@ -67,3 +69,14 @@ def discard_shared_pool(pool: ProcessPoolExecutor) -> None:
             if value is pool:
                 del _shared[key]
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def using_shared_pool(workers: int, initializer=None):
+    """`shared_pool` for a block; dropped if a worker died under it (FFmpeg crashed, say)."""
+    pool = shared_pool(workers, initializer)
+    try:
+        yield pool
+    except BrokenProcessPool:
+        discard_shared_pool(pool)
+        raise

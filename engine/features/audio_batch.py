@@ -26,7 +26,6 @@ import os
 import sys
 import warnings
 from collections import deque
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import librosa
@@ -46,7 +45,7 @@ from engine.features.audio import (
     load_excerpt,
     warm_numba_cache,
 )
-from engine.processes import discard_shared_pool, shared_pool
+from engine.processes import using_shared_pool
 
 CQT_BINS_PER_OCTAVE = 36
 CQT_OCTAVES = 7
@@ -81,7 +80,7 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
         size = max(1, min(batch_size, math.ceil(len(sources) / (2 * workers))))
         starts = range(0, len(sources), size)
         chunks = (sources[start : start + size] for start in starts)
-        with _pool(workers, _one_thread) as pool:
+        with using_shared_pool(workers, _one_thread) as pool:
             for start, rows in zip(starts, pool.map(_cpu_rows, chunks), strict=True):
                 out[start : start + len(rows)] = rows
         return out
@@ -95,17 +94,6 @@ def _cpu_rows(sources) -> np.ndarray:
     """Decode and compute track by track, in this process, on the CPU."""
     rows = [batch_features(torch.from_numpy(load_excerpt(s))[None]) for s in sources]
     return torch.cat(rows).numpy()
-
-
-@contextlib.contextmanager
-def _pool(workers: int, initializer=None):
-    """The shared pool of `workers` processes; dropped if a worker died under it."""
-    pool = shared_pool(workers, initializer)
-    try:
-        yield pool
-    except BrokenProcessPool:
-        discard_shared_pool(pool)
-        raise
 
 
 def _one_thread():
@@ -132,7 +120,7 @@ def _decoded_batches(sources, batch_size, workers):
         return
     pending: deque = deque()
     try:
-        with _pool(workers) as pool:
+        with using_shared_pool(workers) as pool:
             ahead = iter(sources)
             for start in range(0, len(sources), batch_size):
                 while len(pending) < min(len(sources) - start, 3 * batch_size):

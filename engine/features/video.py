@@ -19,7 +19,6 @@ import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import av
@@ -29,7 +28,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from engine.features import MediaError
-from engine.processes import discard_shared_pool, shared_pool
+from engine.processes import using_shared_pool
 
 FRAME_PCA_DIMS = 1024
 VIDEO_DIMS = 1024
@@ -248,12 +247,8 @@ def frame_features_batch(
             _encoded_video, size=size, max_seconds=max_seconds, batch_size=batch_size,
             encoder=encoder, pretrained=pretrained,
         )  # fmt: skip
-        pool = shared_pool(workers)
-        try:
+        with using_shared_pool(workers) as pool:
             return list(pool.map(_in_worker, itertools.repeat(job), paths))
-        except BrokenProcessPool:  # a worker died: start afresh next time
-            discard_shared_pool(pool)
-            raise
     results: list = [None] * len(paths)
     rows: list[list[torch.Tensor]] = [[] for _ in paths]
     queue, owners = [], []  # fitted frames waiting for the CNN, and their video's index
@@ -295,17 +290,14 @@ def _fitted_videos(paths, size, max_seconds, workers) -> Iterator[np.ndarray | M
     if in_process:
         yield from map(job, paths)
         return
-    pool = shared_pool(workers)
     pending: deque = deque()
     try:
-        ahead = iter(paths)
-        for _ in paths:
-            while len(pending) < 2 * workers and (path := next(ahead, None)) is not None:
-                pending.append(pool.submit(_in_worker, job, path))
-            yield pending.popleft().result()
-    except BrokenProcessPool:  # a worker died (e.g. FFmpeg crashed): start afresh next time
-        discard_shared_pool(pool)
-        raise
+        with using_shared_pool(workers) as pool:
+            ahead = iter(paths)
+            for _ in paths:
+                while len(pending) < 2 * workers and (path := next(ahead, None)) is not None:
+                    pending.append(pool.submit(_in_worker, job, path))
+                yield pending.popleft().result()
     finally:  # the pool outlives this call: leave it no work nobody will collect
         for future in pending:
             future.cancel()
