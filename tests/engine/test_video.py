@@ -72,6 +72,8 @@ def test_inception_v3_code_path_with_random_weights(clips):
 def test_unknown_encoder_and_media_without_video(tmp_path, clips):
     with pytest.raises(ValueError, match="unknown encoder"):
         frame_features(clips[0], encoder="vgg")
+    with pytest.raises(ValueError, match="unknown encoder"):  # before any worker decodes
+        frame_features_batch(clips[:2], encoder="vgg", device="cpu", workers=2)
     audio_only = write_audio(tmp_path / "a.m4a", np.ones(12_000) * 0.1, 12_000)
     with pytest.raises(MediaError, match="no video"):
         decode_frames(audio_only)
