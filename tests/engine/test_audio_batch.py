@@ -97,18 +97,22 @@ def batched(clips):
 
 @pytest.mark.slow
 def test_every_feature_group_agrees_with_the_librosa_oracle(oracle, batched):
-    """Against `music_features_naive` (each librosa call on its own). Reached on these eight
-    excerpts, every group: correlation across tracks per dimension >= 0.999999, deviation
-    <= 3e-4 of the dimension's spread across tracks (float32 rounding; the CQT's half-band
-    filter differs from soxr's). Asserted: correlation >= 0.999 (the issue asks 0.99),
-    deviation < 1% of the spread."""
+    """Against `music_features_naive` (each librosa call on its own). Reached on Debian's
+    eight excerpts, every group: correlation across tracks per dimension >= 0.999999,
+    deviation <= 3e-4 of the dimension's spread across tracks (float32 rounding; the CQT's
+    half-band filter differs from soxr's). Asserted: correlation >= 0.999 (the issue asks
+    0.99), deviation < 1% of the spread; for chroma-CENS < 10%: CENS quantises each
+    normalised chroma at fixed thresholds, and a value within rounding of one lands on
+    either side (on the AAC excerpts of bench/device_bundle.py one percussive CENS maximum
+    moves by 5.9% of the spread, correlation still 0.99986)."""
     assert batched.shape == (len(oracle), 1140) and batched.dtype == np.float32
     assert np.isfinite(batched).all()
     for name, cols in group_columns().items():
         ref, got = oracle[:, cols], batched[:, cols]
         spread = np.maximum(ref.std(axis=0), 1e-3 * np.abs(ref).max(axis=0) + 1e-12)
         worst = (np.abs(got - ref) / spread).max()
-        assert worst < 0.01, f"{name}: max deviation {worst:.3g} of the across-track spread"
+        limit = 0.1 if name == "chroma_cens" else 0.01
+        assert worst < limit, f"{name}: max deviation {worst:.3g} of the across-track spread"
         varying = ref.std(axis=0) > 1e-6 * (np.abs(ref).max(axis=0) + 1e-12)
         corr = [np.corrcoef(ref[:, j], got[:, j])[0, 1] for j in np.flatnonzero(varying)]
         assert min(corr) >= 0.999, f"{name}: correlation across tracks {min(corr):.5f}"
