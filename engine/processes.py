@@ -4,6 +4,8 @@ import contextlib
 import ctypes
 import multiprocessing
 import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -80,3 +82,21 @@ def using_shared_pool(workers: int, initializer=None):
     except BrokenProcessPool:
         discard_shared_pool(pool)
         raise
+
+
+def computed_ahead(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
+    """`fn(item)` of each item, in order, computed by the shared pool of `workers` processes
+    at most `ahead` items in advance (so memory stays bounded). The pool outlives the
+    iteration; work left when it stops early is cancelled."""
+    pending: deque = deque()
+    try:
+        with using_shared_pool(workers) as pool:
+            for item in items:
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+                pending.append(pool.submit(fn, item))
+            while pending:
+                yield pending.popleft().result()
+    finally:  # leave the pool no work nobody will collect
+        for future in pending:
+            future.cancel()

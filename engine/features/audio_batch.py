@@ -21,11 +21,11 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import itertools
 import math
 import os
 import sys
 import warnings
-from collections import deque
 from pathlib import Path
 
 import librosa
@@ -45,7 +45,7 @@ from engine.features.audio import (
     load_excerpt,
     warm_numba_cache,
 )
-from engine.processes import using_shared_pool
+from engine.processes import computed_ahead, using_shared_pool
 
 CQT_BINS_PER_OCTAVE = 36
 CQT_OCTAVES = 7
@@ -114,22 +114,17 @@ def one_torch_thread():
 
 
 def _decoded_batches(sources, batch_size, workers):
+    """`(start, excerpts)` of `batch_size` sources at a time, decoded by `workers` processes
+    a few batches ahead (0: in this process)."""
     if workers == 0 or len(sources) <= 1:
-        for start in range(0, len(sources), batch_size):
-            yield start, [load_excerpt(s) for s in sources[start : start + batch_size]]
-        return
-    pending: deque = deque()
+        decoded = (load_excerpt(source) for source in sources)
+    else:
+        decoded = computed_ahead(load_excerpt, sources, workers, ahead=3 * batch_size)
     try:
-        with using_shared_pool(workers) as pool:
-            ahead = iter(sources)
-            for start in range(0, len(sources), batch_size):
-                while len(pending) < min(len(sources) - start, 3 * batch_size):
-                    pending.append(pool.submit(load_excerpt, next(ahead)))
-                n = min(batch_size, len(sources) - start)
-                yield start, [pending.popleft().result() for _ in range(n)]
-    finally:  # the pool outlives this call: leave it no work nobody will collect
-        for future in pending:
-            future.cancel()
+        for start in range(0, len(sources), batch_size):
+            yield start, list(itertools.islice(decoded, batch_size))
+    finally:  # stopped early: the workers' pending decodes are cancelled
+        decoded.close()
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from engine.features import MediaError
-from engine.processes import using_shared_pool
+from engine.processes import computed_ahead, using_shared_pool
 
 FRAME_PCA_DIMS = 1024
 VIDEO_DIMS = 1024
@@ -292,19 +291,8 @@ def _fitted_videos(paths, size, max_seconds, workers) -> Iterator[np.ndarray | M
     in_process = workers == 0 or len(paths) <= 1
     job = functools.partial(_fitted_frames, size=size, max_seconds=max_seconds, threads=in_process)
     if in_process:
-        yield from map(job, paths)
-        return
-    pending: deque = deque()
-    try:
-        with using_shared_pool(workers) as pool:
-            ahead = iter(paths)
-            for _ in paths:
-                while len(pending) < 2 * workers and (path := next(ahead, None)) is not None:
-                    pending.append(pool.submit(_in_worker, job, path))
-                yield pending.popleft().result()
-    finally:  # the pool outlives this call: leave it no work nobody will collect
-        for future in pending:
-            future.cancel()
+        return map(job, paths)
+    return computed_ahead(functools.partial(_in_worker, job), paths, workers, ahead=2 * workers)
 
 
 def _in_worker(job, path):
