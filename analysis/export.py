@@ -29,6 +29,11 @@ FORMATS = {
     "zip": ("zip", "application/zip"),
 }
 TEXT_FORMATS = ("markdown", "csv", "json", "latex")
+MACHINE_NOTE = (
+    "The machine's share is over the G-R questions it judged (n_judged); a system known by "
+    "ranked results judges only questions with a candidate in its top-k. coverage = percent of "
+    "the G-R questions (n_questions) judged."
+)
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Report:
     title: str
     responses: pd.DataFrame = field(repr=False)
     table: pd.DataFrame  # Table IV: index (judge, pair_type), columns V2M, M2V, Total
+    machine: pd.DataFrame  # the machine G-R rows' coverage: index (judge, direction)
     statistics: pd.DataFrame  # analysis.stats.cell_statistics
     subjects: pd.DataFrame  # analysis.preference.subject_preferences
     agreement: pd.DataFrame  # human–machine agreement per comparison
@@ -49,16 +55,35 @@ class Report:
         return {"subjects": self.n_subjects, "answers": self.n_answers}
 
 
+# Counts in the long form (`cells`): pandas' nullable integers, blank where they do not apply.
+COUNT_COLUMNS = ["n_answers", "n_subjects", "preferred", "n_questions"]
+
+
+def _machine_judge(label: str, n_machines: int) -> str:
+    return "Machine" if n_machines == 1 else f"Machine {label}"
+
+
 def results_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Table IV as in the paper: the human rows, then a "Machine" GR row per machine judge."""
+    """Table IV as in the paper: the human rows, then a "Machine" GR row per machine judge
+    (its share over the G-R questions it judged; how many: `machine_coverage`)."""
     human = preference_table(df)
     parts = {"Human": human}
     gr = machine.machine_gr_accuracy(df)
     for label, row in gr.iterrows():
-        judge = "Machine" if len(gr) == 1 else f"Machine {label}"
-        parts[judge] = row.to_frame("GR").T
+        parts[_machine_judge(label, len(gr))] = row.to_frame("GR").T
     table = pd.concat(parts, names=["judge", "pair_type"])
     return table[COLUMNS]
+
+
+def machine_coverage(df: pd.DataFrame) -> pd.DataFrame:
+    """The machine G-R rows of `results_table` with their counts: index (judge, direction),
+    columns percent, preferred, n_judged, n_questions, coverage (analysis.machine_gr_counts)."""
+    counts = machine.machine_gr_counts(df)
+    labels = counts.index.get_level_values("machine")
+    judges = [_machine_judge(label, labels.nunique()) for label in labels]
+    directions = counts.index.get_level_values("direction")
+    counts.index = pd.MultiIndex.from_arrays([judges, directions], names=["judge", "direction"])
+    return counts
 
 
 def build_report(
@@ -80,6 +105,7 @@ def build_report(
         title=title,
         responses=df,
         table=results_table(df),
+        machine=machine_coverage(df),
         statistics=stats.cell_statistics(df, n_resamples=n_resamples, seed=seed),
         subjects=subject_preferences(df),
         agreement=machine.machine_agreement(df),
@@ -100,14 +126,27 @@ def _mixed_row(df: pd.DataFrame, d: pd.DataFrame, pair_type: str) -> dict:
 
 
 def cells(report: Report) -> pd.DataFrame:
-    """Long form: one row per judge × pair type × direction, the share and its statistics."""
+    """Long form: one row per judge × pair type × direction, the share and its statistics.
+
+    `n_questions` is the cell's questions and `coverage` the percent of them the judge
+    decided: all of them for humans (an answer is a judgement), for a machine those it could
+    judge, which are its `n_answers` (its `percent` is over them). The tests against 50% are
+    the humans'; a machine row leaves them blank. Counts are integers (nullable Int64)."""
     long = report.table.stack(future_stack=True).rename("percent").reset_index()
     long = long.rename(columns={"level_2": "direction"})
-    human = long["judge"] == "Human"
-    stats_ = report.statistics.drop(columns="percent").reset_index()
-    merged = long.merge(stats_, on=["pair_type", "direction"], how="left")
-    merged.loc[~human.to_numpy(), stats_.columns.drop(["pair_type", "direction"])] = np.nan
-    return merged
+    keys = ["judge", "pair_type", "direction"]
+    human = report.statistics.drop(columns="percent").reset_index().assign(judge="Human")
+    human["n_questions"] = human["n_answers"]
+    human["coverage"] = np.where(human["n_answers"] > 0, 100.0, np.nan)
+    parts = [human]
+    if len(report.machine):
+        machines = report.machine.drop(columns="percent").rename(columns={"n_judged": "n_answers"})
+        parts.append(machines.reset_index().assign(pair_type="GR"))
+    per_judge = pd.concat(parts, ignore_index=True)
+    merged = long.merge(per_judge, on=keys, how="left")
+    merged[COUNT_COLUMNS] = merged[COUNT_COLUMNS].astype("Int64")
+    columns = [c for c in stats.STAT_COLUMNS if c != "percent"] + ["n_questions", "coverage"]
+    return merged[[*keys, "percent", *columns]]
 
 
 def _records(frame: pd.DataFrame | None):
@@ -129,7 +168,15 @@ def render(report: Report, fmt: str) -> str | bytes:
             f"Subjects: {report.n_subjects}, answers: {report.n_answers}",
             "## Preference (%, Table IV)",
             _markdown(report.table, ".2f"),
-            "## Statistics (per cell; tests against 50%)",
+        ]
+        if len(report.machine):
+            parts += [
+                "## Machine G-R: questions judged",
+                MACHINE_NOTE,
+                _markdown(report.machine, ".2f"),
+            ]
+        parts += [
+            "## Statistics (per cell; tests against 50%; `_holm`: Holm-adjusted over the table)",
             _markdown(report.statistics, ".4g"),
         ]
         if len(report.agreement):
@@ -155,6 +202,7 @@ def render(report: Report, fmt: str) -> str | bytes:
             "title": report.title,
             "counts": report.counts,
             "table": _records(report.table),
+            "machine": _records(report.machine),
             "statistics": _records(report.statistics),
             "agreement": _records(report.agreement),
             "kappa": _records(report.kappa),
@@ -171,13 +219,27 @@ def render(report: Report, fmt: str) -> str | bytes:
             label="tab:preference",
         )
         statistics = report.statistics.to_latex(
-            float_format="%.4g", na_rep="--", escape=True, caption="Tests against 50% per cell."
+            float_format="%.4g",
+            na_rep="--",
+            escape=True,
+            caption="Tests against 50\\% per cell (\\_holm: Holm-adjusted over the table).",
         )
-        return table + "\n" + statistics
+        if not len(report.machine):
+            return table + "\n" + statistics
+        coverage = report.machine.to_latex(
+            float_format="%.2f",
+            na_rep="--",
+            escape=True,
+            caption="Machine G-R: percent of the questions judged (n\\_judged) choosing G; "
+            "coverage: percent of the G-R questions (n\\_questions) judged.",
+        )
+        return table + "\n" + coverage + "\n" + statistics
     if fmt == "xlsx":
         out = io.BytesIO()
         with pd.ExcelWriter(out, engine="openpyxl") as writer:
             report.table.to_excel(writer, sheet_name="Table IV")
+            if len(report.machine):
+                report.machine.reset_index().to_excel(writer, sheet_name="Machine G-R", index=False)
             report.statistics.to_excel(writer, sheet_name="Statistics")
             report.subjects.to_excel(writer, sheet_name="Subjects", index=False)
             report.agreement.to_excel(writer, sheet_name="Human-machine")

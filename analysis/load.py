@@ -51,7 +51,9 @@ def responses_frame(
 
     Only subjects who completed the study count unless `include_incomplete`; subjects who
     failed the attention checks (`Subject.outcome == "failed_attention"`) are left out unless
-    `include_failed`. Catch questions are flagged in `is_catch`; the analysis leaves them out.
+    `include_failed`, and so are, in a study with attention checks and a pass threshold,
+    subjects still in progress whose catch score is already below it (the outcome is set only
+    at the end). Catch questions are flagged in `is_catch`; the analysis leaves them out.
     """
     study = get_study(study)
     responses = Response.objects.filter(subject__study=study)
@@ -59,6 +61,11 @@ def responses_frame(
         responses = responses.filter(subject__completed_at__isnull=False)
     if not include_failed:
         responses = responses.exclude(subject__outcome=Subject.Outcome.FAILED_ATTENTION)
+        threshold = study.catch_pass_threshold
+        if study.attention_checks and threshold is not None:
+            responses = responses.exclude(
+                subject__completed_at__isnull=True, subject__catch_score__lt=threshold
+            )
     rows = responses.order_by("subject__ordinal", "question__position").values(
         "response_ms",
         "answered_at",

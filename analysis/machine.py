@@ -2,6 +2,12 @@
 its embedding space (cosine similarity). The platform stores each system's choice per
 question; in the analysis frame a column `machine_<label>` holds the kind it chose (like
 `chosen` for the human), e.g. `machine_S` in a one-system study.
+
+A machine need not judge every question: a system known only by uploaded ranked results
+cannot tell two candidates apart when neither is in its top-k for the query (its column is
+empty there). Its shares are over the questions it judged (no 50% is made up for the rest);
+`machine_gr_counts` says how many those were out of how many, so that "100%" can be read as
+"100% of the 10 judged, out of 100".
 """
 
 from collections.abc import Sequence
@@ -12,6 +18,7 @@ import pandas as pd
 from .preference import COLUMNS, DIRECTIONS, answers, ordered_pair_types
 
 MACHINE_PREFIX = "machine_"
+GR_COUNT_COLUMNS = ["percent", "preferred", "n_judged", "n_questions", "coverage"]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -73,10 +80,40 @@ def machine_preference_table(df: pd.DataFrame, pair_types=None) -> pd.DataFrame:
 
 
 def machine_gr_accuracy(df: pd.DataFrame) -> pd.DataFrame:
-    """The table's "Machine GR" row(s): per machine, the percent of G-R questions on which it
-    chose G, per direction and in total."""
+    """The table's "Machine GR" row(s): per machine, the percent of the G-R questions it judged
+    on which it chose G, per direction and in total (coverage: `machine_gr_counts`)."""
     table = machine_preference_table(df, pair_types=["GR"])
     return table.xs("GR", level="pair_type") if len(table) else table.droplevel("pair_type")
+
+
+def machine_gr_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """The machine G-R row with its coverage: rows (machine, direction) for V2M, M2V and Total;
+    columns `percent` (of the judged G-R questions, choosing G: the row of
+    `machine_gr_accuracy`), `preferred` (judged questions choosing G), `n_judged` (G-R
+    questions the machine judged), `n_questions` (G-R questions answered) and `coverage`
+    (percent of them judged). Counts are pandas' nullable Int64."""
+    d = answers(df)
+    gr = d[d["pair_type"] == "GR"]
+    rows = {}
+    for label in machine_labels(d):
+        column = gr[MACHINE_PREFIX + label]
+        for direction in COLUMNS:
+            in_cell = column if direction == "Total" else column[gr["direction"] == direction]
+            judged = in_cell.dropna()
+            prefers = judged == gr.loc[judged.index, "first"]
+            rows[(label, direction)] = {
+                "percent": prefers.mean() * 100.0 if len(judged) else np.nan,
+                "preferred": int(prefers.sum()),
+                "n_judged": len(judged),
+                "n_questions": len(in_cell),
+                "coverage": 100.0 * len(judged) / len(in_cell) if len(in_cell) else np.nan,
+            }
+    index = pd.MultiIndex.from_tuples(list(rows), names=["machine", "direction"])
+    out = pd.DataFrame(list(rows.values()), index=index, columns=GR_COUNT_COLUMNS)
+    counts = ["preferred", "n_judged", "n_questions"]
+    out[counts] = out[counts].astype("Int64")
+    out[["percent", "coverage"]] = out[["percent", "coverage"]].astype(float)
+    return out
 
 
 def machine_agreement(df: pd.DataFrame) -> pd.DataFrame:

@@ -9,6 +9,14 @@ Per cell:
   subjects are resampled, so the interval respects that one subject's answers are related);
 - counts: `n_answers`, `n_subjects`, `preferred`.
 All shares are in percent.
+
+Multiple comparisons: a table tests many cells at once (each pair type in V2M, M2V and Total),
+so each raw p-value has a Holm-adjusted one next to it, `binom_p_holm` and `wilcoxon_p_holm`
+(Holm's step-down method, which controls the family-wise error rate under any dependence
+between the tests, as between a Total cell and its two directions). The family is every cell
+of the table that has a p-value for that test; cells without one (no answers; every subject at
+exactly 50% for Wilcoxon) are not tested and get no adjusted value. Compare an adjusted
+p-value with the plain level (say 0.05) to claim a cell differs from 50% while testing them all.
 """
 
 import warnings
@@ -16,6 +24,7 @@ import warnings
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from .preference import COLUMNS, answers, ordered_pair_types, subject_preferences
 
@@ -25,14 +34,27 @@ STAT_COLUMNS = [
     "preferred",
     "percent",
     "binom_p",
+    "binom_p_holm",
     "binom_ci_low",
     "binom_ci_high",
     "subject_median",
     "wilcoxon_stat",
     "wilcoxon_p",
+    "wilcoxon_p_holm",
     "boot_ci_low",
     "boot_ci_high",
 ]
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (statsmodels); NaN (a test not
+    made) stays NaN and is not counted in the family."""
+    p = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full(p.shape, np.nan)
+    tested = ~np.isnan(p)
+    if tested.any():
+        adjusted[tested] = multipletests(p[tested], method="holm")[1]
+    return adjusted
 
 
 def _pooled_share(preferred, n, axis=-1):
@@ -82,7 +104,8 @@ def cell_test(subjects: pd.DataFrame, confidence=0.95, n_resamples=9999, seed=0)
 def cell_statistics(
     df: pd.DataFrame, confidence=0.95, n_resamples=9999, seed=0, pair_types=None
 ) -> pd.DataFrame:
-    """One row per pair type × direction (V2M, M2V, Total), columns STAT_COLUMNS."""
+    """One row per pair type × direction (V2M, M2V, Total), columns STAT_COLUMNS; the `_holm`
+    columns adjust the p-values over this table's tested cells."""
     subjects = subject_preferences(df, with_total=True)
     if pair_types is None:
         pair_types = ordered_pair_types(answers(df)["pair_type"].unique())
@@ -94,4 +117,7 @@ def cell_statistics(
             ]
             rows[(pair_type, direction)] = cell_test(cell, confidence, n_resamples, seed)
     index = pd.MultiIndex.from_tuples(rows, names=["pair_type", "direction"])
-    return pd.DataFrame(list(rows.values()), index=index, columns=STAT_COLUMNS)
+    table = pd.DataFrame(list(rows.values()), index=index, columns=STAT_COLUMNS)
+    for test in ("binom", "wilcoxon"):
+        table[f"{test}_p_holm"] = holm(table[f"{test}_p"].to_numpy(dtype=np.float64))
+    return table

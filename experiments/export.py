@@ -17,6 +17,9 @@ from experiments.models import Response, Study
 COLUMNS = {
     "study": "The study's slug.",
     "subject": "The subject: their private link token (anonymised: a stable pseudonym).",
+    "subject_ordinal": "The subject's number within the study (0, 1, …): the `subject` of the "
+    "analysis outputs (preference_report's subjects CSV, the report's Subjects sheet and JSON "
+    "`subjects`); join on it.",
     "external_id": "The recruiting platform's participant id, e.g. PROLIFIC_PID or MTurk "
     "workerId (anonymised: a stable pseudonym; empty where none was given).",
     "subject_completed": "Whether the subject answered every question.",
@@ -55,6 +58,11 @@ COLUMNS = {
 MACHINE_COLUMN = "The kind that system {label}'s machine judge chose (empty where it cannot tell)."
 
 
+def column_names(study: Study) -> list[str]:
+    """The exported columns in order: COLUMNS, then one `machine_<label>` per system."""
+    return [*COLUMNS, *(f"machine_{label}" for label in _labels(study))]
+
+
 def dictionary_rows(study: Study) -> list[dict]:
     """One row per exported column: its name and meaning."""
     columns = [{"column": name, "meaning": meaning} for name, meaning in COLUMNS.items()]
@@ -91,6 +99,7 @@ def response_rows(study: Study, anonymise: bool = False) -> Iterator[dict]:
         yield {
             "study": study.slug,
             "subject": subject_id,
+            "subject_ordinal": subject.ordinal,
             "external_id": external_id,
             "subject_completed": subject.completed_at is not None,
             "subject_outcome": subject.outcome,

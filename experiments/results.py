@@ -59,6 +59,11 @@ def study_results(request, study_id):
         context.update(
             report=report,
             table_rows=_rows(report.table),
+            machine_coverage=[
+                {"judge": judge, **row}
+                for (judge, direction), row in report.machine.to_dict("index").items()
+                if direction == "Total"
+            ],
             statistics_rows=_rows(report.statistics),
             statistics_columns=list(report.statistics.columns),
             agreement_rows=_rows(report.agreement),

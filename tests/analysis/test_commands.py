@@ -106,6 +106,22 @@ def test_loader_leaves_out_incomplete_and_failed_subjects():
     assert len(responses_frame("failed", include_failed=True)) == 32
 
 
+def test_loader_leaves_out_subjects_in_progress_already_below_the_catch_threshold():
+    study = make_study(slug="checked", completed=False)
+    below, above = study.subjects.order_by("ordinal")
+    Subject.objects.filter(pk=below.pk).update(catch_score=0.25)
+    Subject.objects.filter(pk=above.pk).update(catch_score=0.75)
+    # Without a threshold, a catch score excludes nobody.
+    assert set(responses_frame("checked", include_incomplete=True)["subject"]) == {0, 1}
+    Study.objects.filter(pk=study.pk).update(attention_checks=True, catch_pass_threshold=0.5)
+    assert set(responses_frame("checked", include_incomplete=True)["subject"]) == {1}
+    both = responses_frame("checked", include_incomplete=True, include_failed=True)
+    assert set(both["subject"]) == {0, 1}
+    # A subject who has not met a catch question yet (no score) still counts.
+    Subject.objects.filter(pk=below.pk).update(catch_score=None)
+    assert set(responses_frame("checked", include_incomplete=True)["subject"]) == {0, 1}
+
+
 def test_report_markdown_has_table_iv_and_machine_row():
     make_study()
     out, _ = run("preference_report", "known")
@@ -203,6 +219,8 @@ def test_results_page_shows_table_plot_and_links(staff_request):
     study = make_study()
     page = staff_request(study).content.decode()
     assert "75.00" in page and "87.50" in page and "Machine" in page
+    assert "binom_p_holm" in page and "Holm" in page
+    assert "judged 16 of 16 G-R questions (100%)" in page
     assert "data:image/png;base64," in page
     for fmt in ["csv", "xlsx", "json", "latex", "png", "svg", "zip"]:
         assert f"?download={fmt}" in page

@@ -67,8 +67,9 @@ def test_json_markdown_latex(report):
     assert [cell.strip() for cell in rows[2]] == ["Human", "GS", "60.00", "60.00", "60.00"]
     assert "wilcoxon_p" in markdown
     latex = render(report, "latex")
-    assert latex.count("\\begin{tabular}") == 2
+    assert latex.count("\\begin{tabular}") == 3  # Table IV, the machine's coverage, statistics
     assert "n\\_answers" in latex and "80.00" in latex
+    assert "50\\%" in latex and "50%" not in latex.replace("50\\%", "")
 
 
 def test_xlsx_and_zip(report):
@@ -100,3 +101,89 @@ def test_mixed_fits_join_the_report_when_asked():
     report = build_report(exact_answers(SPEC, MACHINE), mixed=True, n_resamples=50)
     assert report.mixed["comparison"].tolist() == ["GR", "GS", "SR"]
     assert "Mixed-effects" in render(report, "markdown")
+
+
+def test_csv_counts_stay_integers_next_to_machine_rows(report):
+    table = pd.read_csv(io.StringIO(render(report, "csv")), dtype=str, keep_default_na=False)
+    human = table[
+        (table.judge == "Human") & (table.pair_type == "SR") & (table.direction == "Total")
+    ].iloc[0]
+    assert (human["n_answers"], human["n_subjects"], human["preferred"]) == ("60", "3", "42")
+    machine = table[table.judge == "Machine"].set_index("direction")
+    assert machine["n_answers"].tolist() == ["30", "30", "60"]
+    assert (machine["n_subjects"] == "").all() and (machine["binom_p"] == "").all()
+    assert cells(report)["n_answers"].dtype == "Int64"
+
+
+def _partly_judged():
+    """The machine judges only the first G-R question of each subject's cell (6 of 60), and
+    chooses G on each: 100% of 6 judged out of 60."""
+    df = exact_answers(SPEC, MACHINE)
+    unjudged = (df.pair_type == "GR") & ~df["item"].str.endswith("-0")
+    df.loc[unjudged, "machine_S"] = None
+    return build_report(df, title="Partly judged", n_resamples=50)
+
+
+def test_machine_row_carries_how_many_questions_it_judged_in_every_format():
+    report = _partly_judged()
+    assert report.table.loc[("Machine", "GR")].tolist() == [100.0, 100.0, 100.0]
+
+    table = pd.read_csv(io.StringIO(render(report, "csv")))
+    machine = table[table.judge == "Machine"].set_index("direction")
+    assert machine.loc["Total", ["percent", "preferred", "n_answers"]].tolist() == [100.0, 6, 6]
+    assert machine.loc["Total", ["n_questions", "coverage"]].tolist() == [60, 10.0]
+    assert machine.loc["V2M", ["n_answers", "n_questions", "coverage"]].tolist() == [3, 30, 10.0]
+    human = table[(table.judge == "Human") & (table.pair_type == "GR")].set_index("direction")
+    assert human.loc["Total", ["n_answers", "n_questions", "coverage"]].tolist() == [60, 60, 100]
+
+    payload = json.loads(render(report, "json"))
+    assert payload["machine"][2] == {
+        "judge": "Machine",
+        "direction": "Total",
+        "percent": 100.0,
+        "preferred": 6,
+        "n_judged": 6,
+        "n_questions": 60,
+        "coverage": 10.0,
+    }
+
+    markdown = render(report, "markdown")
+    assert "## Machine G-R: questions judged" in markdown
+    rows = [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in markdown.splitlines()
+        if line.startswith("| Machine ")
+    ]
+    assert ["Machine", "Total", "100.00", "6", "6", "60", "10.00"] in rows
+
+    latex = render(report, "latex")
+    assert latex.count("\\begin{tabular}") == 3 and "n\\_judged" in latex
+
+    book = openpyxl.load_workbook(io.BytesIO(render(report, "xlsx")))
+    sheet = list(book["Machine G-R"].iter_rows(values_only=True))
+    assert sheet[0] == (
+        "judge",
+        "direction",
+        "percent",
+        "preferred",
+        "n_judged",
+        "n_questions",
+        "coverage",
+    )
+    assert ("Machine", "Total", 100, 6, 6, 60, 10) in sheet
+
+
+def test_holm_adjusted_p_values_in_every_format(report):
+    table = pd.read_csv(io.StringIO(render(report, "csv")))
+    columns = list(table.columns)
+    assert columns.index("binom_p_holm") == columns.index("binom_p") + 1
+    assert columns.index("wilcoxon_p_holm") == columns.index("wilcoxon_p") + 1
+    human = table[table.judge == "Human"]
+    assert (human["binom_p_holm"] >= human["binom_p"]).all()
+    assert table.loc[table.judge == "Machine", "binom_p_holm"].isna().all()
+    statistics = json.loads(render(report, "json"))["statistics"]
+    assert all("binom_p_holm" in row and "wilcoxon_p_holm" in row for row in statistics)
+    assert "binom_p_holm" in render(report, "markdown")
+    assert "binom\\_p\\_holm" in render(report, "latex")
+    book = openpyxl.load_workbook(io.BytesIO(render(report, "xlsx")))
+    assert "wilcoxon_p_holm" in next(book["Statistics"].iter_rows(values_only=True))

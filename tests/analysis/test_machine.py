@@ -6,6 +6,7 @@ from analysis.machine import (
     machine_agreement,
     machine_choices,
     machine_gr_accuracy,
+    machine_gr_counts,
     machine_preference_table,
 )
 
@@ -83,3 +84,37 @@ def test_human_machine_agreement_per_comparison():
     assert agreement.loc[("S", "GR"), "M2V"] == 70.0
     assert agreement.loc[("S", "GR"), "Total"] == 80.0
     assert agreement.loc[("S", "GR"), "n_answers"] == 20
+
+
+def test_machine_gr_counts_say_how_many_questions_were_judged():
+    """A system from uploaded ranked results judges only questions with a candidate in its
+    top-k; its share is over the judged questions, and the counts say how many those were."""
+    df = exact_answers(SPEC, MACHINE)
+    gr_v2m = df.index[(df.pair_type == "GR") & (df.direction == "V2M")]
+    df.loc[gr_v2m[2:], "machine_S"] = None  # judged 2 of 10: both chose G (rows 0-1)
+    counts = machine_gr_counts(df)
+    assert counts.index.tolist() == [("S", "V2M"), ("S", "M2V"), ("S", "Total")]
+    assert counts.columns.tolist() == [
+        "percent",
+        "preferred",
+        "n_judged",
+        "n_questions",
+        "coverage",
+    ]
+    assert counts.loc[("S", "V2M")].tolist() == [100.0, 2, 2, 10, 20.0]
+    assert counts.loc[("S", "M2V")].tolist() == [90.0, 9, 10, 10, 100.0]
+    assert counts.loc[("S", "Total")].tolist() == [11 / 12 * 100, 11, 12, 20, 60.0]
+    assert counts["n_judged"].dtype == "Int64" and counts["n_questions"].dtype == "Int64"
+    # The share is the G-R row's, over judged questions.
+    assert counts["percent"].tolist() == machine_gr_accuracy(df).loc["S"].tolist()
+
+
+def test_machine_gr_counts_of_a_machine_that_judged_nothing():
+    df = exact_answers(SPEC, MACHINE)
+    df.loc[df.pair_type == "GR", "machine_S"] = None
+    counts = machine_gr_counts(df)
+    assert counts.loc[("S", "Total"), "n_judged"] == 0
+    assert counts.loc[("S", "Total"), "n_questions"] == 20
+    assert counts.loc[("S", "Total"), "coverage"] == 0.0
+    assert np.isnan(counts.loc[("S", "Total"), "percent"])
+    assert machine_gr_counts(exact_answers(SPEC)).empty

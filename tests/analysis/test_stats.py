@@ -91,3 +91,39 @@ def test_every_subject_at_chance_gives_no_wilcoxon_p():
     assert np.isnan(cell["wilcoxon_p"])
     assert cell["binom_p"] == pytest.approx(1.0)
     assert cell["boot_ci_low"] == cell["boot_ci_high"] == 50.0
+
+
+def _holm_reference(p):
+    """Holm's step-down adjustment, from its definition: the i-th smallest of m p-values times
+    (m - i + 1), made monotone and capped at 1."""
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(p)
+    scaled = (len(p) - np.arange(len(p))) * p[order]
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return adjusted
+
+
+def test_holm_adjusted_p_values_sit_next_to_the_raw_ones(table):
+    columns = list(table.columns)
+    for test in ["binom", "wilcoxon"]:
+        assert columns.index(f"{test}_p_holm") == columns.index(f"{test}_p") + 1
+        raw = table[f"{test}_p"]
+        tested = raw.notna()
+        # The family: every cell of the table with a p-value (empty cells are not tested).
+        assert table.loc[tested, f"{test}_p_holm"].tolist() == pytest.approx(
+            _holm_reference(raw[tested].to_numpy()).tolist()
+        )
+        assert table.loc[~tested, f"{test}_p_holm"].isna().all()
+        assert (table.loc[tested, f"{test}_p_holm"] >= raw[tested]).all()
+
+
+def test_holm_leaves_untested_cells_out_of_the_family():
+    from analysis.stats import holm
+
+    p = np.array([0.01, 0.04, np.nan, 0.03, 0.005, 0.5, 0.04])
+    adjusted = holm(p)
+    assert np.isnan(adjusted[2])
+    tested = ~np.isnan(p)
+    assert adjusted[tested].tolist() == pytest.approx(_holm_reference(p[tested]).tolist())
+    assert holm([]).size == 0 and np.isnan(holm([np.nan])).all()

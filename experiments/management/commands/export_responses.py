@@ -10,7 +10,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from analysis.load import get_study
-from experiments.export import dictionary_rows, response_rows
+from experiments.export import column_names, dictionary_rows, response_rows
 from experiments.models import Study
 
 
@@ -34,21 +34,23 @@ class Command(BaseCommand):
         except Study.DoesNotExist:
             raise CommandError(f"No study with slug or id {o['study']!r}.") from None
         if o["dictionary"]:
-            rows, what = dictionary_rows(study), "columns"
+            rows, what, columns = dictionary_rows(study), "columns", ["column", "meaning"]
         else:
-            rows, what = list(response_rows(study, anonymise=o["anonymise"])), "answers"
+            rows = list(response_rows(study, anonymise=o["anonymise"]))
+            what, columns = "answers", column_names(study)
         if o["output"]:
             with open(o["output"], "w", newline="", encoding="utf-8") as out:
-                write(rows, o["format"], out)
+                write(rows, o["format"], out, columns)
             self.stderr.write(f"{len(rows)} {what} written to {o['output']}")
         else:
-            write(rows, o["format"], self.stdout)
+            write(rows, o["format"], self.stdout, columns)
 
 
-def write(rows: list[dict], fmt: str, out):
+def write(rows: list[dict], fmt: str, out, columns: list[str]):
+    """JSON: a list of the rows; CSV: the header of `columns` (even without rows), then rows."""
     if fmt == "json":
         out.write(json.dumps(rows, indent=1) + "\n")
-    elif rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    else:
+        writer = csv.DictWriter(out, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
