@@ -239,6 +239,8 @@ class SystemAdmin(admin.ModelAdmin):
 class StudySystemFormSet(forms.BaseInlineFormSet):
     def clean(self):
         super().clean()
+        if design_locked(self.instance):  # shown read-only, nothing of it is saved
+            return
         collection = self.instance.collection if self.instance.collection_id else None
         for form in self.forms:
             system = form.cleaned_data.get("system")
@@ -248,11 +250,32 @@ class StudySystemFormSet(forms.BaseInlineFormSet):
                 form.add_error("system", f"{system} belongs to another collection.")
 
 
+# A study's design can change until it is prepared for good: while it is a draft, ready (a
+# change sends it back to draft: prepare again) or failed, and has no subjects. Preparation
+# checked it, and subjects' stored plans are made from it, so later changes would mix designs.
+EDITABLE_DESIGN = (Study.Status.DRAFT, Study.Status.READY, Study.Status.FAILED)
+
+
+def design_locked(study: Study | None) -> bool:
+    if study is None or study.pk is None:
+        return False
+    return study.status not in EDITABLE_DESIGN or study.subjects.exists()
+
+
 class StudySystemInline(admin.TabularInline):
     model = StudySystem
     formset = StudySystemFormSet
     extra = 1
     fields = ["system", "label"]
+
+    def has_add_permission(self, request, obj=None):
+        return super().has_add_permission(request, obj) and not design_locked(obj)
+
+    def has_change_permission(self, request, obj=None):
+        return super().has_change_permission(request, obj) and not design_locked(obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return super().has_delete_permission(request, obj) and not design_locked(obj)
 
 
 def with_progress(subjects):
@@ -292,7 +315,16 @@ class StudyAdmin(admin.ModelAdmin):
         "subjects_summary",
         "created_at",
     ]
-    PLAN_FIELDS = ["collection", "per_type", "comparisons", "seed"]
+    DESIGN_FIELDS = [
+        "collection",
+        "per_type",
+        "comparisons",
+        "seed",
+        "attention_checks",
+        "catch_count",
+        "catch_pass_threshold",
+        "sound_check",
+    ]
     fieldsets = [
         (None, {"fields": ["name", "slug", "collection"]}),
         (
@@ -365,10 +397,34 @@ class StudyAdmin(admin.ModelAdmin):
         )
 
     def get_readonly_fields(self, request, obj=None):
-        # Subjects' stored plans were built from these: changing them would mix two designs.
-        if obj is not None and obj.subjects.exists():
-            return [*self.readonly_fields, *self.PLAN_FIELDS]
+        if design_locked(obj):
+            return [*self.readonly_fields, *self.DESIGN_FIELDS]
         return self.readonly_fields
+
+    def design(self, study: Study) -> tuple:
+        """What preparation checked: the design fields, the systems and their labels."""
+        fields = Study._meta.get_field
+        values = tuple(getattr(study, fields(name).attname) for name in self.DESIGN_FIELDS)
+        return values, sorted(study.studysystem_set.values_list("system_id", "label"))
+
+    def save_model(self, request, obj, form, change):
+        if change:  # as stored, before this form's changes
+            obj.design_before = self.design(Study.objects.get(pk=obj.pk))
+        super().save_model(request, obj, form, change)
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        study = form.instance
+        redesigned = change and self.design(study) != study.design_before
+        if redesigned and study.status == Study.Status.READY:
+            Study.objects.filter(pk=study.pk, status=Study.Status.READY).update(
+                status=Study.Status.DRAFT, message="Changed after preparing: prepare it again."
+            )
+            self.message_user(
+                request,
+                f"{study}: its design changed, so it is a draft again: prepare it again.",
+                messages.WARNING,
+            )
 
     @admin.display(description="progress")
     def progress_percent(self, study):
@@ -404,14 +460,14 @@ class StudyAdmin(admin.ModelAdmin):
     @admin.action(description="Prepare (compute search results, then mark ready)")
     def prepare_studies(self, request, queryset):
         for study in queryset:
-            if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
+            # One conditional update: two clicks (or two researchers) queue it once.
+            if not Study.objects.filter(pk=study.pk, status__in=EDITABLE_DESIGN).update(
+                status=Study.Status.PREPARING, message="Queued"
+            ):
                 self.message_user(
-                    request, f"{study}: already {study.status}, not prepared.", messages.WARNING
+                    request, f"{study}: {study.status}, not prepared again.", messages.WARNING
                 )
                 continue
-            Study.objects.filter(pk=study.pk).update(
-                status=Study.Status.PREPARING, message="Queued"
-            )
             try:
                 prepare_study.delay(study.pk)
             except Exception as error:  # the broker is unreachable: say so, change nothing
@@ -505,20 +561,17 @@ class StudyAdmin(admin.ModelAdmin):
             request.POST or None, initial={"base_url": request.build_absolute_uri("/")}
         )
         if request.method == "POST" and form.is_valid():
-            if study.status not in (Study.Status.READY, Study.Status.OPEN):
-                form.add_error(None, f"The study is {study.status}: prepare it first.")
+            try:
+                subjects = create_subjects(study, form.cleaned_data["count"])
+            except PlanError as error:
+                form.add_error(None, str(error))
             else:
-                try:
-                    subjects = create_subjects(study, form.cleaned_data["count"])
-                except PlanError as error:
-                    form.add_error(None, str(error))
-                else:
-                    base = form.cleaned_data["base_url"]
-                    rows = (
-                        {"ordinal": s.ordinal, "token": s.token, "url": subject_url(s, base)}
-                        for s in subjects
-                    )
-                    return csv_response(f"{study.slug}-new-links.csv", [rows])
+                base = form.cleaned_data["base_url"]
+                rows = (
+                    {"ordinal": s.ordinal, "token": s.token, "url": subject_url(s, base)}
+                    for s in subjects
+                )
+                return csv_response(f"{study.slug}-new-links.csv", [rows])
         context = {
             **self.admin_site.each_context(request),
             "title": f"Subject links for {study}",

@@ -10,13 +10,22 @@ a catch question: a pair of split 'catch' whose picture is black and whose sound
 
 import secrets
 
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+
+from .plans import label_problem
 
 
 def new_token() -> str:
     """An unguessable URL-safe token (192 bits)."""
     return secrets.token_urlsafe(24)
+
+
+def validate_system_label(label: str) -> None:
+    if problem := label_problem(label):
+        raise ValidationError(problem)
 
 
 def new_media_token() -> str:
@@ -183,7 +192,10 @@ class Study(models.Model):
     attention_checks = models.BooleanField(default=False, help_text="Insert catch questions")
     catch_count = models.PositiveSmallIntegerField(default=4)
     catch_pass_threshold = models.FloatField(
-        null=True, blank=True, help_text="Share of catch questions a subject must pass (0..1)"
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Share of catch questions a subject must pass, 0 to 1 (e.g. 0.75)",
     )
     sound_check = models.BooleanField(
         default=False, help_text="Headphone/sound check before the first question"
@@ -208,7 +220,10 @@ class StudySystem(models.Model):
     study = models.ForeignKey(Study, on_delete=models.CASCADE)
     system = models.ForeignKey(System, on_delete=models.PROTECT)
     label = models.CharField(
-        max_length=10, default="S", help_text="'S' for one system, else S1, S2, …"
+        max_length=10,
+        default="S",
+        validators=[validate_system_label],
+        help_text="'S' for one system, else S1, S2, … (G, R and X are reserved)",
     )
 
     class Meta:

@@ -18,6 +18,7 @@ own and every plan can be regenerated exactly. DESIGN.md ("Question plans") stat
   which `per_type` queries of a class are used moves on every C subjects.
 """
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -28,6 +29,9 @@ DIRECTIONS = ("V2M", "M2V")
 GROUND_TRUTH, RANDOM, BROKEN = "G", "R", "X"
 CATCH_PAIR_TYPE = "GX"
 IMPOSSIBLE = 1e12  # assignment cost of a query that cannot serve a comparison
+# A system's label: one capital letter and optional digits (so that pair-type names such as
+# 'GS1' split back into their kinds), other than the reserved G, R and X.
+SYSTEM_LABEL = re.compile(r"(?![GRX])[A-Z]\d*")
 
 Comparison = tuple[str, str]
 Results = Mapping[tuple[str, str, str], Sequence[str]]
@@ -108,11 +112,20 @@ def build_plan(
     return plan
 
 
+def label_problem(label: str) -> str | None:
+    """Why `label` cannot name a system in a study, or None when it can."""
+    if SYSTEM_LABEL.fullmatch(label):
+        return None
+    if label in (GROUND_TRUTH, RANDOM, BROKEN):
+        return f"'{label}' is reserved (G: ground truth, R: random, X: catch media)"
+    return f"{label!r} is not a system label: one capital letter and digits, e.g. S, S1, S2"
+
+
 def _checked_comparisons(comparisons, labels) -> list[Comparison]:
     if not labels or len(set(labels)) != len(labels):
         raise PlanError(f"System labels must be distinct and at least one: {labels!r}")
-    if {GROUND_TRUTH, RANDOM} & set(labels):
-        raise PlanError("'G' and 'R' are reserved; they cannot label a system")
+    if problems := [p for p in map(label_problem, labels) if p]:
+        raise PlanError("; ".join(problems))
     if not comparisons:
         return default_comparisons(labels)
     checked = [tuple(c) for c in comparisons]
@@ -207,6 +220,7 @@ def with_catch_questions(
     count: int,
     seed: int = 0,
     ordinal: int = 0,
+    spare_keys: Sequence[str] = (),
 ) -> list[PlannedQuestion]:
     """`plan` with `count` attention checks inserted at random positions, never two in a row.
 
@@ -214,8 +228,11 @@ def with_catch_questions(
     item `catch_key` (X: black picture, silent sound), so its right answer is unambiguous. Each
     takes one of the gaps between the plan's questions (before the first, between two, after
     the last), at most one per gap, so no two are adjacent; it belongs to the block of the
-    question after it (the last gap: the one before). Its query is, where possible, one that
-    its block does not ask about already. Positions are renumbered 1…len(plan)+count.
+    question after it (the last gap: the one before). Its query is one that its block does not
+    ask about already: a test item, else one of `spare_keys` (ready items of other splits),
+    else, when the collection has no other, a query whose question in the block does not show
+    its ground truth (having seen the query beside G would give the catch question away).
+    Positions are renumbered 1…len(plan)+count.
     """
     if count < 0 or count > len(plan) + 1:
         raise PlanError(f"Cannot place {count} catch questions among {len(plan)} questions")
@@ -224,14 +241,22 @@ def with_catch_questions(
     keys = sorted(set(test_keys) - {catch_key})
     if count and not keys:
         raise PlanError("Catch questions need at least one test pair")
+    spare = sorted(set(spare_keys) - set(keys) - {catch_key})
     asked = {d: {q.query for q in plan if q.direction == d} for d in DIRECTIONS}
+    shown_g = {
+        d: {q.query for q in plan if q.direction == d and GROUND_TRUTH in (q.kind_a, q.kind_b)}
+        for d in DIRECTIONS
+    }
     out: list[PlannedQuestion] = []
     for gap in range(len(plan) + 1):
         if gap in gaps:
             direction = plan[min(gap, len(plan) - 1)].direction
-            fresh = [k for k in keys if k not in asked[direction]] or keys
+            fresh = [k for k in keys if k not in asked[direction]]
+            fresh = fresh or [k for k in spare if k not in asked[direction]]
+            fresh = fresh or [k for k in keys if k not in shown_g[direction]] or keys
             query = fresh[rng.integers(len(fresh))]
             asked[direction].add(query)
+            shown_g[direction].add(query)
             kinds = (GROUND_TRUTH, BROKEN) if rng.random() < 0.5 else (BROKEN, GROUND_TRUTH)
             options = [query if kind == GROUND_TRUTH else catch_key for kind in kinds]
             out.append(

@@ -28,22 +28,27 @@ from experiments.plans import PlanError, PlannedQuestion, build_plan, with_catch
 ORDINAL_ATTEMPTS = 5  # two subjects created at once may both take the next ordinal
 
 
+SPARE_CATCH_QUERIES = 1000  # other splits' items a catch question may take as its query
+
+
 def plan_for(study: Study, ordinal: int) -> list[PlannedQuestion]:
     """The plan of the study's subject number `ordinal`; PlanError when there can be none."""
-    return _plan(study, _plan_inputs(study), _catch_key(study), ordinal)
+    return _plan(study, _plan_inputs(study), _catch_inputs(study), ordinal)
 
 
-def _plan(study: Study, inputs: dict, catch_key: str | None, ordinal: int):
+def _plan(study: Study, inputs: dict, catch: tuple[str, list[str]] | None, ordinal: int):
     plan = build_plan(ordinal=ordinal, **inputs)
-    if catch_key is None:
+    if catch is None:
         return plan
+    catch_key, spare_keys = catch
     return with_catch_questions(
-        plan, inputs["test_keys"], catch_key, study.catch_count, study.seed, ordinal
+        plan, inputs["test_keys"], catch_key, study.catch_count, study.seed, ordinal, spare_keys
     )
 
 
-def _catch_key(study: Study) -> str | None:
-    """The key of the collection's broken pair when the study asks catch questions."""
+def _catch_inputs(study: Study) -> tuple[str, list[str]] | None:
+    """The key of the collection's broken pair when the study asks catch questions, and ready
+    items of other splits for catch queries once the test items are all asked."""
     if not study.attention_checks or not study.catch_count:
         return None
     key = (
@@ -58,7 +63,12 @@ def _catch_key(study: Study) -> str | None:
             "The study asks catch questions but its collection has no catch media yet: "
             "prepare the study first."
         )
-    return key
+    spare = Pair.objects.filter(
+        collection_id=study.collection_id,
+        split__in=[Split.TRAIN, Split.VAL],
+        status=Pair.Status.READY,
+    ).order_by("key")
+    return key, list(spare.values_list("key", flat=True)[:SPARE_CATCH_QUERIES])
 
 
 def create_subject(study: Study, external_id: str = "", meta: dict | None = None) -> Subject:
@@ -67,6 +77,10 @@ def create_subject(study: Study, external_id: str = "", meta: dict | None = None
 
 
 def create_subjects(study: Study, n: int) -> list[Subject]:
+    """`n` new subjects of a ready or open study (PlanError for a study in another state)."""
+    if study.status not in (Study.Status.READY, Study.Status.OPEN):
+        then = "open it again" if study.status == Study.Status.CLOSED else "prepare it"
+        raise PlanError(f"The study is {study.status}: {then} first.")
     inputs = _study_inputs(study)  # read once: the search results are the same for all
     return [_create(study, inputs) for _ in range(n)]
 
@@ -74,11 +88,11 @@ def create_subjects(study: Study, n: int) -> list[Subject]:
 def _study_inputs(study: Study) -> tuple:
     """What every subject's plan is built from: plan inputs, catch key, pair ids, judges."""
     pair_ids = dict(Pair.objects.filter(collection_id=study.collection_id).values_list("key", "pk"))
-    return _plan_inputs(study), _catch_key(study), pair_ids, _machine_judges(study)
+    return _plan_inputs(study), _catch_inputs(study), pair_ids, _machine_judges(study)
 
 
 def _create(study: Study, study_inputs: tuple, external_id: str = "", meta=None) -> Subject:
-    inputs, catch_key, pair_ids, judges = study_inputs
+    inputs, catch, pair_ids, judges = study_inputs
     for attempt in range(ORDINAL_ATTEMPTS):
         try:
             with transaction.atomic():
@@ -86,7 +100,7 @@ def _create(study: Study, study_inputs: tuple, external_id: str = "", meta=None)
                 Study.objects.select_for_update().filter(pk=study.pk).exists()
                 last = study.subjects.aggregate(last=Max("ordinal"))["last"]
                 ordinal = 0 if last is None else last + 1
-                plan = _plan(study, inputs, catch_key, ordinal)
+                plan = _plan(study, inputs, catch, ordinal)
                 subject = Subject.objects.create(
                     study=study, ordinal=ordinal, external_id=external_id, meta=meta or {}
                 )

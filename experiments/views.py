@@ -9,6 +9,7 @@ one-to-one constraint on `Response.question` is the last line.
 """
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from django.db.models import Q
 from django.http import (
     Http404,
     HttpResponse,
-    HttpResponseBadRequest,
     HttpResponseNotModified,
     JsonResponse,
     StreamingHttpResponse,
@@ -33,11 +33,15 @@ from django.views.decorators.http import require_GET, require_http_methods
 from . import checks
 from .forms import AnswerForm, SoundCheckForm, StartForm
 from .models import Direction, Pair, Question, Response, Study, Subject
+from .plans import PlanError
 from .subjects import create_subject
+
+logger = logging.getLogger(__name__)
 
 # Query parameters that crowd-sourcing platforms append to a study link, kept on entry.
 ENTRY_PARAMS = ("PROLIFIC_PID", "STUDY_ID", "SESSION_ID", "workerId", "assignmentId", "hitId")
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "workerId")  # who the participant is, where unconfigured
+JOINED = "joined"  # marks, in a subject's meta, one made by the join link (its cap counts them)
 MTURK_PREVIEW = "ASSIGNMENT_ID_NOT_AVAILABLE"  # MTurk shows the page before the HIT is accepted
 LOAD_TIMEOUT_MS = 20_000  # media not loaded by then: the page offers a retry
 ENDED = (Subject.Outcome.FAILED_SOUND, Subject.Outcome.NO_CONSENT)
@@ -243,8 +247,13 @@ def _subject_post(request, token):
     action = request.POST.get("step", "answer")
     form = AnswerForm(request.POST) if action == "answer" else None
     if form is not None and not form.is_valid():
-        get_object_or_404(Subject.objects.only("pk"), token=token)  # an unknown token: 404
-        return HttpResponseBadRequest("Not a valid answer: choose A or B.")
+        # An unknown token: 404. Else the error page in the study's language.
+        language = get_object_or_404(
+            Subject.objects.values_list("study__language", flat=True), token=token
+        )
+        with translation.override(language):
+            context = {"retry_url": reverse("subject", args=[token])}
+            return render(request, "400.html", context, status=400)
     following = None
     try:
         with transaction.atomic():
@@ -467,10 +476,15 @@ def join(request, join_token):
         if subject is None:
             if study.status != Study.Status.OPEN:
                 return _study_page(request, study, "closed", status=403)
-            if study.join_cap is not None and study.subjects.count() >= study.join_cap:
+            joined = study.subjects.filter(meta__has_key=JOINED)  # not those of made links
+            if study.join_cap is not None and joined.count() >= study.join_cap:
                 return _study_page(request, study, "full", status=403)
-            meta = {"entry": entry_params(request)}
-            subject = create_subject(study, external_id=external_id, meta=meta)
+            try:
+                meta = {JOINED: True, "entry": entry_params(request)}
+                subject = create_subject(study, external_id=external_id, meta=meta)
+            except PlanError:  # cannot happen to a prepared study; a participant sees "closed"
+                logger.exception("join: no plan for a subject of %s", study.slug)
+                return _study_page(request, study, "closed", status=503)
     request.session[session_key] = subject.token
     return redirect(subject_path(subject))
 

@@ -1,6 +1,9 @@
 """Security headers that Django's SecurityMiddleware does not set."""
 
+import functools
+
 from django.conf import settings
+from django.urls import reverse
 
 # Participant pages use only their own static JS and CSS; media come from this origin.
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -18,10 +21,31 @@ CONTENT_SECURITY_POLICY = "; ".join(
 )
 
 
+def content_security_policy(frame_ancestors: list[str]) -> str:
+    """The policy, with `frame-ancestors` naming who may frame the page ('none': nobody)."""
+    if not frame_ancestors:
+        return CONTENT_SECURITY_POLICY
+    return CONTENT_SECURITY_POLICY.replace(
+        "frame-ancestors 'none'", "frame-ancestors " + " ".join(frame_ancestors)
+    )
+
+
+@functools.cache
+def participant_prefixes() -> tuple[str, ...]:
+    """The paths under which participant pages live: a subject's page and the join link."""
+    return tuple(reverse(name, args=["-"]).removesuffix("-/") for name in ("subject", "join"))
+
+
 class ContentSecurityPolicyMiddleware:
     """Adds a Content-Security-Policy to every page outside the Django admin.
 
     The admin is excluded because its widgets rely on inline styles; it is staff-only.
+
+    Participant pages (`/s/…`, `/join/…`, their error pages included) may be framed by
+    `settings.PARTICIPANT_FRAME_ANCESTORS` (MTurk's ExternalQuestion shows the study in a
+    frame on MTurk's sites). X-Frame-Options cannot name origins, so those pages go without
+    it and rely on the CSP's `frame-ancestors`; every other page, the admin's above all,
+    keeps X-Frame-Options DENY (XFrameOptionsMiddleware) and `frame-ancestors 'none'`.
     """
 
     def __init__(self, get_response):
@@ -30,6 +54,12 @@ class ContentSecurityPolicyMiddleware:
 
     def __call__(self, request):
         response = self.get_response(request)
-        if not request.path.startswith(self.admin_prefix):
-            response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        if request.path.startswith(self.admin_prefix):
+            return response
+        ancestors = settings.PARTICIPANT_FRAME_ANCESTORS
+        if ancestors and request.path.startswith(participant_prefixes()):
+            response.xframe_options_exempt = True
+        else:
+            ancestors = []
+        response.headers.setdefault("Content-Security-Policy", content_security_policy(ancestors))
         return response

@@ -10,6 +10,8 @@ DEBUG          default: on, unless DJANGO_ENV=production
 ALLOWED_HOSTS  comma-separated; default: localhost names (any host in DEBUG)
 DJANGO_ENV     "production" turns on the hardened settings that pass `check --deploy`
 CELERY_ALWAYS_EAGER  "1" runs tasks in-process (the demo's fallback when no Redis can be had)
+PARTICIPANT_FRAME_ANCESTORS  origins (space- or comma-separated) that may show participant
+               pages in a frame; default: MTurk's worker sites; "" for none
 """
 
 import os
@@ -17,6 +19,7 @@ import secrets
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
@@ -67,6 +70,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",
+    # Inside XFrameOptionsMiddleware: exempts the participant pages MTurk may frame.
     "study_site.middleware.ContentSecurityPolicyMiddleware",
 ]
 ADMIN_URL_PREFIX = "admin/"
@@ -176,6 +180,22 @@ LOGGING = {
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+# MTurk's ExternalQuestion shows the study in a frame on MTurk's sites (worker, sandbox and the
+# classic www site, where turkSubmitTo points). Only participant pages (/s/…, /join/…) may be
+# framed, by these origins only (CSP frame-ancestors); everything else keeps DENY.
+PARTICIPANT_FRAME_ANCESTORS = (
+    os.environ.get(
+        "PARTICIPANT_FRAME_ANCESTORS",
+        "https://worker.mturk.com https://workersandbox.mturk.com https://www.mturk.com",
+    )
+    .replace(",", " ")
+    .split()
+)
+if any(";" in origin or "'" in origin for origin in PARTICIPANT_FRAME_ANCESTORS):
+    raise ImproperlyConfigured(
+        "PARTICIPANT_FRAME_ANCESTORS takes origins such as https://worker.mturk.com"
+    )
+CSRF_FAILURE_VIEW = "experiments.errors.csrf_failure"  # "please allow cookies", translated
 if PRODUCTION:
     SECURE_SSL_REDIRECT = _flag("SECURE_SSL_REDIRECT", True)
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -184,4 +204,11 @@ if PRODUCTION:
     SECURE_HSTS_PRELOAD = True
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+    # In MTurk's frame this site is third-party: a SameSite=Lax cookie is neither set nor sent
+    # there, and without the CSRF cookie no answer can be posted. The CSRF cookie is no
+    # credential (a cross-site POST still needs the page's token and passes the Origin check),
+    # so it may be sent cross-site; the session cookie, the admin's login, stays Lax. Browsers
+    # that block third-party cookies altogether still get the "please allow cookies" page.
+    CSRF_COOKIE_SAMESITE = "None" if PARTICIPANT_FRAME_ANCESTORS else "Lax"
+    SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]

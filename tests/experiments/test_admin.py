@@ -198,12 +198,77 @@ def test_progress_per_subject(admin_client, study):
     assert "3 subjects, 1 completed" in summary
 
 
-def test_plan_fields_lock_once_subjects_exist(admin_client, study):
-    page = admin_client.get(f"{CHANGELIST}{study.pk}/change/").content.decode()
-    assert 'name="per_type"' in page
+DESIGN_INPUTS = (
+    'name="per_type"', 'name="seed"', 'name="attention_checks"', 'name="catch_count"',
+    'name="catch_pass_threshold"', 'name="sound_check"', 'name="studysystem_set-0-label"',
+)  # fmt: skip
+
+
+def design_inputs(client, study) -> list[str]:
+    page = client.get(f"{CHANGELIST}{study.pk}/change/").content.decode()
+    return [name for name in DESIGN_INPUTS if name in page]
+
+
+def change_form(study, **changes) -> dict:
+    """The study's change form as the admin page would post it, with `changes`."""
+    link = study.studysystem_set.get()
+    form = {
+        "name": study.name, "slug": study.slug, "collection": study.collection_id,
+        "per_type": study.per_type, "comparisons": "[]", "seed": study.seed,
+        "language": study.language, "external_id_param": study.external_id_param,
+        "min_listen_ms": study.min_listen_ms, "catch_count": study.catch_count,
+        "studysystem_set-TOTAL_FORMS": 1, "studysystem_set-INITIAL_FORMS": 1,
+        "studysystem_set-0-id": link.pk, "studysystem_set-0-study": study.pk,
+        "studysystem_set-0-system": link.system_id, "studysystem_set-0-label": link.label,
+    }  # fmt: skip
+    return {**form, **changes}
+
+
+def test_the_design_locks_once_open_or_with_subjects(admin_client, study):
+    assert design_inputs(admin_client, study) == list(DESIGN_INPUTS)  # ready, no subjects
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
+    assert design_inputs(admin_client, study) == []
+    # A post cannot change it either (a stale page, a crafted request).
+    admin_client.post(f"{CHANGELIST}{study.pk}/change/", change_form(study, per_type=3, seed=9))
+    study.refresh_from_db()
+    assert (study.per_type, study.seed, study.status) == (1, 0, Study.Status.OPEN)
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.READY)
     make_subject(study)
-    page = admin_client.get(f"{CHANGELIST}{study.pk}/change/").content.decode()
-    assert 'name="per_type"' not in page and 'name="seed"' not in page
+    assert design_inputs(admin_client, study) == []
+
+
+def test_a_design_change_sends_a_ready_study_back_to_draft(admin_client, study):
+    url = f"{CHANGELIST}{study.pk}/change/"
+    assert admin_client.post(url, change_form(study, name="Renamed")).status_code == 302
+    study.refresh_from_db()
+    assert study.status == Study.Status.READY  # not a design change
+    page = admin_client.post(url, change_form(study, per_type=2), follow=True).content.decode()
+    assert "draft again: prepare it again" in page
+    study.refresh_from_db()
+    assert (study.per_type, study.status) == (2, Study.Status.DRAFT)
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.READY)
+    admin_client.post(url, change_form(study, **{"studysystem_set-0-label": "S1"}))
+    study.refresh_from_db()
+    assert study.status == Study.Status.DRAFT and study.studysystem_set.get().label == "S1"
+
+
+def test_labels_and_the_pass_threshold_are_checked(admin_client, study):
+    url = f"{CHANGELIST}{study.pk}/change/"
+    for label, says in (("CCA", "not a system label"), ("X", "reserved"), ("G", "reserved")):
+        page = admin_client.post(url, change_form(study, **{"studysystem_set-0-label": label}))
+        assert page.status_code == 200 and says in page.content.decode()
+    page = admin_client.post(url, change_form(study, catch_pass_threshold=75))
+    assert "less than or equal to 1" in page.content.decode()
+    study.refresh_from_db()
+    assert study.catch_pass_threshold is None and study.studysystem_set.get().label == "S"
+
+
+def test_a_study_being_prepared_is_not_queued_again(admin_client, study):
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.PREPARING, message="Step 1 of 2")
+    page = act(admin_client, "prepare_studies", study).content.decode()
+    assert "preparing, not prepared again" in page
+    study.refresh_from_db()
+    assert (study.status, study.message) == (Study.Status.PREPARING, "Step 1 of 2")
 
 
 def test_responses_export_as_csv(admin_client, study):

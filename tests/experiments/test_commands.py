@@ -60,6 +60,21 @@ def test_create_subjects_for_too_small_a_collection_says_so():
     assert not study.subjects.exists()
 
 
+@pytest.mark.django_db
+def test_create_subjects_waits_for_a_prepared_study():
+    study = make_study()
+    for status, says in (
+        (Study.Status.DRAFT, "draft: prepare it first"),
+        (Study.Status.PREPARING, "preparing: prepare it first"),
+        (Study.Status.FAILED, "failed: prepare it first"),
+        (Study.Status.CLOSED, "closed: open it again first"),
+    ):
+        Study.objects.filter(pk=study.pk).update(status=status)
+        with pytest.raises(CommandError, match=says):
+            run("create_subjects", study.slug, "--count", "1")
+    assert not study.subjects.exists()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_prepare_study_waits_for_the_worker(celery_worker):
     study, _ = make_prepared_study(make_collection("cmd-prep"), {"n_components": 4}, slug="cp")
@@ -91,6 +106,8 @@ def test_export_responses_as_csv_and_json(tmp_path):
     assert len(rows) == len(answered) == 6
     for row, (token, q, choice, kind) in zip(rows, answered, strict=True):
         assert row["study"] == study.slug and row["subject"] == token
+        # The analysis outputs (subjects.csv, the report's Subjects) name subjects by ordinal.
+        assert row["subject_ordinal"] == str(q.subject.ordinal)
         assert row["external_id"] == f"PID{q.subject.ordinal}"
         assert (row["position"], row["direction"], row["pair_type"]) == (
             str(q.position),
@@ -108,7 +125,25 @@ def test_export_responses_as_csv_and_json(tmp_path):
         machine_s1 = {"a": q.kind_a, "b": q.kind_b}.get(q.machine.get("S1"), "")
         assert row["machine_S1"] == machine_s1 and "machine_S2" in row
 
+    assert list(rows[0])[:3] == ["study", "subject", "subject_ordinal"]
+    anonymised, _ = run("export_responses", study.slug, "--anonymise")
+    assert [r["subject_ordinal"] for r in csv.DictReader(io.StringIO(anonymised))] == [
+        r["subject_ordinal"] for r in rows
+    ]
+
     target = tmp_path / "answers.json"
     _, err = run("export_responses", str(study.pk), "--format", "json", "--output", str(target))
     assert "6 answers written" in err
     assert [r["chosen"] for r in json.loads(target.read_text())] == [r["chosen"] for r in rows]
+
+
+@pytest.mark.django_db
+def test_export_responses_without_answers_writes_the_header():
+    from experiments.export import COLUMNS
+
+    study = make_study(two_systems=True, per_type=1)
+    run("create_subjects", study.slug, "--count", "1")
+    out, _ = run("export_responses", study.slug, "--format", "csv")
+    assert out.splitlines() == [",".join([*COLUMNS, "machine_S1", "machine_S2"])]
+    out, _ = run("export_responses", study.slug, "--format", "json")
+    assert json.loads(out) == []

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -22,6 +23,7 @@ from experiments import checks
 from experiments.export import COLUMNS, dictionary_rows, pseudonym, response_rows
 from experiments.models import Pair, Response, Split, Study, Subject
 from experiments.plans import PlannedQuestion, with_catch_questions
+from experiments.subjects import plan_for
 from experiments.tasks import ensure_catch_pair, finish_study
 
 from .factories import make_study, make_subject, without_random_tokens
@@ -102,6 +104,42 @@ def test_catch_questions_are_placed_apart_and_keep_the_plan(n, count, seed, ordi
     directions = [q.direction for q in out]
     assert directions == sorted(directions, key=["V2M", "M2V"].index)  # still two blocks
     assert out == with_catch_questions(plan, keys, "__catch__", count, seed, ordinal)
+
+
+def test_catch_queries_are_never_asked_in_their_block_where_the_collection_allows():
+    n = 12  # every test item is asked in both blocks, beside its ground truth
+    keys = [f"q{i}" for i in range(n)]
+    plan = [
+        PlannedQuestion(d * n + i + 1, direction, "GR", key, key, "r", "G", "R")
+        for d, direction in enumerate(("V2M", "M2V"))
+        for i, key in enumerate(keys)
+    ]
+    spare = [f"t{i}" for i in range(6)]
+    for ordinal in range(10):
+        out = with_catch_questions(plan, keys, "__catch__", 6, 1, ordinal, spare_keys=spare)
+        assert {q.query for q in out if q.is_catch} <= set(spare)
+    # No other items: a query whose question in the block does not show its ground truth.
+    no_g = [
+        replace(q, pair_type="SR", kind_a="S", kind_b="R") if i % 3 else q
+        for i, q in enumerate(plan)
+    ]
+    for ordinal in range(10):
+        out = with_catch_questions(no_g, keys, "__catch__", 6, 1, ordinal)
+        shows_g = {(q.direction, q.query) for q in no_g if "G" in (q.kind_a, q.kind_b)}
+        assert not any((q.direction, q.query) in shows_g for q in out if q.is_catch)
+
+
+def test_a_study_using_every_test_item_takes_catch_queries_from_the_training_items():
+    study = make_study(n_pairs=6, per_type=2, attention_checks=True, catch_count=4)
+    ensure_catch_pair(study.collection_id)
+    for i in range(3):
+        Pair.objects.create(
+            collection=study.collection, key=f"train{i}", split=Split.TRAIN, status="ready"
+        )
+    for ordinal in range(6):
+        plan = plan_for(study, ordinal)
+        catch = [q for q in plan if q.is_catch]
+        assert len(catch) == 4 and all(q.query.startswith("train") for q in catch)
 
 
 def test_catch_media_are_black_and_silent_and_made_once():

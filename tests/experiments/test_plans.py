@@ -164,6 +164,30 @@ def test_custom_comparisons_and_bad_ones():
             build_plan(keys, results, per_type=1, comparisons=bad)
 
 
+@pytest.mark.parametrize(
+    ("label", "problem"),
+    [
+        ("S", None), ("S2", None), ("A10", None),
+        ("G", "reserved"), ("R", "reserved"), ("X", "reserved"),  # X: catch media
+        ("CCA", "not a system label"), ("s1", "not a system label"), ("S-1", "not a system label"),
+        ("G1", "not a system label"), ("", "not a system label"),
+    ],
+)  # fmt: skip
+def test_system_labels_split_back_out_of_pair_type_names(label, problem):
+    keys = [f"k{i}" for i in range(12)]
+    results = make_results(keys, (label,), 0)
+    if problem is None:
+        plan = build_plan(keys, results, per_type=2, labels=(label,))
+        from analysis.preference import split_pair_type
+
+        assert {split_pair_type(q.pair_type) for q in plan} == {
+            ("G", "R"), ("G", label), (label, "R"),
+        }  # fmt: skip
+    else:
+        with pytest.raises(PlanError, match=problem):
+            build_plan(keys, results, per_type=2, labels=(label,))
+
+
 def test_two_system_defaults_name_their_pair_types():
     assert [pair_type_name(c) for c in default_comparisons(("S1", "S2"))] == [
         "GR", "G-S1", "G-S2", "S1-R", "S2-R", "S1-S2",

@@ -35,7 +35,9 @@ def make_study(n=N, per_type=2, two_systems=False):
         for i in range(n)
     ]
     Pair.objects.create(collection=collection, key="train", split=Split.TRAIN, status="ready")
-    study = Study.objects.create(name="s", slug=f"s{n}-{two_systems}", collection=collection)
+    study = Study.objects.create(
+        name="s", slug=f"s{n}-{two_systems}", collection=collection, status=Study.Status.READY
+    )
     study.per_type = per_type
     study.save()
     nearest = System.objects.create(

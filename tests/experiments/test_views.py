@@ -424,6 +424,25 @@ def test_the_join_cap_is_respected(study):
     assert Client().get(join_url(study, PROLIFIC_PID="a")).status_code == 302
 
 
+def test_the_join_cap_counts_only_those_who_came_by_the_join_link(study):
+    make_subject(study)  # a personal link made in the admin
+    make_subject(study)
+    study.join_cap = 2
+    study.save()
+    for pid in ("a", "b"):
+        assert Client().get(join_url(study, PROLIFIC_PID=pid)).status_code == 302
+    assert Client().get(join_url(study, PROLIFIC_PID="c")).status_code == 403
+    assert Subject.objects.count() == 4
+
+
+def test_a_join_that_cannot_be_planned_shows_the_closed_page_and_makes_nobody(study):
+    study.per_type = 50  # more questions than the collection has queries (a changed design)
+    study.save()
+    page = Client().get(join_url(study, PROLIFIC_PID="a"))
+    assert page.status_code == 503 and "This study is not open" in page.content.decode()
+    assert Subject.objects.count() == 0
+
+
 def test_joining_a_closed_study_shows_a_clear_page(study):
     study.status = Study.Status.CLOSED
     study.save()

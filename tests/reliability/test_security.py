@@ -162,17 +162,87 @@ def test_participant_pages_and_media_send_security_headers(study, settings):
     assert page["Strict-Transport-Security"].startswith("max-age=31536000")
     assert page["X-Content-Type-Options"] == "nosniff"
     assert page["Referrer-Policy"] == "same-origin"
-    assert page["X-Frame-Options"] == "DENY"
     csp = page["Content-Security-Policy"]
     assert "script-src 'self'" in csp and "object-src 'none'" in csp
     assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
-    assert "frame-ancestors 'none'" in csp
+    assert_framable_by_mturk_only(page)
     token = re.search(r'src="/m/([0-9a-f]{32})"', page.content.decode())[1]
     medium = client.get(f"/m/{token}", secure=True)
     assert medium["X-Content-Type-Options"] == "nosniff"
     assert "Content-Security-Policy" in medium
     join = client.get(reverse("join", args=[study.join_token]), secure=True)
     assert "Content-Security-Policy" in join and join["Cache-Control"].startswith("max-age=0")
+
+
+MTURK_ORIGINS = (
+    "https://worker.mturk.com",
+    "https://workersandbox.mturk.com",
+    "https://www.mturk.com",
+)
+
+
+def frame_ancestors(response) -> list[str]:
+    policy = response["Content-Security-Policy"]
+    directive = [d.strip() for d in policy.split(";") if d.strip().startswith("frame-ancestors")]
+    assert len(directive) == 1, policy
+    return directive[0].split()[1:]
+
+
+def assert_framable_by_mturk_only(response):
+    """MTurk's ExternalQuestion shows the page in a frame on MTurk's sites: the CSP names
+    those origins (and only those), and no X-Frame-Options DENY forbids every frame."""
+    assert sorted(frame_ancestors(response)) == sorted(MTURK_ORIGINS)
+    assert "X-Frame-Options" not in response
+
+
+def assert_not_framable(response):
+    assert response["X-Frame-Options"] == "DENY"
+    if "Content-Security-Policy" in response:  # the admin sends none (inline styles)
+        assert frame_ancestors(response) == ["'none'"]
+
+
+def test_only_participant_pages_may_be_framed_by_mturk(study, admin_client):
+    subject = study.subjects.first()
+    client = Client()
+    join = reverse("join", args=[study.join_token])
+    participant = {
+        "subject page": client.get(reverse("subject", args=[subject.token])),
+        "MTurk preview": client.get(join + "?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=h"),
+        "join (redirect)": client.get(join + "?workerId=w1&assignmentId=a1&hitId=h"),
+        "mistyped link": client.get("/s/no-such-token/"),
+        "mistyped join link": client.get("/join/no-such-token/"),
+        "a refused answer": client.post(reverse("subject", args=[subject.token]), {"choice": "c"}),
+    }
+    assert participant["MTurk preview"].status_code == 200
+    assert participant["mistyped link"].status_code == 404
+    for name, response in participant.items():
+        assert "Content-Security-Policy" in response, name
+        assert_framable_by_mturk_only(response)
+    csrf = Client(enforce_csrf_checks=True).post(reverse("subject", args=[subject.token]))
+    assert csrf.status_code == 403
+    assert_framable_by_mturk_only(csrf)
+
+    everything_else = {
+        "admin login": Client().get(reverse("admin:login")),
+        "admin index": admin_client.get(reverse("admin:index")),
+        "admin study": admin_client.get(reverse("admin:experiments_study_change", args=[study.pk])),
+        "admin redirect to login": Client().get(reverse("admin:index")),
+        "home": client.get("/"),
+        "another page": client.get("/no/such/page/"),
+        "a look-alike path": client.get("/sx/"),
+    }
+    assert everything_else["admin index"].status_code == 200
+    for name, response in everything_else.items():
+        assert response["X-Frame-Options"] == "DENY", name
+        assert_not_framable(response)
+    assert "Content-Security-Policy" not in everything_else["admin index"]
+    assert frame_ancestors(everything_else["home"]) == ["'none'"]
+
+
+def test_participant_pages_can_keep_refusing_every_frame(study, settings):
+    settings.PARTICIPANT_FRAME_ANCESTORS = []  # a site that recruits nowhere that frames it
+    page = Client().get(reverse("subject", args=[study.subjects.first().token]))
+    assert_not_framable(page)
 
 
 def production(code: str) -> subprocess.CompletedProcess:
@@ -197,7 +267,8 @@ def test_production_settings_pass_the_deploy_check_and_harden_everything():
             "import django, json; django.setup(); from django.conf import settings as s; "
             "print(json.dumps({k: getattr(s, k) for k in ['DEBUG', 'SECURE_HSTS_SECONDS', "
             "'SECURE_SSL_REDIRECT', 'SESSION_COOKIE_SECURE', 'CSRF_COOKIE_SECURE', "
-            "'SECURE_CONTENT_TYPE_NOSNIFF', 'SECURE_REFERRER_POLICY', 'X_FRAME_OPTIONS']}))",
+            "'SECURE_CONTENT_TYPE_NOSNIFF', 'SECURE_REFERRER_POLICY', 'X_FRAME_OPTIONS', "
+            "'SESSION_COOKIE_SAMESITE', 'CSRF_COOKIE_SAMESITE']}))",
         ]
     )
     values = json.loads(shown.stdout.strip().splitlines()[-1])
@@ -210,6 +281,10 @@ def test_production_settings_pass_the_deploy_check_and_harden_everything():
         "SECURE_CONTENT_TYPE_NOSNIFF": True,
         "SECURE_REFERRER_POLICY": "same-origin",
         "X_FRAME_OPTIONS": "DENY",
+        # The admin's login stays first-party only; the CSRF cookie (no credential) is sent
+        # to participant pages framed by MTurk too, or no answer could be posted there.
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "CSRF_COOKIE_SAMESITE": "None",
     }
 
 
