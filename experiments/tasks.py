@@ -17,7 +17,7 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 
 from experiments.ingest import DEFAULT_ENCODER, process_pair
-from experiments.media import CLIP_S, broken_items
+from experiments.media import CLIP_S, broken_items, probe
 from experiments.models import Pair, Split, Study, StudySystem, System
 from experiments.uploads import neighbours, replace_search_results
 
@@ -194,6 +194,8 @@ def finish_study(study_id: int):
     from experiments.subjects import plan_for
 
     study = Study.objects.get(pk=study_id)
+    if problem := unequal_item_lengths(study.collection_id):
+        return _fail_study(study_id, problem)
     try:
         if study.attention_checks and study.catch_count:
             ensure_catch_pair(study.collection_id)
@@ -209,6 +211,30 @@ def finish_study(study_id: int):
 
 
 CATCH_KEY = "__catch__"
+ITEM_LENGTH_SPREAD_S = 1.0  # test items' lengths may differ by this much (encoders round)
+
+
+def unequal_item_lengths(collection_id: int) -> str | None:
+    """Why the test items' lengths would give answers away, or None when they do not.
+
+    An item is the centred clip of its music video, or the whole file when that is shorter:
+    then a query and its ground truth (cut from the same file) last equally long, and a
+    player's clock shows it beside an unrelated candidate of another length.
+    """
+    lengths = []
+    pairs = Pair.objects.filter(collection_id=collection_id, split=Split.TEST, status="ready")
+    for pair in pairs.only("video_file", "music_file"):
+        for item in (pair.video_file, pair.music_file):
+            if item:
+                lengths.append(probe(item.path).duration_s)
+    if not lengths or max(lengths) - min(lengths) <= ITEM_LENGTH_SPREAD_S:
+        return None
+    return (
+        f"The test items last {min(lengths):.1f} to {max(lengths):.1f} s: a candidate as long "
+        "as its query would give the match away. Import the collection anew with "
+        f"--clip-seconds {np.floor(min(lengths) * 10) / 10:g} (every item cut to the shortest "
+        "length), or without the shorter music videos."
+    )
 
 
 def ensure_catch_pair(collection_id: int) -> Pair:

@@ -11,6 +11,7 @@ from dataclasses import replace
 import av
 import numpy as np
 import pytest
+from django.core.files.base import ContentFile
 from django.core.management import call_command
 from django.urls import reverse
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ from experiments.plans import PlannedQuestion, with_catch_questions
 from experiments.subjects import plan_for
 from experiments.tasks import ensure_catch_pair, finish_study
 
+from .clips import music_video
 from .factories import make_study, make_subject, without_random_tokens
 
 pytestmark = pytest.mark.django_db
@@ -169,6 +171,26 @@ def test_preparation_makes_the_catch_pair_and_plans_catch_questions():
     for q in catch:
         broken = q.option_a if q.kind_a == "X" else q.option_b
         assert broken == catch_pair and q.machine == {}
+
+
+def test_preparation_refuses_test_items_whose_length_gives_the_match_away(tmp_path):
+    study = make_study(per_type=1, status=Study.Status.DRAFT)
+    pair = study.collection.pairs.get(key="clip000")  # one music video of 5 s among 2 s ones
+    for field, video in ((pair.video_file, True), (pair.music_file, False)):
+        path = music_video(
+            tmp_path / f"{video}.mp4", 0, 5.0, (160, 96), video=video, audio=not video
+        )
+        field.save(f"long-{video}.mp4", ContentFile(path.read_bytes()))
+    assert finish_study(study.pk) == Study.Status.FAILED
+    study.refresh_from_db()
+    assert "last 2.0 to 5.0 s" in study.message and "--clip-seconds 2 " in study.message
+    # Items of one length (within what encoders round) are fine.
+    for field, video in ((pair.video_file, True), (pair.music_file, False)):
+        path = music_video(
+            tmp_path / f"{video}.mp4", 0, 2.0, (160, 96), video=video, audio=not video
+        )
+        field.save(f"same-{video}.mp4", ContentFile(path.read_bytes()))
+    assert finish_study(study.pk) == Study.Status.READY
 
 
 def test_catch_questions_look_like_any_other(client):
