@@ -18,6 +18,10 @@ from scipy.io import wavfile
 from experiments.models import Study, Subject
 
 SOUND_TRIALS = 6
+# Where MTurk's ExternalQuestion says (`turkSubmitTo`) an assignment is submitted; the only
+# origins a subject's end page posts to, so a crafted link cannot send the form elsewhere.
+MTURK_SUBMIT_ORIGINS = ("https://www.mturk.com", "https://workersandbox.mturk.com")
+MTURK_PREVIEW = "ASSIGNMENT_ID_NOT_AVAILABLE"  # MTurk shows the page before the HIT is accepted
 SOUND_PASS = 5  # correct trials needed (Woods et al.: 5 of 6)
 TONE_HZ, TONE_S, RAMP_S, RATE = 200.0, 1.0, 0.1, 22050
 STANDARD, QUIET, ANTIPHASE = "standard", "quiet", "antiphase"
@@ -96,3 +100,16 @@ def end_redirect(subject: Subject) -> str:
         return url.replace("{code}", code) if code else ""
     finished = subject.outcome in (Subject.Outcome.COMPLETED, Subject.Outcome.ACTIVE)
     return url if finished or (code and code == subject.study.completion_code) else ""
+
+
+def mturk_submit(subject: Subject) -> dict | None:
+    """The form that submits the subject's MTurk assignment (ExternalQuestion) with its end
+    code, for a subject who came from a HIT: {"action", "assignment_id", "code"}; else None."""
+    entry = subject.meta.get("entry", {})
+    assignment, submit_to = entry.get("assignmentId"), entry.get("turkSubmitTo", "")
+    if not assignment or assignment == MTURK_PREVIEW:
+        return None
+    if submit_to.rstrip("/") not in MTURK_SUBMIT_ORIGINS:
+        return None
+    action = submit_to.rstrip("/") + "/mturk/externalSubmit"
+    return {"action": action, "assignment_id": assignment, "code": end_code(subject)}

@@ -39,10 +39,12 @@ from .subjects import create_subject
 logger = logging.getLogger(__name__)
 
 # Query parameters that crowd-sourcing platforms append to a study link, kept on entry.
-ENTRY_PARAMS = ("PROLIFIC_PID", "STUDY_ID", "SESSION_ID", "workerId", "assignmentId", "hitId")
+ENTRY_PARAMS = (
+    *("PROLIFIC_PID", "STUDY_ID", "SESSION_ID"),
+    *("workerId", "assignmentId", "hitId", "turkSubmitTo"),
+)
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "workerId")  # who the participant is, where unconfigured
 JOINED = "joined"  # marks, in a subject's meta, one made by the join link (its cap counts them)
-MTURK_PREVIEW = "ASSIGNMENT_ID_NOT_AVAILABLE"  # MTurk shows the page before the HIT is accepted
 LOAD_TIMEOUT_MS = 20_000  # media not loaded by then: the page offers a retry
 ENDED = (Subject.Outcome.FAILED_SOUND, Subject.Outcome.NO_CONSENT)
 LAST_SEEN_EVERY_S = 60  # a GET refreshes `last_seen` at most this often (no write per view)
@@ -416,7 +418,9 @@ def _render_step(request, subject: Subject, step: Step, start_form=None, sound_f
         ]
     elif step.name in ("done", "ended"):
         context["code"] = checks.end_code(subject)
-        context["redirect_url"] = checks.end_redirect(subject)
+        context["mturk"] = checks.mturk_submit(subject)
+        # A HIT is finished by submitting it to MTurk, not by leaving for another page.
+        context["redirect_url"] = "" if context["mturk"] else checks.end_redirect(subject)
     elif step.name == "question":
         context.update(_question_context(subject, step))
     elif step.name == "break":
@@ -464,7 +468,7 @@ def join(request, join_token):
     """
     study = get_object_or_404(Study, join_token=join_token)
     external_id = external_id_from(request, study)
-    if request.GET.get("assignmentId") == MTURK_PREVIEW:
+    if request.GET.get("assignmentId") == checks.MTURK_PREVIEW:
         return _study_page(request, study, "preview", status=200)
     session_key = f"join:{study.pk}"
     with transaction.atomic():

@@ -390,6 +390,37 @@ def test_mturk_ids_are_kept_and_the_preview_creates_nobody(client):
     assert subject.meta["entry"] == {"workerId": "w1", "assignmentId": "a1", "hitId": "h1"}
 
 
+def finish(client, subject):
+    answer_all(client, subject, lambda question: "a")
+    return client.get(url(subject)).content.decode()
+
+
+def test_an_mturk_hit_ends_by_submitting_its_assignment_to_mturk(client):
+    study = make_study(
+        per_type=1, completion_code="DONE-7", redirect_url="https://example.org/?cc={code}"
+    )
+    hit = "?workerId=w1&assignmentId=a1&hitId=h1&turkSubmitTo=https://workersandbox.mturk.com"
+    client.get(join_url(study, hit))
+    html = finish(client, Subject.objects.get())
+    form = re.search(
+        r'<form method="post" action="([^"]+)" id="mturk-submit">(.*?)</form>', html, re.S
+    )
+    assert form and form[1] == "https://workersandbox.mturk.com/mturk/externalSubmit"
+    assert 'name="assignmentId" value="a1"' in form[2]
+    assert 'name="completion_code" value="DONE-7"' in form[2]
+    assert "csrfmiddlewaretoken" not in form[2]  # nothing of this site's goes to MTurk
+    assert 'http-equiv="refresh"' not in html  # no redirect away before the HIT is submitted
+    # Only MTurk's own submit addresses; a Prolific participant gets the redirect as before.
+    for query in (
+        "?workerId=w2&assignmentId=a2&hitId=h1&turkSubmitTo=https://evil.example",
+        "?PROLIFIC_PID=p1",
+    ):
+        other = type(client)()
+        other.get(join_url(study, query))
+        html = finish(other, Subject.objects.order_by("pk").last())
+        assert "mturk-submit" not in html and "https://example.org/?cc=DONE-7" in html
+
+
 def test_ids_on_a_personal_link_are_captured_once(client):
     study = make_study(per_type=1)
     subject = make_subject(study)
