@@ -7,6 +7,7 @@ each subject's progress, export the answers and see the results.
 """
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.text import get_valid_filename, slugify
 
-from .export import dictionary_rows, response_rows
+from .export import column_names, dictionary_rows, response_rows
 from .forms import CollectionUploadForm, SubjectLinksForm
 from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs
 from .models import (
@@ -508,7 +509,10 @@ class StudyAdmin(admin.ModelAdmin):
     @admin.action(description="Export responses (CSV)")
     def export_responses(self, request, queryset):
         studies = queryset.order_by("pk")
-        return csv_response("responses.csv", (response_rows(study) for study in studies))
+        # Studies' systems differ: every study's machine columns, in one header.
+        header = list(dict.fromkeys(c for study in studies for c in column_names(study)))
+        rows = itertools.chain.from_iterable(response_rows(study) for study in studies)
+        return csv_response("responses.csv", rows, header)
 
     # Pages of one study
 
@@ -571,7 +575,7 @@ class StudyAdmin(admin.ModelAdmin):
                     {"ordinal": s.ordinal, "token": s.token, "url": subject_url(s, base)}
                     for s in subjects
                 )
-                return csv_response(f"{study.slug}-new-links.csv", [rows])
+                return csv_response(f"{study.slug}-new-links.csv", rows)
         context = {
             **self.admin_site.each_context(request),
             "title": f"Subject links for {study}",
@@ -600,17 +604,17 @@ class StudyAdmin(admin.ModelAdmin):
             }
             for s in subjects
         )
-        return csv_response(f"{study.slug}-links.csv", [rows])
+        return csv_response(f"{study.slug}-links.csv", rows)
 
     def responses_view(self, request, study_id):
         """The answers as CSV; `?anonymise=1`: pseudonyms; `?dictionary=1`: the columns."""
         study = self._study(request, study_id)
         if request.GET.get("dictionary"):
-            return csv_response(f"{study.slug}-dictionary.csv", [dictionary_rows(study)])
-        if request.GET.get("anonymise"):
-            rows = response_rows(study, anonymise=True)
-            return csv_response(f"{study.slug}-responses-anonymised.csv", [rows])
-        return csv_response(f"{study.slug}-responses.csv", [response_rows(study)])
+            rows = dictionary_rows(study)
+            return csv_response(f"{study.slug}-dictionary.csv", rows, ["column", "meaning"])
+        anonymise = bool(request.GET.get("anonymise"))
+        name = f"{study.slug}-responses{'-anonymised' if anonymise else ''}.csv"
+        return csv_response(name, response_rows(study, anonymise), column_names(study))
 
 
 def join_url(request, study) -> str:
@@ -625,18 +629,20 @@ class _Echo:
         return value
 
 
-def csv_response(filename: str, row_groups) -> StreamingHttpResponse:
-    """A streamed CSV download of dict rows (the first row's keys are the header)."""
+def csv_response(filename: str, rows, header: list[str] | None = None) -> StreamingHttpResponse:
+    """A streamed CSV download of dict rows; `header` names the columns (default: the first
+    row's keys), so an export without rows still says what it would hold."""
     writer = csv.writer(_Echo())
 
     def lines():
-        header = None
-        for rows in row_groups:
-            for row in rows:
-                if header is None:
-                    header = list(row)
-                    yield writer.writerow(header)
-                yield writer.writerow([row.get(key, "") for key in header])
+        columns = header
+        if columns is not None:
+            yield writer.writerow(columns)
+        for row in rows:
+            if columns is None:
+                columns = list(row)
+                yield writer.writerow(columns)
+            yield writer.writerow([row.get(key, "") for key in columns])
 
     response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{slugify(filename[:-4])}.csv"'

@@ -289,6 +289,29 @@ def test_responses_export_as_csv(admin_client, study):
     assert by_url == by_action == expected
 
 
+def test_exports_name_every_column_even_without_answers(admin_client, study):
+    from experiments.export import column_names
+
+    from .test_subjects import make_study as make_two_system_study
+
+    def header(response):
+        return next(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+
+    url = reverse("admin:experiments_study_responses", args=[study.pk])
+    assert header(admin_client.get(url)) == column_names(study)  # no answers yet
+    assert header(admin_client.get(url + "?dictionary=1")) == ["column", "meaning"]
+    # Two studies with different systems in one export: both studies' machine columns.
+    other = make_two_system_study(two_systems=True)
+    study.status = Study.Status.OPEN
+    study.save()
+    answer_all(make_subject(study), 6)
+    response = act(admin_client, "export_responses", study, other)
+    body = b"".join(response.streaming_content).decode()
+    columns = next(csv.reader(io.StringIO(body)))
+    assert {"machine_S", "machine_S1", "machine_S2"} <= set(columns)
+    assert len(list(csv.DictReader(io.StringIO(body)))) == 6
+
+
 @pytest.mark.django_db(transaction=True)
 def test_prepare_runs_on_a_real_worker(celery_worker, admin_client):
     draft = make_study(per_type=1, status=Study.Status.DRAFT)
