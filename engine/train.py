@@ -177,12 +177,14 @@ def train_vmnet(
         model.train()
         order = torch.randperm(n, generator=generator).to(device)
         total = torch.zeros((), device=device)  # summed on the device: no wait per step
+        taken = 0
         for i in range(steps_per_epoch):
             idx = order[i * batch : (i + 1) * batch]
             if len(idx) < 3:  # batch norm and the structure loss need a few items
                 continue
             total += step(v_all[idx], m_all[idx])
-        record = {"epoch": epoch + 1, "loss": total.item() / steps_per_epoch}
+            taken += 1
+        record = {"epoch": epoch + 1, "loss": total.item() / max(taken, 1)}
         record |= validation_metrics()
         history.append(record)
         score = (record.get("V2M_R@10", 0) + record.get("M2V_R@10", 0)) / 2 if val else epoch

@@ -451,16 +451,21 @@ def _store(collection, name, kind, filename, data, ranked, embeddings, metrics) 
 
 def recalls(ranked: list[Ranked], ks=(1, 10)) -> dict:
     """Recall@K per direction from ranked results: the share of queries whose own pair is
-    among their K best uploaded results ({'V2M': {'R@1': …}, …}, as engine evaluate() gives)."""
+    ranked K or better ({'V2M': {'R@1': …}, …}, as engine evaluate() gives). Ranks are the
+    uploaded ones: with gaps, a pair at rank 50 is not among the 10 best."""
     out = {}
     for direction in MODALITIES:
-        lists = {}
-        for r in sorted(ranked, key=lambda r: r.rank):
+        own_rank = {}  # query → the rank of its own pair (absent: not in its list)
+        for r in ranked:
             if r.direction == direction:
-                lists.setdefault(r.query, []).append(r.result)
-        if lists:
+                own_rank.setdefault(r.query, None)
+                if r.result == r.query:
+                    own_rank[r.query] = r.rank
+        if own_rank:
             out[str(direction)] = {
-                f"R@{k}": float(np.mean([query in found[:k] for query, found in lists.items()]))
+                f"R@{k}": float(
+                    np.mean([rank is not None and rank <= k for rank in own_rank.values()])
+                )
                 for k in ks
             }
     return out

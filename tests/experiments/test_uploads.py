@@ -11,7 +11,7 @@ from django.core.management import CommandError, call_command
 
 from experiments.models import Pair, SearchResult, Split, Study, StudySystem, System
 from experiments.subjects import create_subject
-from experiments.uploads import UploadError, import_results
+from experiments.uploads import Ranked, UploadError, import_results, recalls
 
 from .factories import make_collection
 
@@ -320,3 +320,13 @@ def test_the_admin_upload_page(admin_client, collection):
     assert system.results.count() == 2 * N * 3 and system.embeddings
     change = admin_client.get(page["Location"]).content.decode()
     assert "Uploaded embeddings: 36 search results" in change and "emb.npz" in change
+
+
+def test_recall_of_ranked_results_counts_their_ranks_not_their_places():
+    ranked = [
+        Ranked("V2M", "q1", 1, "x", None), Ranked("V2M", "q1", 50, "q1", None),  # a gap
+        Ranked("V2M", "q2", 1, "y", None), Ranked("V2M", "q2", 2, "q2", None),
+        Ranked("V2M", "q3", 1, "q3", None),
+        Ranked("V2M", "q4", 1, "z", None),  # its own pair not listed at all
+    ]  # fmt: skip
+    assert recalls(ranked) == {"V2M": {"R@1": 0.25, "R@10": 0.5}}
