@@ -9,13 +9,15 @@ each subject's progress, export the answers and see the results.
 import csv
 import itertools
 import json
+import secrets
+import shutil
 from pathlib import Path
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Count, IntegerField, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpResponseRedirect, StreamingHttpResponse
@@ -110,27 +112,8 @@ class CollectionAdmin(admin.ModelAdmin):
             suffixes=VIDEO_SUFFIXES,
         )
         if request.method == "POST" and form.is_valid():
-            name = form.cleaned_data["name"]
-            folder = Path(settings.MEDIA_ROOT) / "uploads" / slugify(name)
-            folder.mkdir(parents=True, exist_ok=True)
-            for upload in form.cleaned_data["files"]:
-                with open(folder / get_valid_filename(upload.name), "wb") as out:
-                    for chunk in upload.chunks():
-                        out.write(chunk)
-            try:
-                collection, todo, total = add_pairs(name, folder, test=form.cleaned_data["test"])
-                for pair in todo:
-                    import_pair.delay(pair.pk)
-            except ManifestError as error:
-                form.add_error(None, str(error))
-            except Exception as error:  # the broker is unreachable
-                self.message_user(request, f"Could not queue the import: {error}", messages.ERROR)
-            else:
-                self.message_user(
-                    request,
-                    f"{collection}: {len(todo)} of {total} pairs queued for processing.",
-                    messages.SUCCESS,
-                )
+            collection = self._import_upload(request, form)
+            if collection is not None:
                 return HttpResponseRedirect(
                     reverse("admin:experiments_collection_change", args=[collection.pk])
                 )
@@ -141,6 +124,42 @@ class CollectionAdmin(admin.ModelAdmin):
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/experiments/collection/upload.html", context)
+
+    def _import_upload(self, request, form) -> Collection | None:
+        """Write the files into a folder of their own (the import reads exactly these) and add
+        their pairs; None, with the form's error, when the import is refused."""
+        name = form.cleaned_data["name"]
+        folder = (
+            Path(settings.MEDIA_ROOT)
+            / "uploads"
+            / (f"{slugify(name) or 'collection'}-{secrets.token_hex(4)}")
+        )
+        folder.mkdir(parents=True)
+        for upload in form.cleaned_data["files"]:
+            with open(folder / get_valid_filename(upload.name), "wb") as out:
+                for chunk in upload.chunks():
+                    out.write(chunk)
+        try:
+            with transaction.atomic():  # refused: no collection, no pairs, and no files
+                collection, todo, total = add_pairs(name, folder, test=form.cleaned_data["test"])
+        except ManifestError as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            form.add_error(None, str(error))
+            return None
+        try:
+            for pair in todo:
+                import_pair.delay(pair.pk)
+        except Exception as error:  # the broker is unreachable: the pairs wait, pending
+            self.message_user(
+                request, f"{collection}: could not queue the import: {error}", messages.ERROR
+            )
+        else:
+            self.message_user(
+                request,
+                f"{collection}: {len(todo)} of {total} pairs queued for processing.",
+                messages.SUCCESS,
+            )
+        return collection
 
     @admin.display(description="pairs by status")
     def pairs_by_status(self, collection):

@@ -1,14 +1,18 @@
 """Importing a collection: a folder of music videos or a CSV manifest becomes ready pairs.
 
 `import_collection` reads the source, creates one Pair per music video (a re-run skips pairs
-that are already ready and retries the others), assigns train/val/test splits (seeded) and
+that are already ready, reporting those whose files or split the source now names otherwise,
+and retries the others), assigns train/val/test splits (seeded, see `assign_splits`) and
 processes every pair as its own Celery task (`experiments.tasks.import_pair`), or in-process
 with `sync=True`. Processing a pair (`process_pair`) makes its study media and its features;
 a file that cannot be used marks that pair failed with the reason, and the rest goes on.
+Settings (clip length, encoder, frame size) are not stored: they apply to the pairs processed
+in that run.
 """
 
 import csv
 import io
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from django.core.files import File
 from django.core.files.base import ContentFile
+from django.db import transaction
 
 from engine.features import MediaError
 from experiments.media import CLIP_S, make_items
@@ -27,6 +32,10 @@ VIDEO_SUFFIXES = {
     ".ogv",
 }  # fmt: skip
 DEFAULT_ENCODER = "efficientnet-lite0"
+# The platform's own attention-check pair (experiments.tasks.CATCH_KEY, split 'catch'): a
+# source may not name that key or that split.
+RESERVED_KEYS = frozenset({"__catch__"})
+SOURCE_SPLITS = (Split.TRAIN, Split.VAL, Split.TEST)
 
 
 class ManifestError(ValueError):
@@ -48,35 +57,78 @@ class ImportSummary:
     collection: Collection
     total: int = 0  # pairs in the source
     skipped: int = 0  # already ready before this run
-    ready: int = 0  # ready after this run (all of them)
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (key, error)
+    ready: int = 0  # the source's pairs ready after this run
+    failures: list[tuple[str, str]] = field(default_factory=list)  # the source's: (key, error)
+    changed: list[tuple[str, str]] = field(default_factory=list)  # (key, what was kept)
+    notes: list[str] = field(default_factory=list)  # about the collection (its splits)
+
+
+@dataclass
+class AddedPairs:
+    collection: Collection
+    todo: list[Pair]  # the pairs to process
+    keys: list[str]  # the source's, in its order
+    changed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def read_source(path: str | Path) -> list[SourceItem]:
     """The pairs in a folder of music videos (recursively) or in a CSV manifest."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in VIDEO_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not files:
-            raise ManifestError(f"{path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))})")
-        if odd := [p for p in files if not _utf8(str(p.relative_to(path)))]:
-            names = ", ".join(ascii(p.relative_to(path).as_posix()) for p in odd[:5])
-            raise ManifestError(f"{path}: file names that are not UTF-8 (rename them): {names}")
-        return [SourceItem(p.relative_to(path).with_suffix("").as_posix(), p) for p in files]
+        return _read_folder(path)
     if path.is_file() and path.suffix.lower() == ".csv":
         return _read_manifest(path)
     raise ManifestError(f"{path}: neither a folder of music videos nor a CSV manifest")
 
 
+def _read_folder(path: Path) -> list[SourceItem]:
+    """Every video file under `path` (hidden ones aside); its key is its path without suffix."""
+    root = path.absolute()  # a worker may run elsewhere; symlinks are kept as named
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in VIDEO_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise ManifestError(f"{path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))})")
+    if odd := [p for p in files if not _utf8(str(p.relative_to(root)))]:
+        names = ", ".join(ascii(p.relative_to(root).as_posix()) for p in odd[:5])
+        raise ManifestError(f"{path}: file names that are not UTF-8 (rename them): {names}")
+    by_key: dict[str, list[Path]] = {}
+    for p in files:
+        by_key.setdefault(p.relative_to(root).with_suffix("").as_posix(), []).append(p)
+    errors = []
+    if repeats := [ps for ps in by_key.values() if len(ps) > 1]:
+        named = "; ".join(
+            " and ".join(repr(p.relative_to(root).as_posix()) for p in ps) for ps in repeats[:10]
+        )
+        more = f" (and {len(repeats) - 10} more)" if len(repeats) > 10 else ""
+        errors.append(
+            "files that would be the same pair (same name, another extension; rename or "
+            f"remove one): {named}{more}"
+        )
+    for key in RESERVED_KEYS & by_key.keys():
+        names = ", ".join(repr(p.relative_to(root).as_posix()) for p in by_key[key])
+        errors.append(
+            f"{names}: the key {key!r} is reserved for the platform's attention-check pair "
+            "(rename the file)"
+        )
+    if errors:
+        raise ManifestError(f"{path}: " + "; ".join(errors))
+    return [SourceItem(key, ps[0]) for key, ps in by_key.items()]
+
+
 def _read_manifest(path: Path) -> list[SourceItem]:
-    """Rows `video,music[,title,genre,split]`; paths relative to the manifest's folder."""
-    root = path.parent.resolve()
+    """Rows `video,music[,title,genre,split]`; paths relative to the manifest's folder.
+
+    A path must lie inside the manifest's folder as written (`..` and absolute paths may not
+    leave it; a symlink inside it may lead anywhere) or, symlinks followed, inside the real
+    folder. It is stored as written, normalised."""
+    root = Path(os.path.normpath(path.parent.absolute()))
+    real_root = root.resolve()
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -92,11 +144,14 @@ def _read_manifest(path: Path) -> list[SourceItem]:
     errors, items, seen = [], [], {}
 
     def inside(value: str, row: int, column: str) -> Path | None:
+        written = Path(os.path.normpath(root / value))  # symlinks not followed
+        if written.is_relative_to(root):
+            return written
         resolved = (root / value).resolve()
-        if not resolved.is_relative_to(root):
-            errors.append(f"row {row}: {column} {value!r} lies outside the manifest's folder")
-            return None
-        return resolved
+        if resolved.is_relative_to(real_root):
+            return resolved
+        errors.append(f"row {row}: {column} {value!r} lies outside the manifest's folder")
+        return None
 
     for row, values in enumerate(rows, start=2):  # row 1 is the header
         if not values.get("video"):
@@ -105,12 +160,25 @@ def _read_manifest(path: Path) -> list[SourceItem]:
         video = inside(values["video"], row, "video")
         music = inside(values["music"], row, "music") if values.get("music") else None
         split = values.get("split", "").lower()
-        if split and split not in Split.values:
-            errors.append(f"row {row}: split {split!r} is not one of {', '.join(Split.values)}")
+        if split == Split.CATCH:
+            errors.append(
+                f"row {row}: split {split!r} is reserved for the platform's attention-check "
+                f"pair (a source's pairs are {', '.join(SOURCE_SPLITS)})"
+            )
+        elif split and split not in SOURCE_SPLITS:
+            errors.append(f"row {row}: split {split!r} is not one of {', '.join(SOURCE_SPLITS)}")
         key = Path(values["video"]).with_suffix("").as_posix()
+        if key in RESERVED_KEYS:
+            errors.append(
+                f"row {row}: key {key!r} is reserved for the platform's attention-check pair "
+                "(rename the video)"
+            )
         if key in seen:
-            errors.append(f"row {row}: video {values['video']!r} repeats row {seen[key]}")
-        seen[key] = row
+            first_row, first_video = seen[key]
+            same = "" if first_video == values["video"] else f" (the same key {key!r})"
+            errors.append(f"row {row}: video {values['video']!r} repeats row {first_row}{same}")
+        else:
+            seen[key] = row, values["video"]
         if video is not None:
             title, genre = values.get("title", ""), values.get("genre", "")
             items.append(SourceItem(key, video, music, title, genre, split))
@@ -130,48 +198,150 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def split_targets(
+    total: int, test: int | None = None, test_fraction=0.2, val_fraction=0.1
+) -> tuple[int, int]:
+    """How many of `total` pairs are to be test and validation pairs."""
+    n_test = test if test is not None else round(test_fraction * total)
+    n_val = round(val_fraction * total)
+    if n_test < 0 or n_val < 0 or n_test + n_val > total:
+        raise ManifestError(f"cannot take {n_test} test and {n_val} validation pairs from {total}")
+    return n_test, n_val
+
+
 def assign_splits(
-    keys, test: int | None = None, test_fraction=0.2, val_fraction=0.1, seed: int = 0
+    keys,
+    test: int | None = None,
+    test_fraction=0.2,
+    val_fraction=0.1,
+    seed: int = 0,
+    placed: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """A seeded split of `keys`: `test` pairs (or a share) for testing, a share for validation."""
-    keys = sorted(keys)
-    n_test = test if test is not None else round(test_fraction * len(keys))
-    n_val = round(val_fraction * len(keys))
-    if n_test < 0 or n_val < 0 or n_test + n_val > len(keys):
-        raise ManifestError(
-            f"cannot take {n_test} test and {n_val} validation pairs from {len(keys)}"
-        )
-    order = np.random.default_rng(seed).permutation(len(keys))
-    splits = [Split.TEST] * n_test + [Split.VAL] * n_val
+    """Seeded splits for the new `keys`, given the pairs `placed` already (key → split).
+
+    The rule: keys and placed pairs together (n of them) are to hold `test` test pairs (or
+    round(test_fraction × n)) and round(val_fraction × n) validation pairs. Placed pairs keep
+    their split and count toward these numbers; the new keys take only the places still
+    missing (as many as there are new keys), test first, then validation, the rest train.
+    Which new keys take them follows a seeded permutation of the sorted new keys, so the
+    same keys and placed pairs always give the same splits, in whatever order they come (and
+    a first import splits as it always has).
+    """
+    placed = dict(placed or {})
+    keys = sorted(set(keys) - placed.keys())
+    n_test, n_val = split_targets(len(keys) + len(placed), test, test_fraction, val_fraction)
+    have = list(placed.values())
+    missing_test = min(max(0, n_test - have.count(Split.TEST)), len(keys))
+    missing_val = min(max(0, n_val - have.count(Split.VAL)), len(keys) - missing_test)
+    order = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
+    splits = [Split.TEST] * missing_test + [Split.VAL] * missing_val
     splits += [Split.TRAIN] * (len(keys) - len(splits))
-    return {keys[i]: str(split) for i, split in zip(order, splits, strict=True)}
+    return {key: str(split) for key, split in zip(order, splits, strict=True)}
 
 
 def add_pairs(
     name: str, path: str | Path, test=None, test_fraction=0.2, val_fraction=0.1, seed=0
 ) -> tuple[Collection, list[Pair], int]:
-    """Create the collection's new pairs; returns it, the pairs to process and the total."""
+    """Create the collection's new pairs; returns it, the pairs to process and the total.
+
+    All or nothing: a source that cannot be read, or a failure while writing, writes no row.
+    New pairs are split by `assign_splits`: the collection's pairs (the attention-check pair
+    aside) keep their split and count toward `test` and the validation share, as do manifest
+    rows naming their split; new pairs take only the places still missing.
+    """
+    added = _add_pairs(name, path, test, test_fraction, val_fraction, seed)
+    return added.collection, added.todo, len(added.keys)
+
+
+def _add_pairs(
+    name: str, path: str | Path, test=None, test_fraction=0.2, val_fraction=0.1, seed=0
+) -> AddedPairs:
     items = read_source(path)
-    collection, _ = Collection.objects.get_or_create(
-        name=name, defaults={"source": str(Path(path).resolve())}
-    )
-    existing = {p.key: p for p in collection.pairs.all()}
-    unassigned = [item.key for item in items if not item.split]
-    splits = assign_splits(unassigned, test, test_fraction, val_fraction, seed)
-    todo = []
-    for item in items:
-        pair = existing.get(item.key)
-        if pair is not None and pair.status == Pair.Status.READY:
-            continue
-        if pair is None:
-            pair = Pair(collection=collection, key=item.key, split=item.split or splits[item.key])
-        pair.title, pair.genre = item.title or pair.title, item.genre or pair.genre
-        pair.source_video = str(item.video)
-        pair.source_music = str(item.music or "")
-        pair.status, pair.error = Pair.Status.PENDING, ""
-        pair.save()
-        todo.append(pair)
-    return collection, todo, len(items)
+    path = Path(path)
+    root = path.absolute() if path.is_dir() else path.parent.absolute()
+    roots = (Path(os.path.normpath(root)), root.resolve())
+    with transaction.atomic():
+        collection, _ = Collection.objects.get_or_create(
+            name=name, defaults={"source": str(path.resolve())}
+        )
+        existing = {p.key: p for p in collection.pairs.all()}
+        placed = {k: p.split for k, p in existing.items() if p.split != Split.CATCH}
+        placed |= {i.key: i.split for i in items if i.key not in existing and i.split}
+        unassigned = [i.key for i in items if i.key not in existing and not i.split]
+        splits = assign_splits(unassigned, test, test_fraction, val_fraction, seed, placed)
+        added = AddedPairs(collection, [], [item.key for item in items])
+        for item in items:
+            pair = existing.get(item.key)
+            if pair is not None:
+                if change := _kept(pair, item, roots):
+                    added.changed.append((item.key, change))
+                if pair.status == Pair.Status.READY:
+                    continue
+            else:
+                split = item.split or splits[item.key]
+                pair = Pair(collection=collection, key=item.key, split=split)
+            pair.title, pair.genre = item.title or pair.title, item.genre or pair.genre
+            pair.source_video = str(item.video)
+            pair.source_music = str(item.music or "")
+            pair.status, pair.error = Pair.Status.PENDING, ""
+            pair.save()
+            added.todo.append(pair)
+    have = list((placed | splits).values())
+    n_test, n_val = split_targets(len(have), test, test_fraction, val_fraction)
+    for split, want in ((Split.TEST, n_test), (Split.VAL, n_val)):
+        if have.count(split) != want:
+            added.notes.append(
+                f"{collection}: {have.count(split)} {split.label} pairs, not the {want} asked "
+                "(pairs already imported, and manifest rows naming their split, keep it; "
+                "import into a new collection to split anew)"
+            )
+    return added
+
+
+def _kept(pair: Pair, item: SourceItem, roots) -> str | None:
+    """What the source now says otherwise about an existing pair, which keeps what it has."""
+    other_split = bool(item.split) and item.split != pair.split
+    if pair.status == Pair.Status.READY:
+        details = [
+            f"{kind} {_shown(old, roots)}, now {_shown(new, roots)}"
+            for kind, old, new in (
+                ("video", pair.source_video, str(item.video)),
+                ("music", pair.source_music, str(item.music or "")),
+            )
+            if not _same_file(old, new)
+        ]
+        if details:
+            if other_split:
+                details.append(f"split {pair.split}, now {item.split}")
+            return (
+                f"already imported from other files ({'; '.join(details)}); "
+                "import into a new collection to use the new ones"
+            )
+    if other_split:
+        return (
+            f"keeps its split {pair.split} (the source now says {item.split}); "
+            "import into a new collection to split anew"
+        )
+    return None
+
+
+def _same_file(old: str, new: str) -> bool:
+    if old == new or not old or not new:
+        return old == new
+    try:
+        return os.path.samefile(old, new)
+    except OSError:  # one of them is gone
+        return False
+
+
+def _shown(path: str, roots) -> str:
+    """`path` relative to the source's folder where it lies inside."""
+    if not path:
+        return "the video's own soundtrack"
+    for root in roots:
+        if Path(path).is_relative_to(root):
+            return Path(path).relative_to(root).as_posix()
+    return path
 
 
 def process_pair(
@@ -233,11 +403,16 @@ def import_collection(
 ) -> ImportSummary:
     """Import (or complete the import of) collection `name` from `path`; waits for the tasks.
 
-    `progress(done, total)` is called as pairs finish.
+    `progress(done, total)` is called as pairs finish. A re-run skips the pairs that are ready
+    (and reports in `changed` those whose files or split the source now names otherwise) and
+    retries the others; new pairs are split as `add_pairs` says. `clip_s`, `encoder` and
+    `frame_size` are not stored: they apply to the pairs processed in this run only. The
+    summary counts the source's pairs only.
     """
     from experiments.tasks import import_pair
 
-    collection, todo, total = add_pairs(name, path, test, test_fraction, val_fraction, seed)
+    added = _add_pairs(name, path, test, test_fraction, val_fraction, seed)
+    collection, todo, total = added.collection, added.todo, len(added.keys)
     if progress:
         progress(0, len(todo))
     if sync:
@@ -251,11 +426,14 @@ def import_collection(
             result.get(propagate=False)
             if progress:
                 progress(done, len(todo))
-    pairs = collection.pairs.all()
+    keys = set(added.keys)  # not the collection's other pairs, nor its attention-check pair
+    rows = [row for row in collection.pairs.values_list("key", "status", "error") if row[0] in keys]
     return ImportSummary(
         collection=collection,
         total=total,
         skipped=total - len(todo),
-        ready=pairs.filter(status=Pair.Status.READY).count(),
-        failures=list(pairs.filter(status=Pair.Status.FAILED).values_list("key", "error")),
+        ready=sum(status == Pair.Status.READY for _, status, _ in rows),
+        failures=[(key, error) for key, status, error in rows if status == Pair.Status.FAILED],
+        changed=added.changed,
+        notes=added.notes,
     )

@@ -271,18 +271,21 @@ def ensure_catch_pair(collection_id: int) -> Pair:
     return pair
 
 
-def workers_listening(timeout: float = 1.0) -> bool:
-    """Whether tasks will run: eager mode, or at least one worker answers a ping."""
+def queues_without_workers(queues, timeout: float = 1.0) -> list[str]:
+    """Those of `queues` that no worker consumes (none in eager mode; all without a broker):
+    tasks sent there would wait for ever."""
     from kombu.exceptions import OperationalError
 
     from study_site.celery import app
 
     if app.conf.task_always_eager:
-        return True
+        return []
     try:
-        return bool(app.control.ping(timeout=timeout))
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
     except OperationalError:  # no broker
-        return False
+        return list(queues)
+    consumed = {queue["name"] for found in replies.values() for queue in found}
+    return [queue for queue in queues if queue not in consumed]
 
 
 class _failing:

@@ -165,7 +165,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "7200"))
 }
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"experiments.tasks.gpu_*": {"queue": "gpu"}}
+# Engine work on the accelerator's workers: training, search and a pair's features (CNN).
+CELERY_TASK_ROUTES = {
+    "experiments.tasks.gpu_*": {"queue": "gpu"},
+    "experiments.tasks.import_pair": {"queue": "gpu"},
+}
 CELERY_TASK_ALWAYS_EAGER = _flag("CELERY_ALWAYS_EAGER", False)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_RESULT_EXPIRES = 24 * 3600

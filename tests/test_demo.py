@@ -4,6 +4,7 @@ its own Celery worker on a real Redis, then one subject answered over HTTP and t
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
+PAIRS = ("clip_0003", "clip_0017")  # two of the demo corpus's keys
 
 
 def _manage(env, *args, timeout=900):
@@ -52,10 +54,18 @@ def test_demo_prepares_a_study_that_a_subject_can_finish(demo_env):
     assert re.search(r"CCA\s+M2V\s+[\d.]+", out), out
     assert "chance" in out
 
-    # A second run reuses everything: same links, same password, no new work.
+    # A stopped import (Ctrl-C while pairs were processed) is finished by the next run.
+    database = demo_env["DATABASE_URL"].removeprefix("sqlite:///")
+    with sqlite3.connect(database) as db:
+        db.execute("UPDATE experiments_pair SET status = 'pending' WHERE key IN (?, ?)", PAIRS)
+
+    # A second run reuses everything else: same links, same password, no new work.
     started = time.monotonic()
     again = _manage(demo_env, *args)
     assert time.monotonic() - started < 120
+    with sqlite3.connect(database) as db:
+        statuses = db.execute("SELECT status FROM experiments_pair WHERE key IN (?, ?)", PAIRS)
+        assert [status for (status,) in statuses] == ["ready", "ready"]
     assert re.findall(r"http://127\.0\.0\.1:8000(/s/[\w-]+/)", again) == links
     assert f"password: {password}" in again
 

@@ -3,6 +3,7 @@
 import csv
 import io
 import time
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
@@ -352,6 +353,15 @@ def test_uploads_over_the_limit_or_not_video_are_refused(admin_client, tmp_path,
     assert not Collection.objects.filter(name="Uploaded").exists()
 
 
+def test_a_refused_upload_leaves_no_collection_and_no_files(admin_client, tmp_path, settings):
+    url = reverse("admin:experiments_collection_upload")
+    page = admin_client.post(url, upload_form(tmp_path, n=2, test=5))
+    assert page.status_code == 200 and "cannot take 5 test" in page.content.decode()
+    assert not Collection.objects.filter(name="Uploaded").exists()
+    uploads = Path(settings.MEDIA_ROOT) / "uploads"
+    assert not uploads.exists() or not any(p.is_file() for p in uploads.rglob("*"))
+
+
 @pytest.mark.slow  # the workers cut clips and extract features with the CNN
 @pytest.mark.django_db(transaction=True)
 def test_a_small_collection_uploaded_in_the_admin_is_imported(
@@ -373,3 +383,10 @@ def test_a_small_collection_uploaded_in_the_admin_is_imported(
     assert [p.status for p in pairs] == ["ready"] * 3, [p.error for p in pairs]
     assert {p.key for p in pairs} == {"song_0", "song_1", "song_2"}
     assert all(p.video_file and p.music_file for p in pairs)
+    # Another collection whose name makes the same folder name: only its own file.
+    page = admin_client.post(url, upload_form(tmp_path, n=1, name="UPLOADED"), follow=True)
+    assert "1 of 1 pairs queued" in page.content.decode()
+    other = Collection.objects.get(name="UPLOADED")
+    assert list(other.pairs.values_list("key", flat=True)) == ["song_0"]
+    while other.pairs.filter(status="pending").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)  # done before the test's tables are emptied

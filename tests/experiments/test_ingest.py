@@ -1,15 +1,26 @@
 """Importing real (generated) music videos: study media, features, per-file errors, re-runs."""
 
+import io
+from collections import Counter
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
+from django.core.management import call_command
 
 from engine.features import MediaError
 from experiments import media
-from experiments.ingest import ManifestError, assign_splits, import_collection, read_source
+from experiments.ingest import (
+    RESERVED_KEYS,
+    ManifestError,
+    add_pairs,
+    assign_splits,
+    import_collection,
+    read_source,
+)
 from experiments.models import Collection, Pair
+from experiments.tasks import CATCH_KEY
 
 from .clips import music_video, truncated
 
@@ -165,3 +176,185 @@ def test_importing_a_manifest_of_separate_video_and_music(tmp_path):
     assert (pair.key, pair.title, pair.genre, pair.split) == ("v/clip", "A song", "pop", "val")
     assert pair.source_music == str((tmp_path / "song.m4a").resolve())
     assert media.probe(pair.music_file.path).has_audio
+
+
+# --- Re-imports, duplicate and reserved keys, symlinks (no media: pairs are stubs) ---------
+
+
+def stub_files(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+@pytest.fixture
+def instant(monkeypatch):
+    """Processing without media: a pair whose video is `bad.mp4` fails, the others are ready."""
+
+    def import_pair(pair_id, *settings):
+        pair = Pair.objects.get(pk=pair_id)
+        bad = pair.source_video.endswith("bad.mp4")
+        pair.status = Pair.Status.FAILED if bad else Pair.Status.READY
+        pair.error = "bad.mp4: broken" if bad else ""
+        pair.save()
+
+    monkeypatch.setattr("experiments.tasks.import_pair", import_pair)
+
+
+def splits_of(name):
+    return dict(Pair.objects.filter(collection__name=name).values_list("key", "split"))
+
+
+@pytest.mark.django_db
+def test_files_with_the_same_name_but_another_extension_are_refused_naming_both(tmp_path):
+    folder = stub_files(tmp_path / "v", "song.mp4", "other.mp4", "sub/a.mkv", "sub/a.MP4")
+    with pytest.raises(ManifestError) as error:
+        read_source(folder)
+    assert "'sub/a.MP4' and 'sub/a.mkv'" in str(error.value) and "song" not in str(error.value)
+    stub_files(folder, "song.webm")
+    (folder / "sub" / "a.mkv").unlink()
+    with pytest.raises(ManifestError, match="'song.mp4' and 'song.webm'"):
+        read_source(folder)
+    for _ in range(2):  # every re-run says the same and writes nothing
+        with pytest.raises(ManifestError, match="same pair"):
+            import_collection("dup", folder, sync=True)
+        assert not Collection.objects.filter(name="dup").exists() and not Pair.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_failure_while_adding_pairs_writes_nothing(tmp_path, monkeypatch):
+    folder = stub_files(tmp_path / "v", "a.mp4", "b.mp4", "c.mp4")
+    save, calls = Pair.save, []
+
+    def failing_save(pair, *args, **kwargs):
+        calls.append(pair.key)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        save(pair, *args, **kwargs)
+
+    monkeypatch.setattr(Pair, "save", failing_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        add_pairs("atomic", folder, test=1)
+    assert calls == ["a", "b"]
+    assert not Collection.objects.filter(name="atomic").exists() and not Pair.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_reimport_keeps_the_asked_number_of_test_and_validation_pairs(tmp_path):
+    folder = stub_files(tmp_path / "v", *(f"k{i:02}.mp4" for i in range(20)))
+    add_pairs("S", folder, test=4)  # val: round(0.1 * 20) = 2
+    first = splits_of("S")
+    assert Counter(first.values()) == {"train": 14, "test": 4, "val": 2}
+    stub_files(folder, *(f"k{i:02}.mp4" for i in range(20, 30)))
+    add_pairs("S", folder, test=4)  # val: round(0.1 * 30) = 3, one of them new
+    again = splits_of("S")
+    assert Counter(again.values()) == {"train": 23, "test": 4, "val": 3}
+    assert {k: again[k] for k in first} == first  # existing pairs keep theirs
+
+    # Reproducible, and drawn by key: the same steps give the same splits; the new pairs'
+    # places do not depend on the order (or the folder) the keys come in.
+    other = stub_files(tmp_path / "w", *(f"k{i:02}.mp4" for i in range(20)))
+    add_pairs("T", other, test=4)
+    stub_files(other, *(f"k{i:02}.mp4" for i in range(29, 19, -1)))
+    add_pairs("T", other, test=4)
+    assert splits_of("T") == again
+    placed = first
+    new = [f"k{i:02}" for i in range(20, 30)]
+    assert assign_splits(new, 4, placed=placed) == assign_splits(new[::-1], 4, placed=placed)
+    assert assign_splits(new, 4, placed=placed) == {k: again[k] for k in new}
+
+
+@pytest.mark.django_db
+def test_manifest_rows_naming_their_split_count_toward_the_asked_number(tmp_path):
+    stub_files(tmp_path, *(f"v{i}.mp4" for i in range(10)))
+    rows = [f"v{i}.mp4,,{'test' if i < 2 else 'val' if i == 2 else ''}" for i in range(10)]
+    (tmp_path / "m.csv").write_text("video,music,split\n" + "\n".join(rows) + "\n")
+    add_pairs("M", tmp_path / "m.csv", test=3, val_fraction=0.2)
+    splits = splits_of("M")
+    assert Counter(splits.values()) == {"test": 3, "val": 2, "train": 5}
+    assert [splits[f"v{i}"] for i in range(3)] == ["test", "test", "val"]
+
+
+@pytest.mark.django_db
+def test_a_reimport_reports_ready_pairs_whose_files_changed_and_keeps_them(tmp_path, instant):
+    stub_files(tmp_path, "v1.mp4", "v2.mp4", "v3.mp4", "songA.m4a", "songB.m4a")
+    m = tmp_path / "m.csv"
+    m.write_text("video,music,split\nv1.mp4,songA.m4a,test\nv2.mp4,songB.m4a,train\nv3.mp4,,\n")
+    first = import_collection("C", m, sync=True)
+    assert (first.ready, first.changed) == (3, [])
+    before = list(Pair.objects.values_list("key", "source_video", "source_music", "split"))
+    m.write_text("video,music,split\nv1.mp4,songB.m4a,\nv2.mp4,songA.m4a,test\nv3.mp4,,\n")
+    again = import_collection("C", m, sync=True)
+    assert (again.total, again.skipped, again.ready) == (3, 3, 3)
+    assert list(Pair.objects.values_list("key", "source_video", "source_music", "split")) == before
+    changed = dict(again.changed)
+    assert changed.keys() == {"v1", "v2"}
+    assert "music songA.m4a, now songB.m4a" in changed["v1"]
+    assert (
+        "split train, now test" in changed["v2"]
+        and "music songB.m4a, now songA.m4a" in changed["v2"]
+    )
+
+    out, err = io.StringIO(), io.StringIO()
+    call_command("import_collection", "C", str(m), "--sync", stdout=out, stderr=err)
+    assert (
+        "v1: already imported from other files (music songA.m4a, now songB.m4a); "
+        "import into a new collection to use the new ones" in err.getvalue()
+    )
+    assert (
+        "C: 3 of 3 pairs ready, 0 failed, 3 already imported, 2 not updated (see above)"
+        in out.getvalue()
+    )
+    assert "apply to the pairs processed in this run only" in out.getvalue()
+
+
+def test_the_catch_split_and_key_are_refused(tmp_path):
+    assert CATCH_KEY in RESERVED_KEYS
+    stub_files(tmp_path, "a.mp4", "b.mp4", "__catch__.mp4")
+    (tmp_path / "m.csv").write_text(
+        "video,music,split\na.mp4,,catch\nb.mp4,,holdout\n__catch__.mp4,,\n"
+    )
+    with pytest.raises(ManifestError) as error:
+        read_source(tmp_path / "m.csv")
+    message = str(error.value)
+    assert "row 2: split 'catch' is reserved for the platform's attention-check pair" in message
+    assert "row 3: split 'holdout' is not one of train, val, test;" in message
+    assert "row 4: key '__catch__' is reserved" in message
+    with pytest.raises(ManifestError, match="'__catch__.mp4': the key '__catch__' is reserved"):
+        read_source(tmp_path)
+
+
+@pytest.mark.django_db
+def test_the_summary_counts_only_the_pairs_of_this_source(tmp_path, instant):
+    collection = Collection.objects.create(name="mixed")
+    Pair.objects.create(collection=collection, key="__catch__", split="catch", status="ready")
+    Pair.objects.create(collection=collection, key="elsewhere", status="ready")
+    Pair.objects.create(collection=collection, key="gone", status="failed", error="old")
+    folder = stub_files(tmp_path / "v", "a.mp4", "b.mp4", "c.mp4", "bad.mp4")
+    summary = import_collection("mixed", folder, test=1, sync=True)
+    assert (summary.total, summary.skipped, summary.ready) == (4, 0, 3)
+    assert summary.failures == [("bad", "bad.mp4: broken")]
+    assert collection.pairs.filter(split="catch").count() == 1
+
+
+@pytest.mark.django_db
+def test_manifest_paths_may_go_through_a_symlinked_folder(tmp_path):
+    stub_files(tmp_path / "data", "a.mp4", "b.mp4")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "videos").symlink_to(tmp_path / "data", target_is_directory=True)
+    (project / "m.csv").write_text("video,music\nvideos/a.mp4,videos/./b.mp4\n")
+    [item] = read_source(project / "m.csv")
+    assert (item.key, item.video, item.music) == (
+        "videos/a",
+        project / "videos" / "a.mp4",
+        project / "videos" / "b.mp4",
+    )
+    escapes = ["videos/../../data/a.mp4", "../data/a.mp4", str(tmp_path / "data" / "a.mp4")]
+    (project / "bad.csv").write_text("video,music\n" + "\n".join(f"{e}," for e in escapes))
+    with pytest.raises(ManifestError) as error:
+        read_source(project / "bad.csv")
+    for row, escape in enumerate(escapes, start=2):
+        assert f"row {row}: video {escape!r} lies outside the manifest's folder" in str(error.value)

@@ -23,7 +23,7 @@ from experiments.models import (
     System,
 )
 from experiments.subjects import create_subject
-from experiments.tasks import gpu_search, import_pair, prepare_study
+from experiments.tasks import gpu_search, import_pair, prepare_study, queues_without_workers
 from study_site.celery import app
 
 from .clips import music_video
@@ -71,8 +71,13 @@ def test_engine_tasks_go_to_the_gpu_queue():
     route = app.amqp.router.route
     assert route({}, "experiments.tasks.gpu_train_system")["queue"].name == "gpu"
     assert route({}, "experiments.tasks.gpu_search")["queue"].name == "gpu"
-    assert route({}, "experiments.tasks.import_pair")["queue"].name == "default"
+    assert route({}, "experiments.tasks.import_pair")["queue"].name == "gpu"  # the CNN
     assert route({}, "experiments.tasks.prepare_study")["queue"].name == "default"
+
+
+def test_a_queue_no_worker_consumes_is_named(celery_worker):
+    assert queues_without_workers(["default", "gpu"], timeout=5) == []
+    assert queues_without_workers(["gpu", "elsewhere"], timeout=5) == ["elsewhere"]
 
 
 def test_preparing_a_study_trains_searches_and_makes_it_ready(celery_worker):

@@ -129,8 +129,8 @@ class Command(BaseCommand):
         call_command("migrate", "--noinput", verbosity=0)  # a fresh machine has no tables
         corpus = Path(settings.VAR_DIR) / "demo" / "corpus"
         collection = Collection.objects.filter(name=DEMO).first()
-        ready = collection and collection.pairs.filter(status=Pair.Status.READY).count()
-        if not ready:
+        ready = collection.pairs.filter(status=Pair.Status.READY).count() if collection else 0
+        if ready < opts["pairs"]:  # new, or an import that was stopped: it resumes
             if len(list(corpus.glob("*.mp4"))) < opts["pairs"]:
                 self.stdout.write(f"Generating {opts['pairs']} synthetic music videos in {corpus}")
                 # 8 s clips: enough to judge a match, and the demo stays within minutes.

@@ -5,7 +5,14 @@ from tqdm import tqdm
 
 from experiments.ingest import DEFAULT_ENCODER, ManifestError, import_collection, read_source
 from experiments.media import CLIP_S
-from experiments.tasks import workers_listening
+from experiments.tasks import queues_without_workers
+from study_site.celery import app
+
+SETTINGS_NOTE = (
+    "--clip-seconds, --encoder and --frame-size apply to the pairs processed in this run only "
+    "(they are not stored); --test, --*-fraction and --seed to new pairs only: the {n} already "
+    "imported keep their media, features and split. To change them, import into a new collection."
+)
 
 
 class Command(BaseCommand):
@@ -13,23 +20,42 @@ class Command(BaseCommand):
         "Import a collection from a folder of music videos or a CSV manifest "
         "(video,music[,title,genre,split]; paths relative to the manifest). Each pair is "
         "transcoded and its features extracted by a Celery task (in-process with --sync). "
-        "Re-running skips pairs that are ready and retries the others."
+        "Re-running skips pairs that are ready (a pair whose files or split the source now "
+        "names otherwise is reported, not re-imported: import into a new collection to use "
+        "them) and retries the others. Settings apply to the pairs processed in that run: "
+        "new pairs take only the test and validation places still missing."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("name", help="the collection's name (created if new)")
         parser.add_argument("path", help="a folder of music videos or a CSV manifest")
         share = parser.add_mutually_exclusive_group()
-        share.add_argument("--test", type=int, help="number of test pairs")
+        share.add_argument(
+            "--test",
+            type=int,
+            help="number of test pairs in the collection (pairs already imported, and manifest "
+            "rows naming their split, keep it and count toward it)",
+        )
         share.add_argument("--test-fraction", type=float, default=0.2, help="default 0.2")
         parser.add_argument("--val-fraction", type=float, default=0.1, help="default 0.1")
         parser.add_argument("--seed", type=int, default=0, help="of the split assignment")
         parser.add_argument(
-            "--clip-seconds", type=float, default=CLIP_S, help="length of the centred clips"
+            "--clip-seconds",
+            type=float,
+            default=CLIP_S,
+            help=f"length of the centred clips (default {CLIP_S}); not stored: applies to the "
+            "pairs processed in this run, ready pairs keep theirs",
         )
-        parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="the frame CNN")
         parser.add_argument(
-            "--frame-size", type=int, help="CNN input size in pixels (default: the encoder's)"
+            "--encoder",
+            default=DEFAULT_ENCODER,
+            help="the frame CNN (not stored: applies to the pairs processed in this run)",
+        )
+        parser.add_argument(
+            "--frame-size",
+            type=int,
+            help="CNN input size in pixels (default: the encoder's; not stored: applies to "
+            "the pairs processed in this run)",
         )
         parser.add_argument("--sync", action="store_true", help="work in this process")
 
@@ -38,9 +64,11 @@ class Command(BaseCommand):
             items = read_source(o["path"])  # a bad manifest is reported before anything else
         except ManifestError as error:
             raise CommandError(str(error)) from None
-        if not o["sync"] and not workers_listening():
+        queue = app.amqp.router.route({}, "experiments.tasks.import_pair")["queue"].name
+        if not o["sync"] and queues_without_workers([queue]):
             raise CommandError(
-                "No Celery worker answers: start one (`make worker`) or import with --sync."
+                f"No Celery worker consumes the {queue} queue: start one (`make worker`) or "
+                "import with --sync."
             )
         bar = tqdm(
             total=len(items),
@@ -75,7 +103,14 @@ class Command(BaseCommand):
             bar.close()
         for key, error in summary.failures:
             self.stderr.write(f"failed  {key}: {error}")
+        for key, kept in summary.changed:
+            self.stderr.write(f"kept    {key}: {kept}")
+        for note in summary.notes:
+            self.stderr.write(f"note    {note}")
+        changed = f", {len(summary.changed)} not updated (see above)" if summary.changed else ""
         self.stdout.write(
             f"{summary.collection.name}: {summary.ready} of {summary.total} pairs ready, "
-            f"{len(summary.failures)} failed, {summary.skipped} already imported"
+            f"{len(summary.failures)} failed, {summary.skipped} already imported{changed}"
         )
+        if summary.skipped:
+            self.stdout.write(SETTINGS_NOTE.format(n=summary.skipped))

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from analysis.load import get_study
 from experiments.models import Study
-from experiments.tasks import prepare_study, workers_listening
+from experiments.tasks import prepare_study, queues_without_workers
 
 
 class Command(BaseCommand):
@@ -29,8 +29,11 @@ class Command(BaseCommand):
             raise CommandError(f"No study with slug or id {o['study']!r}.") from None
         if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
             raise CommandError(f"{study.slug} is {study.status}: its subjects' plans are fixed.")
-        if o["wait"] and not workers_listening():
-            raise CommandError("No Celery worker answers: start one (`make worker`) first.")
+        if o["wait"] and (missing := queues_without_workers(["default", "gpu"])):
+            raise CommandError(
+                f"No Celery worker consumes the {' and '.join(missing)} queue: start one "
+                "(`make worker`) first."
+            )
         try:
             prepare_study.delay(study.pk)
         except OperationalError as error:
