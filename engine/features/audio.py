@@ -23,8 +23,11 @@ and one re-analysis STFT per component (a masked STFT is not a consistent one; t
 what the features of y_h / y_p really see), every spectral feature derived from it, and
 librosa's multirate CQT for chroma-CENS, computed on the CPU one track at a time.
 `music_features_naive` is the straightforward version (each librosa feature call computes
-its own transforms), kept as the test oracle and the benchmark baseline; on real music every feature group agrees with it to float32
-rounding (see tests/engine/test_audio_batch.py).
+its own transforms), kept as the test oracle and the benchmark baseline; on real music every
+feature group agrees with it to float32 rounding (see tests/engine/test_audio_batch.py; CENS
+to 10% of the spread). Digital silence, e.g. the zero padding of a track shorter than the
+excerpt, is where they part: librosa normalises rounding noise into unit chroma there, the
+batch path keeps the floor, so chroma-CENS statistics of padded tracks differ.
 """
 
 from __future__ import annotations
