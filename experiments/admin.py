@@ -148,7 +148,7 @@ class CollectionAdmin(admin.ModelAdmin):
             return None
         try:
             for pair in todo:
-                import_pair.delay(pair.pk)
+                import_pair.delay(pair.pk, form.cleaned_data["clip_seconds"])
         except Exception as error:  # the broker is unreachable: the pairs wait, pending
             self.message_user(
                 request, f"{collection}: could not queue the import: {error}", messages.ERROR

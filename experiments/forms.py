@@ -6,6 +6,8 @@ import os
 from django import forms
 from django.utils.translation import gettext_lazy as _
 
+from .media import CLIP_S
+
 MAX_RESPONSE_MS = 6 * 3600 * 1000  # beyond six hours a "response time" means nothing
 MAX_BEHAVIOUR_CHARS = 4000
 
@@ -122,10 +124,22 @@ class CollectionUploadForm(forms.Form):
         label="Test pairs",
         help_text="How many pairs the study may ask about; empty: a fifth of them.",
     )
+    clip_seconds = forms.FloatField(
+        min_value=1.0,
+        required=False,
+        initial=CLIP_S,
+        label="Clip length (s)",
+        help_text="Each item is the centred clip of this length (a shorter video whole). "
+        "Music videos shorter than this: give the shortest one's length, so that every item "
+        "lasts as long as the others.",
+    )
 
     def __init__(self, *args, max_bytes: int, suffixes: set[str], **kwargs):
         super().__init__(*args, **kwargs)
         self.max_bytes, self.suffixes = max_bytes, suffixes
+
+    def clean_clip_seconds(self):
+        return self.cleaned_data["clip_seconds"] or CLIP_S
 
     def clean_files(self):
         files = self.cleaned_data["files"]

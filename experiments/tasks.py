@@ -231,9 +231,9 @@ def unequal_item_lengths(collection_id: int) -> str | None:
         return None
     return (
         f"The test items last {min(lengths):.1f} to {max(lengths):.1f} s: a candidate as long "
-        "as its query would give the match away. Import the collection anew with "
-        f"--clip-seconds {np.floor(min(lengths) * 10) / 10:g} (every item cut to the shortest "
-        "length), or without the shorter music videos."
+        "as its query would give the match away. Import it into a new collection with clips "
+        f"of {np.floor(min(lengths) * 10) / 10:g} s (`--clip-seconds`, or the upload's clip "
+        "length), every item cut to the shortest length, or leave the shorter videos out."
     )
 
 

@@ -10,6 +10,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
+from experiments.media import probe
 from experiments.models import Collection, Response, Study, Subject
 
 from .factories import make_collection, make_study, make_subject
@@ -383,10 +384,16 @@ def test_a_small_collection_uploaded_in_the_admin_is_imported(
     assert [p.status for p in pairs] == ["ready"] * 3, [p.error for p in pairs]
     assert {p.key for p in pairs} == {"song_0", "song_1", "song_2"}
     assert all(p.video_file and p.music_file for p in pairs)
-    # Another collection whose name makes the same folder name: only its own file.
-    page = admin_client.post(url, upload_form(tmp_path, n=1, name="UPLOADED"), follow=True)
+    # Another collection whose name makes the same folder name: only its own file, cut to the
+    # clip length asked (the 3 s video to 1.5 s items).
+    form = upload_form(tmp_path, n=1, name="UPLOADED", clip_seconds=1.5)
+    page = admin_client.post(url, form, follow=True)
     assert "1 of 1 pairs queued" in page.content.decode()
     other = Collection.objects.get(name="UPLOADED")
     assert list(other.pairs.values_list("key", flat=True)) == ["song_0"]
     while other.pairs.filter(status="pending").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)  # done before the test's tables are emptied
+        time.sleep(0.5)
+    pair = other.pairs.get()
+    assert pair.status == "ready", pair.error
+    for item in (pair.video_file, pair.music_file):
+        assert probe(item.path).duration_s == pytest.approx(1.5, abs=0.15)

@@ -183,7 +183,9 @@ def test_preparation_refuses_test_items_whose_length_gives_the_match_away(tmp_pa
         field.save(f"long-{video}.mp4", ContentFile(path.read_bytes()))
     assert finish_study(study.pk) == Study.Status.FAILED
     study.refresh_from_db()
-    assert "last 2.0 to 5.0 s" in study.message and "--clip-seconds 2 " in study.message
+    assert (
+        "last 2.0 to 5.0 s" in study.message and "clips of 2 s (`--clip-seconds`" in study.message
+    )
     # Items of one length (within what encoders round) are fine.
     for field, video in ((pair.video_file, True), (pair.music_file, False)):
         path = music_video(
