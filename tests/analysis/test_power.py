@@ -20,6 +20,16 @@ def test_larger_effect_needs_fewer_subjects():
     assert curve.loc[100] > curve.loc[20] > curve.loc[4]
 
 
+def test_the_strongest_preferences_reject_too():
+    # Every subject at 100%: both F are infinite, min F′ takes its limit and rejects.
+    power = [
+        plan_power(e, 60, 20, n_subjects_grid=[3, 5, 10], sims=200, seed=4).curve["power"]
+        for e in (0.9, 0.97, 0.99)
+    ]
+    assert all((later >= earlier - 0.05).all() for earlier, later in zip(power, power[1:]))
+    assert (power[-1] == 1.0).all()
+
+
 def test_more_items_per_subject_need_fewer_subjects():
     grid = range(2, 121)
     few = plan_power(0.65, 40, 5, n_subjects_grid=grid, sims=150, seed=2)
