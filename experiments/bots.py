@@ -78,6 +78,7 @@ def run_bot(
         message = "the study is full or closed" if form is None else f"landed on {page.url}"
         raise BotError(f"Could not join {study.slug}: {message}")
     answers = 0
+    first_system = study.studysystem_set.order_by("label").values_list("label", flat=True).first()
     limit = 3 * subject.questions.count() + 10  # every step a page; a stuck page ends the run
     for _ in range(limit):
         form = _form(page.text)
@@ -88,7 +89,7 @@ def run_bot(
             position = int(form.hidden["position"])
             question = subject.questions.get(position=position)
             data |= {
-                "choice": _choose(question, strategy, rng),
+                "choice": _choose(question, strategy, rng, first_system),
                 "response_ms": str(int(rng.integers(1500, 6000))),
                 "behaviour": _behaviour(strategy, rng),
             }
@@ -110,10 +111,12 @@ def run_bot(
     return BotRun(subject, answers, subject.outcome, code)
 
 
-def _choose(question: Question, strategy: str, rng: np.random.Generator) -> str:
+def _choose(
+    question: Question, strategy: str, rng: np.random.Generator, system: str | None = None
+) -> str:
     kinds = {"a": question.kind_a, "b": question.kind_b}
-    if strategy == "machine" and question.machine:
-        return question.machine[sorted(question.machine)[0]]
+    if strategy == "machine" and system in question.machine:  # where `system` could judge
+        return question.machine[system]
     if strategy in ("ground-truth", "machine") and "G" in kinds.values():
         return "a" if kinds["a"] == "G" else "b"
     return "a" if rng.random() < 0.5 else "b"

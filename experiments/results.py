@@ -61,12 +61,13 @@ def study_results(request, study_id):
             table_rows=_rows(report.table),
             machine_coverage=[
                 {"judge": judge, **row}
-                for (judge, direction), row in report.machine.to_dict("index").items()
+                for (judge, direction), row in _blank_nan(report.machine).to_dict("index").items()
                 if direction == "Total"
             ],
             statistics_rows=_rows(report.statistics),
             statistics_columns=list(report.statistics.columns),
             agreement_rows=_rows(report.agreement),
+            kappa_rows=_rows(report.kappa) if report.kappa is not None else [],
             plot_png=base64.b64encode(render(report, "png")).decode("ascii"),
             disagreements=_disagreement_rows(df),
         )
@@ -74,11 +75,16 @@ def study_results(request, study_id):
 
 
 def _rows(frame):
-    """(index labels, values) per row, for a template to lay out without pandas' HTML."""
+    """(index labels, values) per row, for a template to lay out without pandas' HTML; a
+    missing value is None (a template's `default` shows it as "–", not as "nan")."""
     return [
         (key if isinstance(key, tuple) else (key,), list(values))
-        for key, values in zip(frame.index, frame.to_numpy(), strict=True)
+        for key, values in zip(frame.index, _blank_nan(frame).to_numpy(), strict=True)
     ]
+
+
+def _blank_nan(frame):
+    return frame.astype(object).where(frame.notna(), None)
 
 
 def _disagreement_rows(df):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import zipfile
 
 import pandas as pd
@@ -222,6 +223,10 @@ def test_results_page_shows_table_plot_and_links(staff_request):
     assert "binom_p_holm" in page and "Holm" in page
     assert "judged 16 of 16 G-R questions (100%)" in page
     assert "data:image/png;base64," in page
+    # Cells without answers (GS and SR in M2V) and tests not made read "–", never "nan".
+    text = re.sub(r"data:image/png;base64,[^\"]+", "", page)
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE) and "–" in text
+    assert 'id="kappa-table"' in page and "Fleiss" in page
     for fmt in ["csv", "xlsx", "json", "latex", "png", "svg", "zip"]:
         assert f"?download={fmt}" in page
 

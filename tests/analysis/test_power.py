@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -26,7 +28,7 @@ def test_the_strongest_preferences_reject_too():
         plan_power(e, 60, 20, n_subjects_grid=[3, 5, 10], sims=200, seed=4).curve["power"]
         for e in (0.9, 0.97, 0.99)
     ]
-    assert all((later >= earlier - 0.05).all() for earlier, later in zip(power, power[1:]))
+    assert all((later >= earlier - 0.05).all() for earlier, later in itertools.pairwise(power))
     assert (power[-1] == 1.0).all()
 
 

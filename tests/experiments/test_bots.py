@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
@@ -102,3 +103,14 @@ def test_the_command_refuses_a_study_that_is_not_open():
     make_study(per_type=1, status=Study.Status.READY)
     with pytest.raises(CommandError, match="open it first"):
         call_command("run_bots", "tiny")
+
+
+def test_a_machine_bot_follows_the_first_system_only_where_it_judged():
+    from experiments.bots import _choose
+    from experiments.models import Question
+
+    rng = np.random.default_rng(0)
+    question = Question(kind_a="S1", kind_b="G", machine={"S2": "a"})  # S1 could not judge
+    assert _choose(question, "machine", rng, "S1") == "b"  # as ground-truth, not S2's choice
+    question.machine = {"S1": "a", "S2": "b"}
+    assert _choose(question, "machine", rng, "S1") == "a"
