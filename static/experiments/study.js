@@ -287,6 +287,9 @@
       watchLoading(media);
       updateGate();
       window.scrollTo(0, 0);
+      // The answer button was disabled while sending: give focus back at the new question
+      // (keyboard and screen-reader users; the counter announces its number).
+      form.querySelector(".prompt").focus({ preventScroll: true });
     }
 
     reset();

@@ -247,3 +247,33 @@ def test_the_prolific_round_trip(live_server, browser):
         "STUDY_ID": "st-1",
         "SESSION_ID": "se-1",
     }
+
+
+def test_on_a_phone_the_reason_to_wait_stays_in_sight(live_server, browser):
+    study = make_study(per_type=1, play_before_answer=True, min_listen_ms=1500)
+    subject = make_subject(study)
+    phone = {"width": 320, "height": 568}
+    context = browser.new_context(viewport=phone, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    try:
+        page.goto(f"{live_server.url}/s/{subject.token}/")
+        page.get_by_role("button", name="Start").click()
+        wait_for_media(page)
+        status = page.locator("[data-status]")
+        assert "Play both candidates" in status.inner_text()
+        box = status.bounding_box()  # in the viewport's coordinates: on screen, unscrolled
+        assert box and box["y"] >= 0 and box["y"] + box["height"] <= phone["height"], box
+    finally:
+        context.close()
+
+
+def test_after_a_keyboard_answer_focus_is_on_the_next_question(live_server, page):
+    subject = make_subject(make_study(per_type=1))
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    wait_for_media(page)
+    page.keyboard.press("a")
+    page.locator("#counter", has_text="Question 2 of 6").wait_for()
+    page.wait_for_function("document.activeElement.classList.contains('prompt')")
+    assert page.evaluate("document.getElementById('counter').getAttribute('aria-live')")
+    assert page.errors == []
