@@ -29,6 +29,12 @@ FORMATS = {
     "zip": ("zip", "application/zip"),
 }
 TEXT_FORMATS = ("markdown", "csv", "json", "latex")
+KAPPA_NOTE = (
+    "Over questions that at least two subjects answered (the same query and candidates); "
+    "raters 0 and no kappa where none was: each subject's plan asks other questions. "
+    "Statistics read NaN where a test cannot be made (e.g. Wilcoxon when every subject is at "
+    "exactly 50%)."
+)
 MACHINE_NOTE = (
     "The machine's share is over the G-R questions it judged (n_judged); a system known by "
     "ranked results judges only questions with a candidate in its top-k. coverage = percent of "
@@ -187,6 +193,7 @@ def render(report: Report, fmt: str) -> str | bytes:
         if report.kappa is not None:
             parts += [
                 "## Agreement among subjects (Fleiss' kappa)",
+                KAPPA_NOTE,
                 _markdown(report.kappa, ".3f"),
             ]
         if report.mixed is not None:

@@ -68,6 +68,10 @@ def test_demo_prepares_a_study_that_a_subject_can_finish(demo_env):
         assert [status for (status,) in statuses] == ["ready", "ready"]
     assert re.findall(r"http://127\.0\.0\.1:8000(/s/[\w-]+/)", again) == links
     assert f"password: {password}" in again
+    assert "already prepared" not in again
+    # Other sizes cannot apply to a prepared demo: it says so.
+    other = _manage(demo_env, "demo", "--no-serve", "--pairs", "24", "--test", "6")
+    assert "already prepared with 8 test pairs and 2 questions per type" in other
 
     port = _free_port()
     server = subprocess.Popen(

@@ -79,7 +79,7 @@ def test_create_subjects_waits_for_a_prepared_study():
 def test_prepare_study_waits_for_the_worker(celery_worker):
     study, _ = make_prepared_study(make_collection("cmd-prep"), {"n_components": 4}, slug="cp")
     out, _ = run("prepare_study", study.slug, "--wait", "--timeout", "180")
-    assert "cp: ready. Ready: 12 questions per subject" in out
+    assert "cp: Ready: 12 questions per subject" in out
     Study.objects.filter(pk=study.pk).update(per_type=5, status=Study.Status.DRAFT)
     with pytest.raises(CommandError, match="preparation failed: .*too small"):
         run("prepare_study", study.slug, "--wait", "--timeout", "180")

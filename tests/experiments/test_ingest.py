@@ -307,6 +307,11 @@ def test_a_reimport_reports_ready_pairs_whose_files_changed_and_keeps_them(tmp_p
         "C: 3 of 3 pairs ready, 0 failed, 3 already imported, 2 not updated (see above)"
         in out.getvalue()
     )
+    assert "apply to the pairs processed in this run only" not in out.getvalue()  # none given
+    out = io.StringIO()
+    call_command(
+        "import_collection", "C", str(m), "--sync", "--clip-seconds", "10", stdout=out, stderr=err
+    )
     assert "apply to the pairs processed in this run only" in out.getvalue()
 
 

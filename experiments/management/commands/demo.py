@@ -20,7 +20,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from experiments.models import Collection, Pair, Study, StudySystem, System
+from experiments.models import Collection, Pair, Split, Study, StudySystem, System
 from study_site.celery import app, redis_answers
 
 DEMO = "demo"
@@ -169,6 +169,15 @@ class Command(BaseCommand):
         )
         if created:
             StudySystem.objects.create(study=study, system=vmnet, label="S")
+        n_test = collection.pairs.filter(split=Split.TEST).count()
+        if (study.per_type, n_test) != (opts["per_type"], opts["test"]) and not created:
+            self.stdout.write(
+                self.style.WARNING(
+                    f"The demo is already prepared with {n_test} test pairs and "
+                    f"{study.per_type} questions per type; --test and --per-type apply to a "
+                    f"new demo (remove {settings.VAR_DIR} to start afresh)."
+                )
+            )
         if study.status in {Study.Status.DRAFT, Study.Status.FAILED, Study.Status.PREPARING}:
             call_command("prepare_study", DEMO, "--wait")
             study.refresh_from_db()

@@ -8,6 +8,15 @@ from experiments.media import CLIP_S
 from experiments.tasks import queues_without_workers
 from study_site.celery import app
 
+SETTINGS = (
+    "clip_seconds",
+    "encoder",
+    "frame_size",
+    "test",
+    "test_fraction",
+    "val_fraction",
+    "seed",
+)
 SETTINGS_NOTE = (
     "--clip-seconds, --encoder and --frame-size apply to the pairs processed in this run only "
     "(they are not stored); --test, --*-fraction and --seed to new pairs only: the {n} already "
@@ -112,5 +121,7 @@ class Command(BaseCommand):
             f"{summary.collection.name}: {summary.ready} of {summary.total} pairs ready, "
             f"{len(summary.failures)} failed, {summary.skipped} already imported{changed}"
         )
-        if summary.skipped:
+        parser = self.create_parser("manage.py", "import_collection")
+        given = [name for name in SETTINGS if o[name] != parser.get_default(name)]
+        if summary.skipped and given:  # settings asked for that the ready pairs do not take
             self.stdout.write(SETTINGS_NOTE.format(n=summary.skipped))

@@ -28,9 +28,11 @@ class Command(BaseCommand):
         )
         parser.add_argument("--subject-sd", type=float, default=0.5, help="log-odds spread")
         parser.add_argument("--item-sd", type=float, default=0.5, help="log-odds spread")
-        parser.add_argument("--alpha", type=float, default=0.05)
-        parser.add_argument("--sims", type=int, default=1000)
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--alpha", type=float, default=0.05, help="test level (0.05)")
+        parser.add_argument(
+            "--sims", type=int, default=1000, help="simulated studies per size (1000)"
+        )
+        parser.add_argument("--seed", type=int, default=0, help="of the simulation (0)")
         parser.add_argument("--max-subjects", type=int, default=1000)
 
     def handle(self, *args, **o):

@@ -47,7 +47,7 @@ class Command(BaseCommand):
         study = self.follow(study, o["timeout"], show=o["verbosity"] >= 1)
         if study.status == Study.Status.FAILED:
             raise CommandError(f"{study.slug}: preparation failed: {study.message}")
-        self.stdout.write(f"{study.slug}: {study.status}. {study.message}")
+        self.stdout.write(f"{study.slug}: {study.message}")  # "Ready: N questions per subject"
 
     def follow(self, study, timeout, show):
         deadline = time.monotonic() + timeout
