@@ -87,7 +87,10 @@
       Object.keys(buttons).forEach(function (k) { buttons[k].disabled = !ready || sent; });
       if (ready) say("");
       else if (!played) say(form.dataset.gateMessage || "Play both candidates to answer.");
-      else say(form.dataset.listenMessage || "Keep listening to answer.");
+      else if (enough.a !== enough.b) {  // name the one that needs more
+        var letter = enough.a ? "B" : "A";
+        say((form.dataset.listenOneMessage || "Keep listening to {letter}.").replace("{letter}", letter));
+      } else say(form.dataset.listenMessage || "Keep listening to answer.");
     }
 
     function fail(element, reason) {

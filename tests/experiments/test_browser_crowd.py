@@ -133,7 +133,7 @@ def test_answers_wait_until_each_candidate_has_played_long_enough(live_server, p
     play_for(page, "a", 300)
     play_for(page, "b", 2300)  # to its end: enough, however slowly the page ran
     assert disabled(page) == [True, True]  # A has played, but not long enough
-    assert "Keep listening" in page.locator("[data-status]").inner_text()
+    assert "Keep listening: play A a little" in page.locator("[data-status]").inner_text()
     play_for(page, "a", 2000)  # on from 0.3 s: 1.5 s heard in all well before its end
     page.locator("button[name=choice]:disabled").first.wait_for(state="detached")
     page.evaluate(
