@@ -16,6 +16,7 @@ from celery import chain, shared_task
 from django.conf import settings
 from django.core.files.base import ContentFile
 
+from engine.features import MediaError
 from experiments.ingest import DEFAULT_ENCODER, process_pair
 from experiments.media import CLIP_S, broken_items, probe
 from experiments.models import Pair, Split, Study, StudySystem, System
@@ -189,19 +190,23 @@ def prepare_study(study_id: int):
 
 @shared_task
 def finish_study(study_id: int):
-    """Mark the study ready once a first subject's plan can be built from its results."""
+    """Mark the study ready once a first subject's plan can be built from its results; a
+    study that cannot be (unequal or unreadable items, no plan) is marked failed with why."""
     from experiments.plans import PlanError
     from experiments.subjects import plan_for
 
     study = Study.objects.get(pk=study_id)
-    if problem := unequal_item_lengths(study.collection_id):
-        return _fail_study(study_id, problem)
     try:
+        if problem := unequal_item_lengths(served_lengths(study.collection_id)):
+            return _fail_study(study_id, problem)
         if study.attention_checks and study.catch_count:
             ensure_catch_pair(study.collection_id)
         plan = plan_for(study, ordinal=0)
-    except PlanError as error:
+    except (PlanError, MediaError) as error:
         return _fail_study(study_id, str(error))
+    except Exception as error:  # not left "preparing" for ever: say what broke, then raise
+        _fail_study(study_id, f"{type(error).__name__}: {error}")
+        raise
     Study.objects.filter(pk=study_id).update(
         status=Study.Status.READY,
         progress=1.0,
@@ -214,19 +219,29 @@ CATCH_KEY = "__catch__"
 ITEM_LENGTH_SPREAD_S = 1.0  # test items' lengths may differ by this much (encoders round)
 
 
-def unequal_item_lengths(collection_id: int) -> str | None:
+def served_lengths(collection_id: int) -> list[float]:
+    """How long the collection's ready test items last (s), videos and music, as served;
+    MediaError names a pair whose file is missing or unreadable."""
+    lengths = []
+    pairs = Pair.objects.filter(collection_id=collection_id, split=Split.TEST, status="ready")
+    for pair in pairs.only("key", "video_file", "music_file"):
+        for item in (pair.video_file, pair.music_file):
+            if not item:
+                continue
+            try:
+                lengths.append(probe(item.path).duration_s)
+            except (MediaError, OSError) as error:
+                raise MediaError(f"test pair {pair.key}: {error}") from error
+    return lengths
+
+
+def unequal_item_lengths(lengths: list[float]) -> str | None:
     """Why the test items' lengths would give answers away, or None when they do not.
 
     An item is the centred clip of its music video, or the whole file when that is shorter:
     then a query and its ground truth (cut from the same file) last equally long, and a
     player's clock shows it beside an unrelated candidate of another length.
     """
-    lengths = []
-    pairs = Pair.objects.filter(collection_id=collection_id, split=Split.TEST, status="ready")
-    for pair in pairs.only("video_file", "music_file"):
-        for item in (pair.video_file, pair.music_file):
-            if item:
-                lengths.append(probe(item.path).duration_s)
     if not lengths or max(lengths) - min(lengths) <= ITEM_LENGTH_SPREAD_S:
         return None
     return (
@@ -240,8 +255,9 @@ def unequal_item_lengths(collection_id: int) -> str | None:
 def ensure_catch_pair(collection_id: int) -> Pair:
     """The collection's broken pair (split 'catch') for attention checks, made once.
 
-    Its video is black and frozen and its music silent, as long as the collection's typical
-    test item, so a catch question's wrong answer is plain to anyone who plays it.
+    Its video is black and frozen and its music silent, as long as the collection's test
+    items as served (their median), so neither its look nor its length tells it apart before
+    it plays, and its wrong answer is plain to anyone who plays it.
     """
     pair, _ = Pair.objects.get_or_create(
         collection_id=collection_id,
@@ -250,11 +266,8 @@ def ensure_catch_pair(collection_id: int) -> Pair:
     )
     if pair.status == Pair.Status.READY and pair.video_file and pair.music_file:
         return pair
-    durations = Pair.objects.filter(
-        collection_id=collection_id, split=Split.TEST, status=Pair.Status.READY
-    ).values_list("duration_s", flat=True)
-    known = [d for d in durations if d]
-    seconds = float(np.clip(np.median(known), 1.0, CLIP_S)) if known else CLIP_S
+    lengths = served_lengths(collection_id)
+    seconds = float(np.clip(np.median(lengths), 1.0, CLIP_S)) if lengths else CLIP_S
     folder = Path(settings.MEDIA_ROOT) / "items"
     folder.mkdir(parents=True, exist_ok=True)
     video, music = folder / f"catch-{collection_id}.mp4", folder / f"catch-{collection_id}.m4a"

@@ -7,6 +7,7 @@ import io
 import json
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import av
 import numpy as np
@@ -22,6 +23,7 @@ from analysis.load import responses_frame
 from analysis.preference import preference_table
 from experiments import checks
 from experiments.export import COLUMNS, dictionary_rows, pseudonym, response_rows
+from experiments.media import probe
 from experiments.models import Pair, Response, Split, Study, Subject
 from experiments.plans import PlannedQuestion, with_catch_questions
 from experiments.subjects import plan_for
@@ -193,6 +195,23 @@ def test_preparation_refuses_test_items_whose_length_gives_the_match_away(tmp_pa
         )
         field.save(f"same-{video}.mp4", ContentFile(path.read_bytes()))
     assert finish_study(study.pk) == Study.Status.READY
+
+
+def test_preparation_fails_clearly_when_a_test_item_cannot_be_read():
+    study = make_study(per_type=1, status=Study.Status.PREPARING)
+    pair = study.collection.pairs.get(key="clip003")
+    Path(pair.video_file.path).unlink()
+    assert finish_study(study.pk) == Study.Status.FAILED  # not left preparing
+    study.refresh_from_db()
+    assert study.message.startswith("test pair clip003: ") and "not found" in study.message
+
+
+def test_the_catch_item_lasts_as_long_as_the_test_items_as_served(tmp_path):
+    study = make_study(per_type=1)
+    study.collection.pairs.update(duration_s=60.0)  # the sources; their clips last 2 s
+    pair = ensure_catch_pair(study.collection_id)
+    assert pair.duration_s == pytest.approx(2.0, abs=0.1)
+    assert probe(pair.video_file.path).duration_s == pytest.approx(2.0, abs=0.2)
 
 
 def test_catch_questions_look_like_any_other(client):
