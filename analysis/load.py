@@ -4,7 +4,7 @@ The only module of `analysis` that imports Django; everything else works on the 
 """
 
 import pandas as pd
-from django.db.models import F
+from django.db.models import Count, F, Q
 
 from experiments.models import Response, Study, Subject
 
@@ -42,6 +42,24 @@ def get_study(ref: "Study | int | str") -> Study:
     return Study.objects.get(slug=str(ref))
 
 
+def _cannot_pass(study, threshold: float) -> list[int]:
+    """Subjects in progress whose failed catch questions already keep their final share
+    (passed of all their catch questions) below `threshold`."""
+    in_progress = Subject.objects.filter(study=study, completed_at__isnull=True).annotate(
+        n_catch=Count("questions", filter=Q(questions__is_catch=True), distinct=True),
+        failed=Count(
+            "responses",
+            filter=Q(responses__question__is_catch=True) & ~Q(responses__chosen_kind="G"),
+            distinct=True,
+        ),
+    )
+    return [
+        pk
+        for pk, n_catch, failed in in_progress.values_list("pk", "n_catch", "failed")
+        if n_catch and (n_catch - failed) / n_catch < threshold
+    ]
+
+
 def responses_frame(
     study: "Study | int | str", include_incomplete: bool = False, include_failed: bool = False
 ) -> pd.DataFrame:
@@ -52,8 +70,9 @@ def responses_frame(
     Only subjects who completed the study count unless `include_incomplete`; subjects who
     failed the attention checks (`Subject.outcome == "failed_attention"`) are left out unless
     `include_failed`, and so are, in a study with attention checks and a pass threshold,
-    subjects still in progress whose catch score is already below it (the outcome is set only
-    at the end). Catch questions are flagged in `is_catch`; the analysis leaves them out.
+    subjects still in progress who have failed so many catch questions that they can no
+    longer reach it (the outcome is set only at the end). Catch questions are flagged in
+    `is_catch`; the analysis leaves them out.
     """
     study = get_study(study)
     responses = Response.objects.filter(subject__study=study)
@@ -63,9 +82,7 @@ def responses_frame(
         responses = responses.exclude(subject__outcome=Subject.Outcome.FAILED_ATTENTION)
         threshold = study.catch_pass_threshold
         if study.attention_checks and threshold is not None:
-            responses = responses.exclude(
-                subject__completed_at__isnull=True, subject__catch_score__lt=threshold
-            )
+            responses = responses.exclude(subject__in=_cannot_pass(study, threshold))
     rows = responses.order_by("subject__ordinal", "question__position").values(
         "response_ms",
         "answered_at",

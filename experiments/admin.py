@@ -141,13 +141,18 @@ class CollectionAdmin(admin.ModelAdmin):
                     out.write(chunk)
         try:
             with transaction.atomic():  # refused: no collection, no pairs, and no files
-                collection, todo, total = add_pairs(name, folder, test=form.cleaned_data["test"])
+                added = add_pairs(name, folder, test=form.cleaned_data["test"])
         except ManifestError as error:
             shutil.rmtree(folder, ignore_errors=True)
             form.add_error(None, str(error))
             return None
+        collection = added.collection
+        for key, change in added.changed:
+            self.message_user(request, f"{key}: {change}", messages.WARNING)
+        for note in added.notes:
+            self.message_user(request, note, messages.WARNING)
         try:
-            for pair in todo:
+            for pair in added.todo:
                 import_pair.delay(pair.pk, form.cleaned_data["clip_seconds"])
         except Exception as error:  # the broker is unreachable: the pairs wait, pending
             self.message_user(
@@ -156,7 +161,8 @@ class CollectionAdmin(admin.ModelAdmin):
         else:
             self.message_user(
                 request,
-                f"{collection}: {len(todo)} of {total} pairs queued for processing.",
+                f"{collection}: {len(added.todo)} of {len(added.keys)} pairs queued for "
+                "processing.",
                 messages.SUCCESS,
             )
         return collection

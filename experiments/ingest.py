@@ -241,21 +241,15 @@ def assign_splits(
 
 def add_pairs(
     name: str, path: str | Path, test=None, test_fraction=0.2, val_fraction=0.1, seed=0
-) -> tuple[Collection, list[Pair], int]:
-    """Create the collection's new pairs; returns it, the pairs to process and the total.
+) -> AddedPairs:
+    """Create the collection's new pairs: the collection, the pairs to process, the source's
+    keys, and what the source now says otherwise of pairs that keep theirs (`changed`, `notes`).
 
     All or nothing: a source that cannot be read, or a failure while writing, writes no row.
     New pairs are split by `assign_splits`: the collection's pairs (the attention-check pair
     aside) keep their split and count toward `test` and the validation share, as do manifest
     rows naming their split; new pairs take only the places still missing.
     """
-    added = _add_pairs(name, path, test, test_fraction, val_fraction, seed)
-    return added.collection, added.todo, len(added.keys)
-
-
-def _add_pairs(
-    name: str, path: str | Path, test=None, test_fraction=0.2, val_fraction=0.1, seed=0
-) -> AddedPairs:
     items = read_source(path)
     path = Path(path)
     root = path.absolute() if path.is_dir() else path.parent.absolute()
@@ -411,7 +405,7 @@ def import_collection(
     """
     from experiments.tasks import import_pair
 
-    added = _add_pairs(name, path, test, test_fraction, val_fraction, seed)
+    added = add_pairs(name, path, test, test_fraction, val_fraction, seed)
     collection, todo, total = added.collection, added.todo, len(added.keys)
     if progress:
         progress(0, len(todo))

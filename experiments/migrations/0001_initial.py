@@ -6,214 +6,509 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Collection',
+            name="Collection",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200, unique=True)),
-                ('source', models.CharField(blank=True, help_text='Folder or manifest imported from', max_length=1000)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200, unique=True)),
+                (
+                    "source",
+                    models.CharField(
+                        blank=True, help_text="Folder or manifest imported from", max_length=1000
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
         ),
         migrations.CreateModel(
-            name='Pair',
+            name="Pair",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('key', models.CharField(help_text='Stable name from the source (file stem)', max_length=300)),
-                ('title', models.CharField(blank=True, max_length=300)),
-                ('genre', models.CharField(blank=True, max_length=100)),
-                ('split', models.CharField(choices=[('train', 'train'), ('val', 'validation'), ('test', 'test')], default='train', max_length=5)),
-                ('source_video', models.CharField(blank=True, max_length=1000)),
-                ('source_music', models.CharField(blank=True, max_length=1000)),
-                ('video_file', models.FileField(blank=True, upload_to='items/')),
-                ('music_file', models.FileField(blank=True, upload_to='items/')),
-                ('video_token', models.CharField(default=experiments.models.new_media_token, max_length=32, unique=True)),
-                ('music_token', models.CharField(default=experiments.models.new_media_token, max_length=32, unique=True)),
-                ('features_file', models.FileField(blank=True, upload_to='features/')),
-                ('duration_s', models.FloatField(blank=True, null=True)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('ready', 'Ready'), ('failed', 'Failed')], default='pending', max_length=10)),
-                ('error', models.TextField(blank=True)),
-                ('collection', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='pairs', to='experiments.collection')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "key",
+                    models.CharField(
+                        help_text="Stable name from the source (file stem)", max_length=300
+                    ),
+                ),
+                ("title", models.CharField(blank=True, max_length=300)),
+                ("genre", models.CharField(blank=True, max_length=100)),
+                (
+                    "split",
+                    models.CharField(
+                        choices=[("train", "train"), ("val", "validation"), ("test", "test")],
+                        default="train",
+                        max_length=5,
+                    ),
+                ),
+                ("source_video", models.CharField(blank=True, max_length=1000)),
+                ("source_music", models.CharField(blank=True, max_length=1000)),
+                ("video_file", models.FileField(blank=True, upload_to="items/")),
+                ("music_file", models.FileField(blank=True, upload_to="items/")),
+                (
+                    "video_token",
+                    models.CharField(
+                        default=experiments.models.new_media_token, max_length=32, unique=True
+                    ),
+                ),
+                (
+                    "music_token",
+                    models.CharField(
+                        default=experiments.models.new_media_token, max_length=32, unique=True
+                    ),
+                ),
+                ("features_file", models.FileField(blank=True, upload_to="features/")),
+                ("duration_s", models.FloatField(blank=True, null=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("pending", "Pending"), ("ready", "Ready"), ("failed", "Failed")],
+                        default="pending",
+                        max_length=10,
+                    ),
+                ),
+                ("error", models.TextField(blank=True)),
+                (
+                    "collection",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="pairs",
+                        to="experiments.collection",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['collection', 'key'],
+                "ordering": ["collection", "key"],
             },
         ),
         migrations.CreateModel(
-            name='Question',
+            name="Question",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('position', models.PositiveSmallIntegerField(help_text='1-based')),
-                ('direction', models.CharField(choices=[('V2M', 'video → music'), ('M2V', 'music → video')], max_length=3)),
-                ('pair_type', models.CharField(help_text='e.g. GR, GS, SR, S1-S2', max_length=20)),
-                ('kind_a', models.CharField(max_length=10)),
-                ('kind_b', models.CharField(max_length=10)),
-                ('machine', models.JSONField(blank=True, default=dict, help_text="Machine judges: label → 'a'|'b'")),
-                ('option_a', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to='experiments.pair')),
-                ('option_b', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to='experiments.pair')),
-                ('query', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to='experiments.pair')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("position", models.PositiveSmallIntegerField(help_text="1-based")),
+                (
+                    "direction",
+                    models.CharField(
+                        choices=[("V2M", "video → music"), ("M2V", "music → video")], max_length=3
+                    ),
+                ),
+                ("pair_type", models.CharField(help_text="e.g. GR, GS, SR, S1-S2", max_length=20)),
+                ("kind_a", models.CharField(max_length=10)),
+                ("kind_b", models.CharField(max_length=10)),
+                (
+                    "machine",
+                    models.JSONField(
+                        blank=True, default=dict, help_text="Machine judges: label → 'a'|'b'"
+                    ),
+                ),
+                (
+                    "option_a",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="experiments.pair",
+                    ),
+                ),
+                (
+                    "option_b",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="experiments.pair",
+                    ),
+                ),
+                (
+                    "query",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to="experiments.pair",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['subject', 'position'],
+                "ordering": ["subject", "position"],
             },
         ),
         migrations.CreateModel(
-            name='Study',
+            name="Study",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('slug', models.SlugField(max_length=100, unique=True)),
-                ('status', models.CharField(choices=[('draft', 'Draft'), ('preparing', 'Preparing'), ('ready', 'Ready'), ('open', 'Open'), ('closed', 'Closed'), ('failed', 'Failed')], default='draft', max_length=10)),
-                ('progress', models.FloatField(default=0.0)),
-                ('message', models.TextField(blank=True)),
-                ('per_type', models.PositiveSmallIntegerField(default=20, help_text='Questions per pair type and direction')),
-                ('comparisons', models.JSONField(blank=True, default=list, help_text='Pair types to ask, e.g. [["G","R"],["G","S"],["S","R"]]; empty = the default for the systems')),
-                ('seed', models.PositiveIntegerField(default=0)),
-                ('language', models.CharField(default='en', max_length=10)),
-                ('instructions', models.TextField(blank=True)),
-                ('consent_text', models.TextField(blank=True)),
-                ('require_consent', models.BooleanField(default=False)),
-                ('play_before_answer', models.BooleanField(default=False)),
-                ('completion_code', models.CharField(blank=True, max_length=100)),
-                ('redirect_url', models.URLField(blank=True, max_length=500)),
-                ('external_id_param', models.CharField(blank=True, default='PROLIFIC_PID', max_length=50)),
-                ('join_token', models.CharField(default=experiments.models.new_token, max_length=64, unique=True)),
-                ('join_cap', models.PositiveIntegerField(blank=True, help_text='Max subjects from the join link', null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('collection', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='studies', to='experiments.collection')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                ("slug", models.SlugField(max_length=100, unique=True)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("draft", "Draft"),
+                            ("preparing", "Preparing"),
+                            ("ready", "Ready"),
+                            ("open", "Open"),
+                            ("closed", "Closed"),
+                            ("failed", "Failed"),
+                        ],
+                        default="draft",
+                        max_length=10,
+                    ),
+                ),
+                ("progress", models.FloatField(default=0.0)),
+                ("message", models.TextField(blank=True)),
+                (
+                    "per_type",
+                    models.PositiveSmallIntegerField(
+                        default=20, help_text="Questions per pair type and direction"
+                    ),
+                ),
+                (
+                    "comparisons",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='Pair types to ask, e.g. [["G","R"],["G","S"],["S","R"]]; empty = the default for the systems',
+                    ),
+                ),
+                ("seed", models.PositiveIntegerField(default=0)),
+                ("language", models.CharField(default="en", max_length=10)),
+                ("instructions", models.TextField(blank=True)),
+                ("consent_text", models.TextField(blank=True)),
+                ("require_consent", models.BooleanField(default=False)),
+                ("play_before_answer", models.BooleanField(default=False)),
+                ("completion_code", models.CharField(blank=True, max_length=100)),
+                ("redirect_url", models.URLField(blank=True, max_length=500)),
+                (
+                    "external_id_param",
+                    models.CharField(blank=True, default="PROLIFIC_PID", max_length=50),
+                ),
+                (
+                    "join_token",
+                    models.CharField(
+                        default=experiments.models.new_token, max_length=64, unique=True
+                    ),
+                ),
+                (
+                    "join_cap",
+                    models.PositiveIntegerField(
+                        blank=True, help_text="Max subjects from the join link", null=True
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "collection",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="studies",
+                        to="experiments.collection",
+                    ),
+                ),
             ],
             options={
-                'verbose_name_plural': 'studies',
+                "verbose_name_plural": "studies",
             },
         ),
         migrations.CreateModel(
-            name='Subject',
+            name="Subject",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('token', models.CharField(default=experiments.models.new_token, max_length=64, unique=True)),
-                ('ordinal', models.PositiveIntegerField(help_text='Index within the study (rotates pair types)')),
-                ('external_id', models.TextField(blank=True)),
-                ('meta', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('consented_at', models.DateTimeField(blank=True, null=True)),
-                ('completed_at', models.DateTimeField(blank=True, null=True)),
-                ('last_seen', models.DateTimeField(blank=True, null=True)),
-                ('study', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='subjects', to='experiments.study')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "token",
+                    models.CharField(
+                        default=experiments.models.new_token, max_length=64, unique=True
+                    ),
+                ),
+                (
+                    "ordinal",
+                    models.PositiveIntegerField(
+                        help_text="Index within the study (rotates pair types)"
+                    ),
+                ),
+                ("external_id", models.TextField(blank=True)),
+                ("meta", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("consented_at", models.DateTimeField(blank=True, null=True)),
+                ("completed_at", models.DateTimeField(blank=True, null=True)),
+                ("last_seen", models.DateTimeField(blank=True, null=True)),
+                (
+                    "study",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="subjects",
+                        to="experiments.study",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='Response',
+            name="Response",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('choice', models.CharField(choices=[('a', 'A'), ('b', 'B')], max_length=1)),
-                ('chosen_kind', models.CharField(max_length=10)),
-                ('response_ms', models.PositiveIntegerField(blank=True, null=True)),
-                ('behaviour', models.JSONField(blank=True, default=dict)),
-                ('answered_at', models.DateTimeField(auto_now_add=True)),
-                ('question', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='response', to='experiments.question')),
-                ('subject', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='responses', to='experiments.subject')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("choice", models.CharField(choices=[("a", "A"), ("b", "B")], max_length=1)),
+                ("chosen_kind", models.CharField(max_length=10)),
+                ("response_ms", models.PositiveIntegerField(blank=True, null=True)),
+                ("behaviour", models.JSONField(blank=True, default=dict)),
+                ("answered_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "question",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="response",
+                        to="experiments.question",
+                    ),
+                ),
+                (
+                    "subject",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="responses",
+                        to="experiments.subject",
+                    ),
+                ),
             ],
         ),
         migrations.AddField(
-            model_name='question',
-            name='subject',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='questions', to='experiments.subject'),
+            model_name="question",
+            name="subject",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="questions",
+                to="experiments.subject",
+            ),
         ),
         migrations.CreateModel(
-            name='System',
+            name="System",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100)),
-                ('kind', models.CharField(choices=[('vmnet', 'VM-NET'), ('cca', 'CCA'), ('pca', 'PCA'), ('plssvd', 'PLSSVD'), ('pls', 'PLS-canonical'), ('external', 'uploaded results')], default='vmnet', max_length=10)),
-                ('config', models.JSONField(blank=True, default=dict)),
-                ('checkpoint', models.FileField(blank=True, upload_to='systems/')),
-                ('embeddings', models.FileField(blank=True, upload_to='systems/')),
-                ('metrics', models.JSONField(blank=True, default=dict)),
-                ('status', models.CharField(choices=[('new', 'New'), ('running', 'Running'), ('ready', 'Ready'), ('failed', 'Failed')], default='new', max_length=10)),
-                ('progress', models.FloatField(default=0.0)),
-                ('message', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('collection', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='systems', to='experiments.collection')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100)),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("vmnet", "VM-NET"),
+                            ("cca", "CCA"),
+                            ("pca", "PCA"),
+                            ("plssvd", "PLSSVD"),
+                            ("pls", "PLS-canonical"),
+                            ("external", "uploaded results"),
+                        ],
+                        default="vmnet",
+                        max_length=10,
+                    ),
+                ),
+                ("config", models.JSONField(blank=True, default=dict)),
+                ("checkpoint", models.FileField(blank=True, upload_to="systems/")),
+                ("embeddings", models.FileField(blank=True, upload_to="systems/")),
+                ("metrics", models.JSONField(blank=True, default=dict)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("new", "New"),
+                            ("running", "Running"),
+                            ("ready", "Ready"),
+                            ("failed", "Failed"),
+                        ],
+                        default="new",
+                        max_length=10,
+                    ),
+                ),
+                ("progress", models.FloatField(default=0.0)),
+                ("message", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "collection",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="systems",
+                        to="experiments.collection",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='StudySystem',
+            name="StudySystem",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('label', models.CharField(default='S', help_text="'S' for one system, else S1, S2, …", max_length=10)),
-                ('study', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, to='experiments.study')),
-                ('system', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, to='experiments.system')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "label",
+                    models.CharField(
+                        default="S", help_text="'S' for one system, else S1, S2, …", max_length=10
+                    ),
+                ),
+                (
+                    "study",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, to="experiments.study"
+                    ),
+                ),
+                (
+                    "system",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, to="experiments.system"
+                    ),
+                ),
             ],
         ),
         migrations.AddField(
-            model_name='study',
-            name='systems',
-            field=models.ManyToManyField(related_name='studies', through='experiments.StudySystem', to='experiments.system'),
+            model_name="study",
+            name="systems",
+            field=models.ManyToManyField(
+                related_name="studies", through="experiments.StudySystem", to="experiments.system"
+            ),
         ),
         migrations.CreateModel(
-            name='SearchResult',
+            name="SearchResult",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('direction', models.CharField(choices=[('V2M', 'video → music'), ('M2V', 'music → video')], max_length=3)),
-                ('rank', models.PositiveSmallIntegerField()),
-                ('score', models.FloatField(blank=True, null=True)),
-                ('query', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='experiments.pair')),
-                ('result', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='experiments.pair')),
-                ('system', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='results', to='experiments.system')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "direction",
+                    models.CharField(
+                        choices=[("V2M", "video → music"), ("M2V", "music → video")], max_length=3
+                    ),
+                ),
+                ("rank", models.PositiveSmallIntegerField()),
+                ("score", models.FloatField(blank=True, null=True)),
+                (
+                    "query",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="experiments.pair",
+                    ),
+                ),
+                (
+                    "result",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="experiments.pair",
+                    ),
+                ),
+                (
+                    "system",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="results",
+                        to="experiments.system",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['system', 'direction', 'query', 'rank'],
+                "ordering": ["system", "direction", "query", "rank"],
             },
         ),
         migrations.AddIndex(
-            model_name='pair',
-            index=models.Index(fields=['collection', 'split', 'status'], name='experiments_collect_29d2cc_idx'),
+            model_name="pair",
+            index=models.Index(
+                fields=["collection", "split", "status"], name="experiments_collect_29d2cc_idx"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='pair',
-            constraint=models.UniqueConstraint(fields=('collection', 'key'), name='pair_key_unique'),
+            model_name="pair",
+            constraint=models.UniqueConstraint(
+                fields=("collection", "key"), name="pair_key_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='subject',
-            constraint=models.UniqueConstraint(fields=('study', 'ordinal'), name='subject_ordinal_unique'),
+            model_name="subject",
+            constraint=models.UniqueConstraint(
+                fields=("study", "ordinal"), name="subject_ordinal_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='response',
-            constraint=models.CheckConstraint(condition=models.Q(('choice__in', ['a', 'b'])), name='choice_a_or_b'),
+            model_name="response",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("choice__in", ["a", "b"])), name="choice_a_or_b"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='question',
-            constraint=models.UniqueConstraint(fields=('subject', 'position'), name='question_position_unique'),
+            model_name="question",
+            constraint=models.UniqueConstraint(
+                fields=("subject", "position"), name="question_position_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='question',
-            constraint=models.CheckConstraint(condition=models.Q(('option_a', models.F('option_b')), _negated=True), name='options_differ'),
+            model_name="question",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("option_a", models.F("option_b")), _negated=True),
+                name="options_differ",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='system',
-            constraint=models.UniqueConstraint(fields=('collection', 'name'), name='system_name_unique'),
+            model_name="system",
+            constraint=models.UniqueConstraint(
+                fields=("collection", "name"), name="system_name_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='studysystem',
-            constraint=models.UniqueConstraint(fields=('study', 'label'), name='study_label_unique'),
+            model_name="studysystem",
+            constraint=models.UniqueConstraint(
+                fields=("study", "label"), name="study_label_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='studysystem',
-            constraint=models.UniqueConstraint(fields=('study', 'system'), name='study_system_unique'),
+            model_name="studysystem",
+            constraint=models.UniqueConstraint(
+                fields=("study", "system"), name="study_system_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='searchresult',
-            constraint=models.UniqueConstraint(fields=('system', 'direction', 'query', 'rank'), name='result_rank_unique'),
+            model_name="searchresult",
+            constraint=models.UniqueConstraint(
+                fields=("system", "direction", "query", "rank"), name="result_rank_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='searchresult',
-            constraint=models.CheckConstraint(condition=models.Q(('rank__gte', 1)), name='result_rank_positive'),
+            model_name="searchresult",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("rank__gte", 1)), name="result_rank_positive"
+            ),
         ),
     ]

@@ -4,75 +4,109 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('experiments', '0001_initial'),
+        ("experiments", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='question',
-            name='is_catch',
-            field=models.BooleanField(default=False, help_text="Attention check: G against broken media ('X')"),
+            model_name="question",
+            name="is_catch",
+            field=models.BooleanField(
+                default=False, help_text="Attention check: G against broken media ('X')"
+            ),
         ),
         migrations.AddField(
-            model_name='study',
-            name='attention_checks',
-            field=models.BooleanField(default=False, help_text='Insert catch questions'),
+            model_name="study",
+            name="attention_checks",
+            field=models.BooleanField(default=False, help_text="Insert catch questions"),
         ),
         migrations.AddField(
-            model_name='study',
-            name='catch_count',
+            model_name="study",
+            name="catch_count",
             field=models.PositiveSmallIntegerField(default=4),
         ),
         migrations.AddField(
-            model_name='study',
-            name='catch_pass_threshold',
-            field=models.FloatField(blank=True, help_text='Share of catch questions a subject must pass (0..1)', null=True),
+            model_name="study",
+            name="catch_pass_threshold",
+            field=models.FloatField(
+                blank=True,
+                help_text="Share of catch questions a subject must pass (0..1)",
+                null=True,
+            ),
         ),
         migrations.AddField(
-            model_name='study',
-            name='failed_attention_code',
+            model_name="study",
+            name="failed_attention_code",
             field=models.CharField(blank=True, max_length=100),
         ),
         migrations.AddField(
-            model_name='study',
-            name='failed_sound_code',
+            model_name="study",
+            name="failed_sound_code",
             field=models.CharField(blank=True, max_length=100),
         ),
         migrations.AddField(
-            model_name='study',
-            name='min_listen_ms',
-            field=models.PositiveIntegerField(default=0, help_text='With play-before-answer: how long each candidate must have played'),
+            model_name="study",
+            name="min_listen_ms",
+            field=models.PositiveIntegerField(
+                default=0,
+                help_text="With play-before-answer: how long each candidate must have played",
+            ),
         ),
         migrations.AddField(
-            model_name='study',
-            name='no_consent_code',
+            model_name="study",
+            name="no_consent_code",
             field=models.CharField(blank=True, max_length=100),
         ),
         migrations.AddField(
-            model_name='study',
-            name='sound_check',
-            field=models.BooleanField(default=False, help_text='Headphone/sound check before the first question'),
+            model_name="study",
+            name="sound_check",
+            field=models.BooleanField(
+                default=False, help_text="Headphone/sound check before the first question"
+            ),
         ),
         migrations.AddField(
-            model_name='subject',
-            name='catch_score',
-            field=models.FloatField(blank=True, help_text='Share of catch questions passed', null=True),
+            model_name="subject",
+            name="catch_score",
+            field=models.FloatField(
+                blank=True, help_text="Share of catch questions passed", null=True
+            ),
         ),
         migrations.AddField(
-            model_name='subject',
-            name='outcome',
-            field=models.CharField(blank=True, choices=[('', 'in progress'), ('completed', 'Completed'), ('failed_attention', 'failed the attention checks'), ('failed_sound', 'failed the sound check'), ('no_consent', 'did not consent')], default='', max_length=20),
+            model_name="subject",
+            name="outcome",
+            field=models.CharField(
+                blank=True,
+                choices=[
+                    ("", "in progress"),
+                    ("completed", "Completed"),
+                    ("failed_attention", "failed the attention checks"),
+                    ("failed_sound", "failed the sound check"),
+                    ("no_consent", "did not consent"),
+                ],
+                default="",
+                max_length=20,
+            ),
         ),
         migrations.AddField(
-            model_name='system',
-            name='source_file',
-            field=models.FileField(blank=True, help_text='Uploaded results or embeddings', upload_to='uploads/'),
+            model_name="system",
+            name="source_file",
+            field=models.FileField(
+                blank=True, help_text="Uploaded results or embeddings", upload_to="uploads/"
+            ),
         ),
         migrations.AlterField(
-            model_name='pair',
-            name='split',
-            field=models.CharField(choices=[('train', 'train'), ('val', 'validation'), ('test', 'test'), ('catch', 'catch (deliberately broken media for attention checks)')], default='train', max_length=5),
+            model_name="pair",
+            name="split",
+            field=models.CharField(
+                choices=[
+                    ("train", "train"),
+                    ("val", "validation"),
+                    ("test", "test"),
+                    ("catch", "catch (deliberately broken media for attention checks)"),
+                ],
+                default="train",
+                max_length=5,
+            ),
         ),
     ]

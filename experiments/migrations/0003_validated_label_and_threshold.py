@@ -6,20 +6,32 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('experiments', '0002_crowd_checks_and_uploads'),
+        ("experiments", "0002_crowd_checks_and_uploads"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='study',
-            name='catch_pass_threshold',
-            field=models.FloatField(blank=True, help_text='Share of catch questions a subject must pass, 0 to 1 (e.g. 0.75)', null=True, validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1.0)]),
+            model_name="study",
+            name="catch_pass_threshold",
+            field=models.FloatField(
+                blank=True,
+                help_text="Share of catch questions a subject must pass, 0 to 1 (e.g. 0.75)",
+                null=True,
+                validators=[
+                    django.core.validators.MinValueValidator(0.0),
+                    django.core.validators.MaxValueValidator(1.0),
+                ],
+            ),
         ),
         migrations.AlterField(
-            model_name='studysystem',
-            name='label',
-            field=models.CharField(default='S', help_text="'S' for one system, else S1, S2, … (G, R and X are reserved)", max_length=10, validators=[experiments.models.validate_system_label]),
+            model_name="studysystem",
+            name="label",
+            field=models.CharField(
+                default="S",
+                help_text="'S' for one system, else S1, S2, … (G, R and X are reserved)",
+                max_length=10,
+                validators=[experiments.models.validate_system_label],
+            ),
         ),
     ]

@@ -107,19 +107,36 @@ def test_loader_leaves_out_incomplete_and_failed_subjects():
     assert len(responses_frame("failed", include_failed=True)) == 32
 
 
-def test_loader_leaves_out_subjects_in_progress_already_below_the_catch_threshold():
+def add_catch_questions(subject, answered: list[str], total: int = 4):
+    """`total` catch questions after the subject's others; `answered` the kinds chosen so far
+    ('G' passes, 'X' fails)."""
+    pairs = list(subject.study.collection.pairs.order_by("key")[:2])
+    start = subject.questions.count()
+    for i in range(total):
+        question = Question.objects.create(
+            subject=subject, position=start + i + 1, direction="V2M", pair_type="GX",
+            query=pairs[0], option_a=pairs[0], option_b=pairs[1], kind_a="G", kind_b="X",
+            is_catch=True,
+        )  # fmt: skip
+        if i < len(answered):
+            choice = "a" if answered[i] == "G" else "b"
+            Response.objects.create(
+                question=question, subject=subject, choice=choice, chosen_kind=answered[i]
+            )
+
+
+def test_loader_leaves_out_subjects_in_progress_who_can_no_longer_pass_the_catch_checks():
     study = make_study(slug="checked", completed=False)
-    below, above = study.subjects.order_by("ordinal")
-    Subject.objects.filter(pk=below.pk).update(catch_score=0.25)
-    Subject.objects.filter(pk=above.pk).update(catch_score=0.75)
-    # Without a threshold, a catch score excludes nobody.
+    doomed, hopeful = study.subjects.order_by("ordinal")
+    add_catch_questions(doomed, ["X", "X", "G"])  # at most 2 of 4 passed in the end
+    add_catch_questions(hopeful, ["X"])  # 0 of 1 so far, but 3 of 4 are still possible
+    # Without a threshold, failed catch questions exclude nobody.
     assert set(responses_frame("checked", include_incomplete=True)["subject"]) == {0, 1}
-    Study.objects.filter(pk=study.pk).update(attention_checks=True, catch_pass_threshold=0.5)
+    Study.objects.filter(pk=study.pk).update(attention_checks=True, catch_pass_threshold=0.75)
     assert set(responses_frame("checked", include_incomplete=True)["subject"]) == {1}
     both = responses_frame("checked", include_incomplete=True, include_failed=True)
     assert set(both["subject"]) == {0, 1}
-    # A subject who has not met a catch question yet (no score) still counts.
-    Subject.objects.filter(pk=below.pk).update(catch_score=None)
+    Study.objects.filter(pk=study.pk).update(catch_pass_threshold=0.5)  # 2 of 4 still pass
     assert set(responses_frame("checked", include_incomplete=True)["subject"]) == {0, 1}
 
 

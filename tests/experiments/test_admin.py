@@ -2,6 +2,7 @@
 
 import csv
 import io
+import re
 import time
 from pathlib import Path
 
@@ -397,3 +398,9 @@ def test_a_small_collection_uploaded_in_the_admin_is_imported(
     assert pair.status == "ready", pair.error
     for item in (pair.video_file, pair.music_file):
         assert probe(item.path).duration_s == pytest.approx(1.5, abs=0.15)
+    # The same file uploaded again: the ready pair keeps its media, and the page says so.
+    page = admin_client.post(url, upload_form(tmp_path, n=1, name="UPLOADED"), follow=True)
+    html = page.content.decode()
+    messages = re.findall(r'<li class="[a-z]+">([^<]*)', html)
+    assert any(m.lower().startswith("song_0: already imported from other files") for m in messages)
+    assert "UPLOADED: 0 of 1 pairs queued for processing." in messages

@@ -522,3 +522,27 @@ def test_simultaneous_posts_for_one_question_store_one_answer():
     assert codes == [302] * 8
     assert Response.objects.filter(subject=subject).count() == 1
     assert shown_position(Client(), subject) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_subjects_who_joined_before_the_mark_still_count_toward_the_cap():
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = (
+        [("experiments", "0003_validated_label_and_threshold")],
+        [("experiments", "0004_mark_joined_subjects")],
+    )
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    study = make_study(per_type=1)  # the current models: the columns have not changed
+    joined = make_subject(study, meta={"entry": {"PROLIFIC_PID": "old"}})
+    linked = make_subject(study)
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(after)
+    joined.refresh_from_db()
+    linked.refresh_from_db()
+    assert joined.meta["joined"] is True and "joined" not in linked.meta
+    Study.objects.filter(pk=study.pk).update(join_cap=1)
+    assert Client().get(join_url(study, PROLIFIC_PID="new")).status_code == 403
