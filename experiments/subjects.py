@@ -26,8 +26,6 @@ from experiments.models import (
 from experiments.plans import PlanError, PlannedQuestion, build_plan, with_catch_questions
 
 ORDINAL_ATTEMPTS = 5  # two subjects created at once may both take the next ordinal
-
-
 SPARE_CATCH_QUERIES = 1000  # other splits' items a catch question may take as its query
 
 
