@@ -328,6 +328,7 @@ class StudyAdmin(admin.ModelAdmin):
     inlines = [StudySystemInline]
     actions = [
         "prepare_studies",
+        "draft_studies",
         "open_studies",
         "close_studies",
         "subject_links",
@@ -501,6 +502,27 @@ class StudyAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{study}: could not queue: {error}", messages.ERROR)
                 continue
             self.message_user(request, f"{study}: preparation queued.", messages.SUCCESS)
+
+    @admin.action(description="Back to draft (e.g. a preparation that will not finish)")
+    def draft_studies(self, request, queryset):
+        # A preparation whose task was lost (a broker restarted without its queue) would stay
+        # "preparing" for ever: from draft it can be prepared again.
+        movable = queryset.filter(
+            status__in=[Study.Status.PREPARING, Study.Status.READY, Study.Status.FAILED]
+        )
+        movable = movable.filter(subjects__isnull=True).values("pk")
+        moved = Study.objects.filter(pk__in=movable).update(
+            status=Study.Status.DRAFT, message="Back to draft: prepare it again."
+        )
+        if moved:
+            self.message_user(request, f"{moved} study(ies) now draft.", messages.SUCCESS)
+        if skipped := queryset.count() - moved:
+            self.message_user(
+                request,
+                f"{skipped} study(ies) skipped: only preparing, ready or failed studies without "
+                "subjects go back to draft.",
+                messages.WARNING,
+            )
 
     @admin.action(description="Open for participants")
     def open_studies(self, request, queryset):

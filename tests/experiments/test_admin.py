@@ -266,6 +266,22 @@ def test_labels_and_the_pass_threshold_are_checked(admin_client, study):
     assert study.catch_pass_threshold is None and study.studysystem_set.get().label == "S"
 
 
+def test_a_preparation_that_will_not_finish_can_go_back_to_draft(admin_client, study):
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.PREPARING, message="Step 1 of 2")
+    opened = make_study(per_type=1, slug="opened", collection_name="o")
+    page = act(admin_client, "draft_studies", study, opened).content.decode()
+    assert "1 study(ies) now draft" in page and "1 study(ies) skipped" in page
+    study.refresh_from_db()
+    opened.refresh_from_db()
+    assert (study.status, study.message) == (Study.Status.DRAFT, "Back to draft: prepare it again.")
+    assert opened.status == Study.Status.OPEN
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.READY)
+    make_subject(study)  # subjects hold plans made from its preparation: it stays
+    assert "1 study(ies) skipped" in act(admin_client, "draft_studies", study).content.decode()
+    study.refresh_from_db()
+    assert study.status == Study.Status.READY
+
+
 def test_a_study_being_prepared_is_not_queued_again(admin_client, study):
     Study.objects.filter(pk=study.pk).update(status=Study.Status.PREPARING, message="Step 1 of 2")
     page = act(admin_client, "prepare_studies", study).content.decode()
