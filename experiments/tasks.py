@@ -197,10 +197,11 @@ def finish_study(study_id: int):
 
     study = Study.objects.get(pk=study_id)
     try:
-        if problem := unequal_item_lengths(served_lengths(study.collection_id)):
+        lengths = served_lengths(study.collection_id)
+        if problem := unequal_item_lengths(lengths):
             return _fail_study(study_id, problem)
         if study.attention_checks and study.catch_count:
-            ensure_catch_pair(study.collection_id)
+            ensure_catch_pair(study.collection_id, lengths)
         plan = plan_for(study, ordinal=0)
     except (PlanError, MediaError) as error:
         return _fail_study(study_id, str(error))
@@ -252,7 +253,7 @@ def unequal_item_lengths(lengths: list[float]) -> str | None:
     )
 
 
-def ensure_catch_pair(collection_id: int) -> Pair:
+def ensure_catch_pair(collection_id: int, lengths: list[float] | None = None) -> Pair:
     """The collection's broken pair (split 'catch') for attention checks, made once.
 
     Its video is black and frozen and its music silent, as long as the collection's test
@@ -266,7 +267,8 @@ def ensure_catch_pair(collection_id: int) -> Pair:
     )
     if pair.status == Pair.Status.READY and pair.video_file and pair.music_file:
         return pair
-    lengths = served_lengths(collection_id)
+    if lengths is None:  # not probed by the caller yet
+        lengths = served_lengths(collection_id)
     seconds = float(np.clip(np.median(lengths), 1.0, CLIP_S)) if lengths else CLIP_S
     folder = Path(settings.MEDIA_ROOT) / "items"
     folder.mkdir(parents=True, exist_ok=True)
