@@ -30,10 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine_scale import SONGS  # noqa: E402  (this folder: the bench's songs, SONGS_GLOB)
+
 from engine.features.audio import decode_audio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SONGS = "/usr/share/games/fretsonfire/data/songs/sectoid/*/*.ogg"
 # The engine's and the bench's needs that the image lacks, their own needs included.
 MISSING = [
     "av", "librosa", "audioread", "soxr", "soundfile", "cffi", "pycparser", "pooch",
