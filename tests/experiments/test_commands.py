@@ -26,11 +26,19 @@ def run(*args):
 def test_import_collection_reports_failures_and_is_idempotent(tmp_path):
     music_video(tmp_path / "song.mp4", 1, seconds=2.0)
     music_video(tmp_path / "mute.mp4", 5, seconds=2.0, audio=False)
-    out, err = run("import_collection", "cmd", str(tmp_path), "--test", "1", "--sync")
-    assert "cmd: 1 of 2 pairs ready, 1 failed, 0 already imported" in out
-    assert "failed  mute: mute.mp4: no audio track" in err
-    out, _ = run("import_collection", "cmd", str(tmp_path), "--test", "1", "--sync")
-    assert "cmd: 1 of 2 pairs ready, 1 failed, 1 already imported" in out
+    out, err = io.StringIO(), io.StringIO()
+    args = ("import_collection", "cmd", str(tmp_path), "--test", "1", "--sync")
+    with pytest.raises(CommandError, match="1 of 2 pairs failed") as failed:
+        call_command(*args, stdout=out, stderr=err)
+    assert failed.value.returncode == 1  # scripts see the failure; the good pair is imported
+    assert "cmd: 1 of 2 pairs ready, 1 failed, 0 already imported" in out.getvalue()
+    assert "failed  mute: mute.mp4: no audio track" in err.getvalue()
+    with pytest.raises(CommandError):
+        call_command(*args, stdout=out, stderr=err)
+    assert "cmd: 1 of 2 pairs ready, 1 failed, 1 already imported" in out.getvalue()
+    (tmp_path / "mute.mp4").unlink()  # the bad file removed: the command succeeds
+    out, _ = run(*args)
+    assert "cmd: 1 of 1 pairs ready, 0 failed, 1 already imported" in out
 
 
 @pytest.mark.django_db

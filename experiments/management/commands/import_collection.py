@@ -125,3 +125,9 @@ class Command(BaseCommand):
         given = [name for name in SETTINGS if o[name] != parser.get_default(name)]
         if summary.skipped and given:  # settings asked for that the ready pairs do not take
             self.stdout.write(SETTINGS_NOTE.format(n=summary.skipped))
+        if summary.failures:  # a non-zero exit, so that scripts notice; the rest is imported
+            raise CommandError(
+                f"{len(summary.failures)} of {summary.total} pairs failed (listed above). Fix or "
+                "remove their files and run the same command again: it retries only those.",
+                returncode=1,
+            )
