@@ -205,7 +205,10 @@ class Study(models.Model):
     no_consent_code = models.CharField(max_length=100, blank=True)
     join_token = models.CharField(max_length=64, unique=True, default=new_token)
     join_cap = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Max subjects from the join link"
+        null=True,
+        blank=True,
+        help_text="Max subjects from the join link; those who declined consent or failed the "
+        "sound check do not count",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -305,6 +305,8 @@ def _apply(request, subject: Subject, step: Step, action: str, form, now):
         subject.consented_at = now
         return ["consented_at"]
     if step.name == "welcome" and action == "decline" and subject.study.require_consent:
+        if request.POST.get("confirm") != "1":  # one stray tap must not end the study
+            return _render_step(request, subject, step, confirm_decline=True)
         subject.outcome = Subject.Outcome.NO_CONSENT
         return ["outcome"]
     if step.name == "sound" and action == "sound":
@@ -401,11 +403,14 @@ def _capture_external_id(request, subject: Subject) -> None:
     subject.external_id, subject.meta = locked.external_id, locked.meta
 
 
-def _render_step(request, subject: Subject, step: Step, start_form=None, sound_form=None):
+def _render_step(
+    request, subject: Subject, step: Step, start_form=None, sound_form=None, confirm_decline=False
+):
     study = subject.study
     context = {"subject": subject, "study": study, "step": step, "action": subject_path(subject)}
     if step.name == "welcome":
         context["form"] = start_form or StartForm(require_consent=study.require_consent)
+        context["confirm_decline"] = confirm_decline
     elif step.name == "sound":
         drawn = "trials" in subject.meta.get("sound_check", {})
         trials = _sound_trials(subject)
@@ -480,7 +485,9 @@ def join(request, join_token):
         if subject is None:
             if study.status != Study.Status.OPEN:
                 return _study_page(request, study, "closed", status=403)
-            joined = study.subjects.filter(meta__has_key=JOINED)  # not those of made links
+            # Not those of made links, nor those screened out before any question (declined
+            # consent, failed the sound check): a platform sends someone else in their place.
+            joined = study.subjects.filter(meta__has_key=JOINED).exclude(outcome__in=ENDED)
             if study.join_cap is not None and joined.count() >= study.join_cap:
                 return _study_page(request, study, "full", status=403)
             try:

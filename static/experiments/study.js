@@ -4,7 +4,9 @@
 //   per item, blur/focus, visibility, load failures), keys A/B and ←/→, one candidate
 //   playing at a time, optional play-before-answer with a minimum listening time, a load
 //   time limit with a Retry button, one click = one submit; the answer goes in one
-//   request and the next question of the block is shown in place.
+//   request and the next question of the block is shown in place, its buttons live only
+//   after a moment (a double tap must not answer a question not yet seen); an answer sent
+//   without a connection waits on the page and goes when the connection is back.
 // - Sound check: one tone playing at a time.
 "use strict";
 
@@ -44,9 +46,12 @@
     var gated = form.hasAttribute("data-play-before-answer");
     var minListen = Number(form.dataset.minListenMs || 0);
     var loadTimeout = Number(form.dataset.loadTimeoutMs || 20000);
+    var SETTLE_MS = 500; // a new question's buttons wait this long: longer than a double tap
+    var SLOW_MS = 3000; // no reply to an answer by then: say that it is being saved
+    var SEND_TIMEOUT_MS = 30000; // no reply by then: the plain form submission instead
     // Per question (reset when the next one is shown in place): the behaviour log sent
     // with the answer (exported with it), what has been heard enough, what failed to load.
-    var shownAt, log, enough, failed, sent, choice, heard, shown = 0;
+    var shownAt, log, enough, failed, sent, choice, heard, settled, shown = 0;
 
     function reset() {
       shownAt = performance.now();
@@ -64,10 +69,17 @@
         log.listened_ms[element.dataset.role] = 0;
         heard[element.dataset.role] = { last: null, playing: false };
       });
-      Object.keys(buttons).forEach(function (k) { buttons[k].disabled = false; });
+      settled = false;
+      var question = shown;
+      window.setTimeout(function () {
+        if (question !== shown) return;
+        settled = true;
+        updateButtons();
+      }, SETTLE_MS);
       form.classList.remove("is-sending");
       if (retry) retry.hidden = true;
       say("");
+      updateButtons();
     }
 
     function since() { return Math.round(performance.now() - shownAt); }
@@ -80,17 +92,32 @@
       status.classList.toggle("is-error", !!isError);
     }
 
-    function updateGate() {
-      if (!gated || failed.length) return;
-      var played = log.plays.a && log.plays.b;
-      var ready = played && enough.a && enough.b;
-      Object.keys(buttons).forEach(function (k) { buttons[k].disabled = !ready || sent; });
-      if (ready) say("");
-      else if (!played) say(form.dataset.gateMessage || "Play both candidates to answer.");
-      else if (enough.a !== enough.b) {  // name the one that needs more
-        var letter = enough.a ? "B" : "A";
+    function hasFailed(role) {
+      return failed.some(function (element) { return element.dataset.role === role; });
+    }
+
+    // The answer buttons: live once the question has settled and, with play-before-answer,
+    // each candidate has been heard long enough or could not be loaded (no dead end).
+    function updateButtons() {
+      var waiting = !gated ? [] : ["a", "b"].filter(function (role) {
+        return !(log.plays[role] && enough[role]) && !hasFailed(role);
+      });
+      Object.keys(buttons).forEach(function (k) {
+        buttons[k].disabled = sent || !settled || waiting.length > 0;
+      });
+      if (!gated || sent || failed.length) return; // a failure's message stays
+      if (!waiting.length) say("");
+      else if (waiting.length === 1) { // name the one that needs more
+        var letter = waiting[0].toUpperCase();
         say((form.dataset.listenOneMessage || "Keep listening to {letter}.").replace("{letter}", letter));
-      } else say(form.dataset.listenMessage || "Keep listening to answer.");
+      } else if (!log.plays.a || !log.plays.b) say(form.dataset.gateMessage || "Play both candidates to answer.");
+      else say(form.dataset.listenMessage || "Keep listening to answer.");
+    }
+
+    function nameOf(element) {
+      var label = element.getAttribute("aria-labelledby");
+      var heading = label && document.getElementById(label);
+      return heading ? heading.textContent : element.getAttribute("aria-label") || "";
     }
 
     function fail(element, reason) {
@@ -99,8 +126,10 @@
       failed.push(element);
       log.errors.push({ role: role, reason: reason, ms: since() });
       note("error:" + role);
-      say(form.dataset.errorMessage || "A clip could not be loaded. Press Retry.", true);
+      var names = failed.map(nameOf).join(", ");
+      say((form.dataset.errorMessage || "{name} could not be loaded. Press Retry.").replace("{name}", names), true);
       if (retry) retry.hidden = false;
+      updateButtons();
     }
 
     function watchLoading(elements) {
@@ -124,7 +153,7 @@
         say("");
         again.forEach(function (element) { element.load(); });
         watchLoading(again);
-        updateGate();
+        updateButtons();
       });
     }
 
@@ -144,7 +173,7 @@
         state.last = element.currentTime;
         if (log.plays[role] && log.listened_ms[role] >= needed() && !enough[role]) {
           enough[role] = true;
-          updateGate();
+          updateButtons();
         }
       }
       element.addEventListener("loadeddata", function () {
@@ -165,14 +194,14 @@
         var card = element.closest(".candidate");
         if (card) card.classList.add("is-playing");
         count();
-        updateGate();
+        updateButtons();
       });
       element.addEventListener("timeupdate", count);
       element.addEventListener("seeked", function () { heard[role].last = element.currentTime; });
       element.addEventListener("ended", function () {
         count();
         heard[role].playing = false;
-        if (log.plays[role]) { enough[role] = true; updateGate(); }
+        if (log.plays[role]) { enough[role] = true; updateButtons(); }
       });
       element.addEventListener("pause", function () {
         count();
@@ -201,6 +230,7 @@
       var key = { a: "a", A: "a", ArrowLeft: "a", b: "b", B: "b", ArrowRight: "b" }[event.key];
       if (!key || !buttons[key]) return;
       event.preventDefault();
+      if (event.repeat) return; // a held key answers once
       buttons[key].click(); // a disabled button ignores the click
     });
 
@@ -236,23 +266,48 @@
 
     // The answer in one request: the server replies with the next question, shown here in
     // place (no page load, its media already prefetched). Anything else (a break, the end,
-    // an error, no connection) is left to the plain form submission and the server's page.
+    // an error, no reply) is left to the plain form submission and the server's page. The
+    // browser offline, the answer waits here and is sent again once it is back (sending
+    // twice is harmless: the server keeps the first answer to a position).
     function send(letter) {
       var body = new URLSearchParams(new FormData(form));
       body.set("choice", letter);
+      var controller = window.AbortController ? new window.AbortController() : null;
+      var slow = window.setTimeout(function () {
+        say(form.dataset.savingMessage || "Saving your answer…");
+      }, SLOW_MS);
+      var limit = controller && window.setTimeout(function () { controller.abort(); }, SEND_TIMEOUT_MS);
+      function stopTimers() { window.clearTimeout(slow); window.clearTimeout(limit); }
       window.fetch(form.action, {
         method: "POST",
         body: body,
         credentials: "same-origin",
-        headers: { Accept: "application/json" }
+        headers: { Accept: "application/json" },
+        signal: controller ? controller.signal : undefined
       }).then(function (response) {
         var json = (response.headers.get("Content-Type") || "").indexOf("application/json") === 0;
         if (!response.ok || !json) throw new Error("HTTP " + response.status);
         return response.json();
       }).then(function (next) {
+        stopTimers();
         if (next.step === "question" && next.direction === form.dataset.direction) showNext(next);
         else window.location.assign(next.location);
-      }).catch(function () { submitPlainly(letter); });
+      }).catch(function () {
+        stopTimers();
+        if (navigator.onLine === false) waitForConnection(letter);
+        else submitPlainly(letter);
+      });
+    }
+
+    function waitForConnection(letter) {
+      say(form.dataset.offlineMessage || "No connection: your answer will be sent when it is back.", true);
+      var again = function () {
+        window.removeEventListener("online", again);
+        window.clearTimeout(timer);
+        send(letter);
+      };
+      window.addEventListener("online", again);
+      var timer = window.setTimeout(again, 5000); // in case no "online" event comes
     }
 
     function submitPlainly(letter) {
@@ -288,7 +343,7 @@
       });
       reset();
       watchLoading(media);
-      updateGate();
+      updateButtons();
       window.scrollTo(0, 0);
       // The answer button was disabled while sending: give focus back at the new question
       // (keyboard and screen-reader users; the counter announces its number).
@@ -297,7 +352,7 @@
 
     reset();
     watchLoading(media);
-    updateGate();
+    updateButtons();
   }
 
   // The sound check: one tone at a time.

@@ -71,6 +71,13 @@ def wait_for_media(page, state=2):
     )
 
 
+def answerable(page):
+    """The question on show has settled: its answer buttons take clicks and keys."""
+    until(
+        page, "Array.from(document.querySelectorAll('button[name=choice]')).every(b => !b.disabled)"
+    )
+
+
 def screenshot(page, name):
     if folder := os.environ.get("SCREENSHOT_DIR"):
         wait_for_media(page, state=4)
@@ -113,6 +120,7 @@ def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server
     assert page.url == link
     wait_for_media(page)
     screenshot(page, "question-desktop.png")
+    answerable(page)
     page.keyboard.press("ArrowRight")
     page.locator("#counter", has_text="Question 3 of 6").wait_for()
     context.close()
@@ -155,6 +163,7 @@ def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server
     assert playing == {"a": False, "b": True}
     for key in ("a", "b", "a"):
         current = counter(page)
+        answerable(page)
         page.keyboard.press(key)
         if current != "Question 6 of 6":
             page.locator(

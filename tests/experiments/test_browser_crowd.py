@@ -11,7 +11,7 @@ import pytest
 from experiments.models import Response, Subject
 
 from .factories import make_study, make_subject
-from .test_browser import CHROMIUM, CHROMIUM_ARGS, counter, wait_for_media
+from .test_browser import CHROMIUM, CHROMIUM_ARGS, answerable, counter, until, wait_for_media
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -272,8 +272,77 @@ def test_after_a_keyboard_answer_focus_is_on_the_next_question(live_server, page
     page.goto(f"{live_server.url}/s/{subject.token}/")
     page.get_by_role("button", name="Start").click()
     wait_for_media(page)
+    answerable(page)
     page.keyboard.press("a")
     page.locator("#counter", has_text="Question 2 of 6").wait_for()
     page.wait_for_function("document.activeElement.classList.contains('prompt')")
     assert page.evaluate("document.getElementById('counter').getAttribute('aria-live')")
+    assert page.errors == []
+
+
+def test_a_double_tap_or_a_held_key_answers_one_question(live_server, page):
+    subject = make_subject(make_study(per_type=1))
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    wait_for_media(page)
+    answerable(page)
+    box = page.get_by_role("button", name="Choose A").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.click(x, y)
+    page.locator("#counter", has_text="Question 2 of 6").wait_for()
+    page.mouse.click(x, y)  # the double click's second click: the next question is not seen yet
+    page.wait_for_timeout(1000)
+    assert counter(page) == "Question 2 of 6"
+    answerable(page)
+    page.keyboard.down("b")
+    page.locator("#counter", has_text="Question 3 of 6").wait_for()
+    for _ in range(10):  # the key held down: the browser repeats it
+        page.wait_for_timeout(100)
+        page.keyboard.down("b")
+    page.keyboard.up("b")
+    assert counter(page) == "Question 3 of 6"
+    answers = Response.objects.filter(subject=subject).order_by("question__position")
+    assert [(r.question.position, r.choice) for r in answers] == [(1, "a"), (2, "b")]
+    assert page.errors == []
+
+
+def test_an_answer_given_offline_waits_on_the_page_and_goes_when_back_online(live_server, page):
+    subject = make_subject(make_study(per_type=1))
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    wait_for_media(page)
+    loads = []
+    page.on("framenavigated", lambda frame: loads.append(frame.url))
+    page.context.set_offline(True)
+    page.get_by_role("button", name="Choose B").click()
+    status = page.locator("[data-status]")
+    status.filter(has_text="No connection").wait_for()
+    assert loads == [] and not Response.objects.filter(subject=subject).exists()
+    page.wait_for_timeout(500)
+    page.context.set_offline(False)
+    page.locator("#counter", has_text="Question 2 of 6").wait_for()
+    assert loads == [] and status.inner_text() == ""  # in place, the message gone
+    (stored,) = Response.objects.filter(subject=subject)
+    assert (stored.question.position, stored.choice) == (1, "b")
+    assert page.errors == []
+
+
+def test_with_play_before_answer_a_clip_that_cannot_load_does_not_block(live_server, page):
+    study = make_study(per_type=1, play_before_answer=True, min_listen_ms=1500)
+    subject = make_subject(study)
+    question = subject.questions.get(position=1)
+    page.route(f"**/m/{question.option_b.music_token}", lambda route: route.abort())
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    page.get_by_role("button", name="Retry").wait_for()
+    status = page.locator("[data-status]")
+    assert "Music B could not be loaded" in status.inner_text()
+    until(page, "document.querySelector('[data-role=a]').readyState >= 2")
+    assert disabled(page) == [True, True]  # A, which loads, must still be heard
+    play_for(page, "a", 2300)  # to its end
+    answerable(page)
+    page.get_by_role("button", name="Choose A").click()
+    page.locator("#counter", has_text="Question 2 of 6").wait_for()
+    log = Response.objects.get(subject=subject).behaviour
+    assert [(e["role"], e["reason"]) for e in log["errors"]] == [("b", "error")]
     assert page.errors == []

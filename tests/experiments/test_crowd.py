@@ -355,7 +355,12 @@ def test_declining_consent_ends_with_the_no_consent_code(client):
     )
     subject = make_subject(study)
     assert "I do not agree" in client.get(url(subject)).content.decode()
-    client.post(url(subject), {"step": "decline"})
+    # A stray tap asks first, and changes nothing.
+    asked = client.post(url(subject), {"step": "decline"}).content.decode()
+    assert "Do you want to stop here?" in asked and "Back to the study" in asked
+    subject.refresh_from_db()
+    assert subject.outcome == "" and "Start" in client.get(url(subject)).content.decode()
+    client.post(url(subject), {"step": "decline", "confirm": "1"})
     subject.refresh_from_db()
     assert subject.outcome == "no_consent" and subject.consented_at is None
     html = client.get(url(subject)).content.decode()
@@ -431,6 +436,7 @@ def test_an_mturk_hit_ends_by_submitting_its_assignment_to_mturk(client):
     assert 'name="completion_code" value="DONE-7"' in form[2]
     assert "csrfmiddlewaretoken" not in form[2]  # nothing of this site's goes to MTurk
     assert 'http-equiv="refresh"' not in html  # no redirect away before the HIT is submitted
+    assert "You may close this page" not in html  # it is not finished until submitted
     # Only MTurk's own submit addresses; a Prolific participant gets the redirect as before.
     for query in (
         "?workerId=w2&assignmentId=a2&hitId=h1&turkSubmitTo=https://evil.example",

@@ -356,6 +356,7 @@ def test_a_closed_study_shows_a_clear_page_and_takes_no_answers(client, study, s
     study.save()
     page = client.get(url(subject))
     assert page.status_code == 403 and "This study is not open" in page.content.decode()
+    assert "Any answers you gave are saved" in page.content.decode()
     refused = answer(client, subject, 1)
     assert refused.status_code == 403
     assert Response.objects.count() == 0
@@ -435,6 +436,22 @@ def test_the_join_cap_counts_only_those_who_came_by_the_join_link(study):
     assert Subject.objects.count() == 4
 
 
+def test_the_join_cap_does_not_count_those_screened_out(study):
+    study.join_cap = 2
+    study.require_consent = True
+    study.save()
+    for pid in ("a", "b"):
+        assert Client().get(join_url(study, PROLIFIC_PID=pid)).status_code == 302
+    declined = Subject.objects.get(external_id="a")
+    declined.outcome = Subject.Outcome.NO_CONSENT
+    declined.save()
+    # "a" no longer holds a place: a replacement gets in, then the study is full again.
+    assert Client().get(join_url(study, PROLIFIC_PID="c")).status_code == 302
+    assert Client().get(join_url(study, PROLIFIC_PID="d")).status_code == 403
+    assert Client().get(join_url(study, PROLIFIC_PID="a")).status_code == 302  # resumes
+    assert Subject.objects.count() == 3
+
+
 def test_a_join_that_cannot_be_planned_shows_the_closed_page_and_makes_nobody(study):
     study.per_type = 50  # more questions than the collection has queries (a changed design)
     study.save()
@@ -448,6 +465,7 @@ def test_joining_a_closed_study_shows_a_clear_page(study):
     study.save()
     page = Client().get(join_url(study))
     assert page.status_code == 403 and "This study is not open" in page.content.decode()
+    assert "answers you gave" not in page.content.decode()  # a newcomer gave none
     assert Subject.objects.count() == 0
 
 
