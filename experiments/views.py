@@ -52,9 +52,7 @@ STALE = ()  # what `_apply` changed for a POST that is not for the current step:
 
 
 def home(request):
-    return HttpResponse(
-        "Video–music preference studies. Participants: use the link you were given."
-    )
+    return render(request, "experiments/home.html")
 
 
 # --- Which step is current ---------------------------------------------------------------

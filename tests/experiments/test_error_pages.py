@@ -48,6 +48,14 @@ def test_the_not_found_page_follows_the_browser_language():
     assert "Seite nicht gefunden" in html and "Page not found" not in html
 
 
+def test_the_home_page_is_a_participant_page_in_the_browser_language():
+    for language, text in (("en", "please open the link you were given"), ("de", "Link")):
+        response = Client(headers={"accept-language": language}).get("/")
+        html = response.content.decode()
+        assert response.status_code == 200 and text in html
+        assert_participant_page(html, language)
+
+
 @pytest.mark.parametrize("language", ["en", "de"])
 def test_the_server_error_page_needs_no_request_context(language):
     # As Django renders it: the template alone, with an empty context.
