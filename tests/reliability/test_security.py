@@ -315,7 +315,7 @@ def test_logins_are_locked_after_repeated_failures(settings):
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 def test_participant_pages_run_their_scripts_without_csp_violations(live_server, monkeypatch):
-    from tests.experiments.test_browser import CHROMIUM, CHROMIUM_ARGS, wait_for_media
+    from tests.experiments.test_browser import CHROMIUM, CHROMIUM_ARGS, answerable, wait_for_media
 
     if not os.path.exists(CHROMIUM):
         if os.environ.get("REQUIRE_BROWSER") == "1":
@@ -342,6 +342,7 @@ def test_participant_pages_run_their_scripts_without_csp_violations(live_server,
         page.get_by_role("button", name="Start").click()
         page.locator("#counter").wait_for()
         wait_for_media(page, state=1)
+        answerable(page)
         page.keyboard.press("a")  # the keyboard handler is the page's own JS
         page.locator("#counter", has_text="Question 2 of").wait_for()
         time.sleep(0.2)
