@@ -89,17 +89,8 @@ def build_plan(
     Raises PlanError when the collection cannot give every question its own query.
     """
     labels = tuple(labels)
-    comparisons = _checked_comparisons(comparisons, labels)
-    if per_type < 1:
-        raise PlanError("per_type must be at least 1")
+    comparisons = check_design(test_keys, per_type, comparisons, labels)
     keys = sorted(set(test_keys))
-    needed = per_type * len(comparisons)
-    if len(keys) < needed:
-        raise PlanError(
-            f"The collection is too small for this study: a block asks {needed} questions "
-            f"({len(comparisons)} comparisons × {per_type}), each with its own query, but the "
-            f"test split has only {len(keys)} ready pairs."
-        )
     plan: list[PlannedQuestion] = []
     for d, direction in enumerate(DIRECTIONS):
         block = _plan_block(
@@ -110,6 +101,28 @@ def build_plan(
             for i, question in enumerate(block)
         ]
     return plan
+
+
+def check_design(
+    test_keys: Sequence[str],
+    per_type: int = 20,
+    comparisons: Sequence[Sequence[str]] | None = None,
+    labels: Sequence[str] = ("S",),
+) -> list[Comparison]:
+    """The design's comparisons, or PlanError for a design these test pairs cannot serve
+    whatever the systems find (checked before any training, and by every plan)."""
+    comparisons = _checked_comparisons(comparisons, tuple(labels))
+    if per_type < 1:
+        raise PlanError("per_type must be at least 1")
+    available = len(set(test_keys))
+    needed = per_type * len(comparisons)
+    if available < needed:
+        raise PlanError(
+            f"The collection is too small for this study: a block asks {needed} questions "
+            f"({len(comparisons)} comparisons × {per_type}), each with its own query, but the "
+            f"test split has only {available} ready pairs."
+        )
+    return comparisons
 
 
 def label_problem(label: str) -> str | None:

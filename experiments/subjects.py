@@ -23,7 +23,13 @@ from experiments.models import (
     StudySystem,
     Subject,
 )
-from experiments.plans import PlanError, PlannedQuestion, build_plan, with_catch_questions
+from experiments.plans import (
+    PlanError,
+    PlannedQuestion,
+    build_plan,
+    check_design,
+    with_catch_questions,
+)
 
 ORDINAL_ATTEMPTS = 5  # two subjects created at once may both take the next ordinal
 SPARE_CATCH_QUERIES = 1000  # other splits' items a catch question may take as its query
@@ -134,14 +140,29 @@ def subject_url(subject: Subject, base_url: str) -> str:
     return base_url.rstrip("/") + reverse("subject", args=[subject.token])
 
 
-def _plan_inputs(study: Study) -> dict:
+def check_study_design(study: Study) -> None:
+    """PlanError when no plan can be built whatever the systems find (too few ready test
+    pairs, bad comparisons or labels): cheap, so it runs before any training."""
+    design = _design_inputs(study)
+    check_design(design["test_keys"], study.per_type, design["comparisons"], design["labels"])
+
+
+def _design_inputs(study: Study) -> dict:
     links = StudySystem.objects.filter(study=study).order_by("label")
-    label_of = dict(links.values_list("system_id", "label"))
-    test_keys = list(
-        Pair.objects.filter(
-            collection_id=study.collection_id, split=Split.TEST, status=Pair.Status.READY
-        ).values_list("key", flat=True)
-    )
+    test_keys = Pair.objects.filter(
+        collection_id=study.collection_id, split=Split.TEST, status=Pair.Status.READY
+    ).values_list("key", flat=True)
+    return {
+        "test_keys": list(test_keys),
+        "comparisons": study.comparisons or None,
+        "labels": sorted(links.values_list("label", flat=True)) or ("S",),
+        "label_of": dict(links.values_list("system_id", "label")),
+    }
+
+
+def _plan_inputs(study: Study) -> dict:
+    design = _design_inputs(study)
+    label_of = design.pop("label_of")
     results: dict[tuple[str, str, str], list[str]] = {}
     rows = SearchResult.objects.filter(system_id__in=label_of).order_by(
         "system", "direction", "query", "rank"
@@ -150,14 +171,7 @@ def _plan_inputs(study: Study) -> dict:
         "system_id", "direction", "query__key", "result__key"
     ):
         results.setdefault((label_of[system_id], direction, query), []).append(result)
-    return {
-        "test_keys": test_keys,
-        "results": results,
-        "per_type": study.per_type,
-        "seed": study.seed,
-        "comparisons": study.comparisons or None,
-        "labels": sorted(label_of.values()) or ("S",),
-    }
+    return {**design, "results": results, "per_type": study.per_type, "seed": study.seed}
 
 
 def _machine_judges(study: Study) -> dict:

@@ -177,6 +177,8 @@ def prepare_study(study_id: int):
         if system.status != System.Status.READY or not system.embeddings:
             steps.append((gpu_train_system, system.pk))
         steps.append((gpu_search, system.pk))
+    if problem := _design_problem(study):  # before hours of training, not after
+        return _fail_study(study_id, problem)
     Study.objects.filter(pk=study_id).update(
         status=Study.Status.PREPARING, progress=0.0, message=f"Queued {len(steps)} steps"
     )
@@ -186,6 +188,19 @@ def prepare_study(study_id: int):
     ]
     chain(*signatures, finish_study.si(study_id)).apply_async()
     return Study.Status.PREPARING
+
+
+def _design_problem(study: Study) -> str | None:
+    """What makes the study impossible whatever its systems find: too few test pairs, a bad
+    comparison, test items of unequal lengths; None when nothing does."""
+    from experiments.plans import PlanError
+    from experiments.subjects import check_study_design
+
+    try:
+        check_study_design(study)
+        return unequal_item_lengths(served_lengths(study.collection_id))
+    except (PlanError, MediaError) as error:
+        return str(error)
 
 
 @shared_task

@@ -24,10 +24,10 @@ from analysis.preference import preference_table
 from experiments import checks
 from experiments.export import COLUMNS, dictionary_rows, pseudonym, response_rows
 from experiments.media import probe
-from experiments.models import Pair, Response, Split, Study, Subject
+from experiments.models import Pair, Response, Split, Study, Subject, System
 from experiments.plans import PlannedQuestion, with_catch_questions
 from experiments.subjects import plan_for
-from experiments.tasks import ensure_catch_pair, finish_study
+from experiments.tasks import ensure_catch_pair, finish_study, prepare_study
 
 from .clips import music_video
 from .factories import make_study, make_subject, without_random_tokens
@@ -195,6 +195,37 @@ def test_preparation_refuses_test_items_whose_length_gives_the_match_away(tmp_pa
         )
         field.save(f"same-{video}.mp4", ContentFile(path.read_bytes()))
     assert finish_study(study.pk) == Study.Status.READY
+
+
+@pytest.mark.parametrize(
+    "design, message",
+    [
+        ({"per_type": 3}, "too small"),
+        ({"comparisons": [["G", "Q"]]}, "Bad comparison"),
+        ({"comparisons": [["G", "R"], ["R", "G"]]}, "listed twice"),
+    ],
+)
+def test_a_design_no_results_could_serve_fails_before_any_training(design, message):
+    study = make_study(status=Study.Status.DRAFT, **design)
+    system = study.systems.get()
+    system.status = System.Status.NEW  # it would be trained first
+    system.save()
+    assert prepare_study(study.pk) == Study.Status.FAILED
+    study.refresh_from_db()
+    system.refresh_from_db()
+    assert message in study.message and system.status == System.Status.NEW  # nothing ran
+
+
+def test_unequal_test_items_fail_the_preparation_before_any_training(tmp_path):
+    study = make_study(per_type=1, status=Study.Status.DRAFT)
+    System.objects.update(status=System.Status.NEW)
+    pair = study.collection.pairs.get(key="clip000")
+    path = music_video(tmp_path / "long.mp4", 0, 5.0, (160, 96), audio=False)
+    pair.video_file.save("long.mp4", ContentFile(path.read_bytes()))
+    assert prepare_study(study.pk) == Study.Status.FAILED
+    study.refresh_from_db()
+    assert "last 2.0 to 5.0 s" in study.message
+    assert System.objects.get().status == System.Status.NEW
 
 
 def test_preparation_fails_clearly_when_a_test_item_cannot_be_read():
