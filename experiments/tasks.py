@@ -301,6 +301,27 @@ def ensure_catch_pair(collection_id: int, lengths: list[float] | None = None) ->
     return pair
 
 
+def celery_problem(queues, timeout: float = 1.0) -> str | None:
+    """Why tasks sent to `queues` would not run now (no broker, or no worker consuming one of
+    them), as a sentence for the researcher; None when they would, or run in-process."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    from study_site.celery import app, redis_answers
+
+    if app.conf.task_always_eager:
+        return None
+    if not redis_answers(app.conf.broker_url):
+        return (
+            f"Redis (the Celery broker) does not answer at "
+            f"{maybe_sanitize_url(app.conf.broker_url)}: start it (`redis-server`) or set "
+            "REDIS_URL; without Redis, CELERY_ALWAYS_EAGER=1 runs tasks in the process that "
+            "sends them"
+        )
+    if missing := queues_without_workers(queues, timeout):
+        return f"No Celery worker consumes the {' and '.join(missing)} queue: start one (`make worker`)"
+    return None
+
+
 def queues_without_workers(queues, timeout: float = 1.0) -> list[str]:
     """Those of `queues` that no worker consumes (none in eager mode; all without a broker):
     tasks sent there would wait for ever."""

@@ -7,11 +7,13 @@ a minute here and is covered, pair by pair, by test_ingest.
 """
 
 import io
+import socket
 import time
 
 import numpy as np
 import pytest
 from django.core.files.base import ContentFile
+from django.core.management import CommandError, call_command
 
 from experiments.models import (
     Collection,
@@ -23,7 +25,13 @@ from experiments.models import (
     System,
 )
 from experiments.subjects import create_subject
-from experiments.tasks import gpu_search, import_pair, prepare_study, queues_without_workers
+from experiments.tasks import (
+    celery_problem,
+    gpu_search,
+    import_pair,
+    prepare_study,
+    queues_without_workers,
+)
 from study_site.celery import app
 
 from .clips import music_video
@@ -78,6 +86,30 @@ def test_engine_tasks_go_to_the_gpu_queue():
 def test_a_queue_no_worker_consumes_is_named(celery_worker):
     assert queues_without_workers(["default", "gpu"], timeout=5) == []
     assert queues_without_workers(["gpu", "elsewhere"], timeout=5) == ["elsewhere"]
+    assert celery_problem(["default", "gpu"], timeout=5) is None
+    problem = celery_problem(["gpu", "elsewhere"], timeout=5)
+    assert problem.startswith("No Celery worker consumes the elsewhere queue")
+
+
+def test_without_redis_the_commands_say_so_and_how_to_do_without(monkeypatch, tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setitem(app.conf, "broker_url", f"redis://:secret@127.0.0.1:{port}/0")
+    monkeypatch.setitem(app.conf, "task_always_eager", False)
+    problem = celery_problem(["gpu"])
+    assert f"does not answer at redis://:**@127.0.0.1:{port}/0" in problem  # no password shown
+    assert "CELERY_ALWAYS_EAGER=1" in problem
+    music_video(tmp_path / "song.mp4", 1, seconds=2.0)
+    with pytest.raises(CommandError, match="does not answer at .*or import with --sync"):
+        call_command("import_collection", "c", str(tmp_path), stdout=io.StringIO())
+    assert not Collection.objects.exists()
+    study, _ = make_study(make_collection(), {}, slug="s")
+    with pytest.raises(CommandError, match="does not answer at"):
+        call_command("prepare_study", "s", stdout=io.StringIO())
+    assert Study.objects.get(pk=study.pk).status == Study.Status.DRAFT
+    monkeypatch.setitem(app.conf, "task_always_eager", True)  # in-process: nothing to reach
+    assert celery_problem(["gpu"]) is None
 
 
 def test_preparing_a_study_trains_searches_and_makes_it_ready(celery_worker):

@@ -5,7 +5,7 @@ from tqdm import tqdm
 
 from experiments.ingest import DEFAULT_ENCODER, ManifestError, import_collection, read_source
 from experiments.media import CLIP_S
-from experiments.tasks import queues_without_workers
+from experiments.tasks import celery_problem
 from study_site.celery import app
 
 SETTINGS = (
@@ -74,11 +74,8 @@ class Command(BaseCommand):
         except ManifestError as error:
             raise CommandError(str(error)) from None
         queue = app.amqp.router.route({}, "experiments.tasks.import_pair")["queue"].name
-        if not o["sync"] and queues_without_workers([queue]):
-            raise CommandError(
-                f"No Celery worker consumes the {queue} queue: start one (`make worker`) or "
-                "import with --sync."
-            )
+        if not o["sync"] and (problem := celery_problem([queue])):
+            raise CommandError(f"{problem}; or import with --sync.")
         bar = tqdm(
             total=len(items),
             unit="pair",

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from analysis.load import get_study
 from experiments.models import Study
-from experiments.tasks import prepare_study, queues_without_workers
+from experiments.tasks import celery_problem, prepare_study
 
 
 class Command(BaseCommand):
@@ -29,18 +29,13 @@ class Command(BaseCommand):
             raise CommandError(f"No study with slug or id {o['study']!r}.") from None
         if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
             raise CommandError(f"{study.slug} is {study.status}: its subjects' plans are fixed.")
-        if o["wait"] and (missing := queues_without_workers(["default", "gpu"])):
-            raise CommandError(
-                f"No Celery worker consumes the {' and '.join(missing)} queue: start one "
-                "(`make worker`) first."
-            )
+        # Without --wait only the broker must be there: a worker may start later.
+        if problem := celery_problem(["default", "gpu"] if o["wait"] else []):
+            raise CommandError(f"{problem}.")
         try:
             prepare_study.delay(study.pk)
-        except OperationalError as error:
-            raise CommandError(
-                f"Cannot reach the Celery broker ({error}); start Redis and a worker, or set "
-                "CELERY_ALWAYS_EAGER=1 to work in this process."
-            ) from None
+        except OperationalError as error:  # the broker went away since the check
+            raise CommandError(f"Cannot queue the preparation: {error}") from None
         if not o["wait"]:
             self.stdout.write(f"{study.slug}: preparation queued")
             return
