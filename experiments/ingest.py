@@ -70,6 +70,7 @@ class AddedPairs:
     keys: list[str]  # the source's, in its order
     changed: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    assigned: dict[str, str] = field(default_factory=dict)  # new pairs split by the seed
 
 
 def read_source(path: str | Path) -> list[SourceItem]:
@@ -263,7 +264,7 @@ def add_pairs(
         placed |= {i.key: i.split for i in items if i.key not in existing and i.split}
         unassigned = [i.key for i in items if i.key not in existing and not i.split]
         splits = assign_splits(unassigned, test, test_fraction, val_fraction, seed, placed)
-        added = AddedPairs(collection, [], [item.key for item in items])
+        added = AddedPairs(collection, [], [item.key for item in items], assigned=splits)
         for item in items:
             pair = existing.get(item.key)
             if pair is not None:
@@ -282,14 +283,57 @@ def add_pairs(
             added.todo.append(pair)
     have = list((placed | splits).values())
     n_test, n_val = split_targets(len(have), test, test_fraction, val_fraction)
+    shares = {Split.TEST: test_fraction, Split.VAL: val_fraction}
     for split, want in ((Split.TEST, n_test), (Split.VAL, n_val)):
         if have.count(split) != want:
+            asked = (
+                "asked"
+                if split == Split.TEST and test is not None
+                else (f"of the default {shares[split]:.0%} of {len(have)}")
+            )
             added.notes.append(
-                f"{collection}: {have.count(split)} {split.label} pairs, not the {want} asked "
+                f"{collection}: {have.count(split)} {split.label} pairs, not the {want} {asked} "
                 "(pairs already imported, and manifest rows naming their split, keep it; "
                 "import into a new collection to split anew)"
             )
     return added
+
+
+def refill_places(collection: Collection, assigned: dict[str, str], seed: int = 0) -> list[str]:
+    """Give the test places of pairs that failed to this run's ready training pairs, so that
+    a broken file does not shrink the test set; notes on what moved.
+
+    Only pairs split by the seed in this run move (a manifest's named splits stay), so no
+    system has trained on a pair that becomes a test pair. Which ones take the places follows
+    a seeded permutation, as `assign_splits` does.
+    """
+    pairs = {p.key: p for p in collection.pairs.filter(key__in=list(assigned))}
+    failed = sorted(
+        (p for p in pairs.values() if p.status == Pair.Status.FAILED and p.split == Split.TEST),
+        key=lambda p: p.key,
+    )
+    spare = sorted(
+        p.key for p in pairs.values() if p.status == Pair.Status.READY and p.split == Split.TRAIN
+    )
+    spare = [spare[i] for i in np.random.default_rng(seed).permutation(len(spare))]
+    moves = list(zip(failed, spare, strict=False))
+    with transaction.atomic():
+        for pair, taker in moves:
+            pairs[taker].split, pair.split = Split.TEST, Split.TRAIN
+            pairs[taker].save(update_fields=["split"])
+            pair.save(update_fields=["split"])
+    notes = []
+    if moves:
+        notes.append(
+            f"{collection}: the test places of {len(moves)} failed pair(s) went to ready "
+            f"training pairs: {', '.join(taker for _, taker in moves)}"
+        )
+    if held := len(failed) - len(moves):
+        notes.append(
+            f"{collection}: {held} test place(s) held by failed pairs: fix their files and run "
+            "again to fill them"
+        )
+    return notes
 
 
 def _kept(pair: Pair, item: SourceItem, roots) -> str | None:
@@ -420,6 +464,7 @@ def import_collection(
             result.get(propagate=False)
             if progress:
                 progress(done, len(todo))
+    notes = added.notes + refill_places(collection, added.assigned, seed)
     keys = set(added.keys)  # not the collection's other pairs, nor its attention-check pair
     rows = [row for row in collection.pairs.values_list("key", "status", "error") if row[0] in keys]
     return ImportSummary(
@@ -429,5 +474,5 @@ def import_collection(
         ready=sum(status == Pair.Status.READY for _, status, _ in rows),
         failures=[(key, error) for key, status, error in rows if status == Pair.Status.FAILED],
         changed=added.changed,
-        notes=added.notes,
+        notes=notes,
     )

@@ -116,6 +116,30 @@ def folder(tmp_path):
 
 
 @pytest.mark.django_db
+def test_broken_files_do_not_shrink_the_test_set(tmp_path):
+    for i in range(3):
+        music_video(tmp_path / f"good{i}.mp4", i, seconds=2.0)
+    music_video(tmp_path / "mute.mp4", 8, audio=False)
+    (tmp_path / "notes.mp4").write_text("this is no video " * 40)
+    keys = ["good0", "good1", "good2", "mute", "notes"]
+    # A seed that gives a broken file a test place.
+    seed = next(
+        s
+        for s in range(100)
+        if "test" in [assign_splits(keys, 3, val_fraction=0, seed=s)[k] for k in ("mute", "notes")]
+    )
+    summary = import_collection("c", tmp_path, test=3, val_fraction=0, seed=seed, sync=True)
+    pairs = Collection.objects.get(name="c").pairs
+    assert sorted(pairs.filter(split="test").values_list("key", flat=True)) == keys[:3]
+    assert any("test places of" in note for note in summary.notes)
+    # A manifest's own splits stay where it put them.
+    (tmp_path / "m.csv").write_text("video,music,split\nmute.mp4,,test\ngood0.mp4,,train\n")
+    summary = import_collection("m", tmp_path / "m.csv", sync=True)
+    pairs = Collection.objects.get(name="m").pairs
+    assert dict(pairs.values_list("key", "split")) == {"mute": "test", "good0": "train"}
+
+
+@pytest.mark.django_db
 def test_importing_a_folder_makes_study_media_and_features_and_reports_bad_files(folder):
     seen = []
     summary = import_collection(
