@@ -57,10 +57,13 @@ def comparison_kappa(df: pd.DataFrame) -> pd.DataFrame:
         first_r = kept.groupby(QUESTION[1:], observed=True).head(r)
         counts = first_r.groupby(QUESTION[1:], observed=True)["prefers_first"].agg(["sum", "size"])
         table = np.column_stack([counts["sum"], counts["size"] - counts["sum"]])
+        # Every answer the same: chance agreement is 1 and kappa 0/0, undefined (NaN).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kappa = float(fleiss_kappa(table, method="fleiss"))
         rows.append(
             {
                 "pair_type": pair_type,
-                "kappa": float(fleiss_kappa(table, method="fleiss")),
+                "kappa": kappa,
                 "raters": r,
                 "questions": len(table),
             }

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -57,6 +59,13 @@ def test_fleiss_kappa_with_unequal_raters_uses_the_best_common_count():
 def test_perfect_agreement_on_split_items_gives_kappa_one():
     kappa = comparison_kappa(_answers({"q1": "GGG", "q2": "RRR"})).loc["GR", "kappa"]
     assert kappa == pytest.approx(1.0)
+
+
+def test_kappa_is_undefined_without_a_warning_when_every_answer_is_the_same():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the report's output stays clean
+        kappa = comparison_kappa(_answers({"q1": "GGG", "q2": "GGG"})).loc["GR", "kappa"]
+    assert np.isnan(kappa)
 
 
 def test_disagreements_rank_questions_by_gap():
