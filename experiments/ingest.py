@@ -448,7 +448,10 @@ def import_collection(
     summary counts the source's pairs only.
     """
     from experiments.tasks import import_pair
+    from study_site.celery import app
 
+    # Tasks that run in-process run where they are sent: one by one, so progress shows.
+    sync = sync or app.conf.task_always_eager
     added = add_pairs(name, path, test, test_fraction, val_fraction, seed)
     collection, todo, total = added.collection, added.todo, len(added.keys)
     if progress:

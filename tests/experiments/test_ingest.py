@@ -116,6 +116,22 @@ def folder(tmp_path):
 
 
 @pytest.mark.django_db
+def test_with_tasks_run_in_process_progress_shows_pair_by_pair(tmp_path, monkeypatch):
+    from study_site.celery import app
+
+    monkeypatch.setitem(app.conf, "task_always_eager", True)  # no Redis: the demo's fallback
+    for i in range(3):
+        music_video(tmp_path / f"good{i}.mp4", i, seconds=2.0)
+    processed = []  # pairs done (not pending) each time progress is reported
+
+    def progress(done, total):
+        processed.append(Pair.objects.exclude(status=Pair.Status.PENDING).count())
+
+    import_collection("eager", tmp_path, test=1, progress=progress)
+    assert processed == [0, 1, 2, 3]
+
+
+@pytest.mark.django_db
 def test_broken_files_do_not_shrink_the_test_set(tmp_path):
     for i in range(3):
         music_video(tmp_path / f"good{i}.mp4", i, seconds=2.0)
