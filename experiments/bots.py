@@ -57,7 +57,16 @@ def run_bots(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
     rng = np.random.default_rng(seed)
-    return [run_bot(study, base_url, strategy, rng, timeout) for _ in range(subjects)]
+    try:
+        return [run_bot(study, base_url, strategy, rng, timeout) for _ in range(subjects)]
+    except requests.ConnectionError as error:
+        raise BotError(
+            f"The site at {base_url} cannot be reached (is the server running?)"
+        ) from error
+    except requests.Timeout as error:
+        raise BotError(f"The site at {base_url} did not answer within {timeout:g} s") from error
+    except requests.RequestException as error:  # e.g. not a URL
+        raise BotError(f"Cannot use the site at {base_url}: {error}") from error
 
 
 def run_bot(

@@ -18,30 +18,56 @@ from analysis.power import plan_power
 from .models import Pair, Split, Study
 from .plans import default_comparisons, pair_type_name
 
+# The plan's inputs and their bounds, (lowest, highest) inclusive, None: no bound; for this
+# form and `manage.py plan_power` alike. The form caps sims and max_subjects further (ADMIN_MAX)
+# to answer quickly.
+LIMITS = {
+    "effect": (0.01, 0.99),
+    "items": (2, None),
+    "questions_per_subject": (1, None),
+    "subject_sd": (0.0, None),
+    "item_sd": (0.0, None),
+    "alpha": (0.0001, 0.5),
+    "sims": (20, None),
+    "max_subjects": (4, None),
+}
+ADMIN_MAX = {"sims": 1000, "max_subjects": 2000}
+SAME_ITEM_ONCE = "A subject sees each query item at most once."
+
+
+def _bounds(name: str) -> dict:
+    low, high = LIMITS[name]
+    return {"min_value": low, "max_value": ADMIN_MAX.get(name, high)}
+
 
 class PowerForm(forms.Form):
     comparison = forms.CharField(max_length=20, initial="GS", help_text="e.g. GS or S1-S2")
     effect = forms.FloatField(
-        min_value=0.01,
-        max_value=0.99,
+        **_bounds("effect"),
         initial=0.56,
         help_text="Expected preference for the first-named kind (0.56 = 56%)",
     )
-    items = forms.IntegerField(min_value=2, initial=100, help_text="Query items (test pairs)")
+    items = forms.IntegerField(
+        **_bounds("items"), initial=100, help_text="Query items (test pairs)"
+    )
     questions_per_subject = forms.IntegerField(
-        min_value=1, initial=40, help_text="Questions of this comparison each subject answers"
+        **_bounds("questions_per_subject"),
+        initial=40,
+        help_text="Questions of this comparison each subject answers",
     )
     subject_sd = forms.FloatField(
-        min_value=0, initial=0.5, help_text="Spread of subjects (log-odds)"
+        **_bounds("subject_sd"), initial=0.5, help_text="Spread of subjects (log-odds)"
     )
-    item_sd = forms.FloatField(min_value=0, initial=0.5, help_text="Spread of items (log-odds)")
-    sims = forms.IntegerField(min_value=20, max_value=1000, initial=200, label="Simulations")
-    max_subjects = forms.IntegerField(min_value=4, max_value=2000, initial=500)
+    item_sd = forms.FloatField(
+        **_bounds("item_sd"), initial=0.5, help_text="Spread of items (log-odds)"
+    )
+    sims = forms.IntegerField(**_bounds("sims"), initial=200, label="Simulations")
+    max_subjects = forms.IntegerField(**_bounds("max_subjects"), initial=500)
 
     def clean(self):
         data = super().clean()
         if data.get("questions_per_subject", 0) > data.get("items", 0) > 0:
-            self.add_error("questions_per_subject", "A subject sees each query item at most once.")
+            self.add_error("questions_per_subject", SAME_ITEM_ONCE)
         return data
 
 

@@ -51,6 +51,7 @@ OPTIONAL_COLUMNS = ("score", "direction")
 MODALITIES = {Direction.V2M: ("video", "music"), Direction.M2V: ("music", "video")}
 MAX_RANK = 32767  # SearchResult.rank is a small integer
 ERRORS_IN_MESSAGE = 20
+NOT_PLAIN = "not a plain numeric .npy/.npz array (object/pickled data is refused for safety)"
 DEFAULT_K = 10
 
 
@@ -64,10 +65,12 @@ class RowError:
 
 
 class UploadError(ValueError):
-    """The file cannot be imported; `errors` says where and why. Nothing was written."""
+    """The file cannot be imported; `errors` says where and why. Nothing was written.
+    `in_file` is False where the file is not at fault (the system's name, the collection)."""
 
-    def __init__(self, errors: Iterable[RowError | str]):
+    def __init__(self, errors: Iterable[RowError | str], in_file: bool = True):
         self.errors = [e if isinstance(e, RowError) else RowError(None, e) for e in errors]
+        self.in_file = in_file
         shown = "\n".join(str(e) for e in self.errors[:ERRORS_IN_MESSAGE])
         more = len(self.errors) - ERRORS_IN_MESSAGE
         super().__init__(shown + (f"\n… and {more} more" if more > 0 else ""))
@@ -99,7 +102,9 @@ def import_results(
     )
     test_keys = sorted(key for key, split in pairs.items() if split == Split.TEST)
     if not test_keys:
-        raise UploadError([f"{collection} has no ready test pairs to hold results for"])
+        raise UploadError(
+            [f"{collection} has no ready test pairs to hold results for"], in_file=False
+        )
     embeddings = None
     if kind == "csv":
         ranked = read_ranked_csv(data, set(pairs), test_keys)
@@ -267,8 +272,16 @@ def read_embeddings(data: bytes, filename: str, known: set[str], test_keys: Iter
     try:
         loaded = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
-        kind = "empty" if not data else "not a NumPy .npz or .npy file"
-        raise UploadError([f"{filename}: {kind} ({error})"]) from None
+        # numpy takes any other file for a pickle, and suggests the unsafe allow_pickle
+        if not data:
+            problem = f"empty ({error})"
+        elif "pickle" not in str(error):
+            problem = f"not a NumPy .npz or .npy file ({error})"
+        elif data.startswith((b"\x93NUMPY", b"\x80")):  # object arrays, or a pickle
+            problem = NOT_PLAIN
+        else:
+            problem = "not a NumPy .npz or .npy file"
+        raise UploadError([f"{filename}: {problem}"]) from None
     if isinstance(loaded, np.ndarray):  # .npy: a structured array
         fields = loaded.dtype.names or ()
         arrays = {
@@ -282,7 +295,8 @@ def read_embeddings(data: bytes, filename: str, known: set[str], test_keys: Iter
             with loaded:
                 arrays = {n: loaded[n] for n in ("keys", "video", "music") if n in loaded}
         except ValueError as error:  # object arrays need pickle, which is not allowed
-            raise UploadError([f"{filename}: {error}"]) from None
+            problem = NOT_PLAIN if "pickle" in str(error) else str(error)
+            raise UploadError([f"{filename}: {problem}"]) from None
         wanted = "arrays keys, video and music"
     if len(arrays) < 3:
         raise UploadError([f"{filename}: expected {wanted}; found {sorted(arrays)}"])
@@ -400,7 +414,7 @@ def _read(upload) -> tuple[str, bytes]:
 def _store(collection, name, kind, filename, data, ranked, embeddings, metrics) -> System:
     name = name.strip()
     if not name or len(name) > System._meta.get_field("name").max_length:
-        raise UploadError(["the system needs a name of at most 100 characters"])
+        raise UploadError(["the system needs a name of at most 100 characters"], in_file=False)
     written = []
     try:
         with transaction.atomic():
@@ -410,13 +424,20 @@ def _store(collection, name, kind, filename, data, ranked, embeddings, metrics) 
             if system is None:
                 system = System(collection=collection, name=name, kind=System.Kind.EXTERNAL)
             elif system.kind != System.Kind.EXTERNAL:
-                raise UploadError([f"{system} is not an uploaded system: choose another name"])
+                raise UploadError(
+                    [
+                        f"the name {name!r} belongs to a {system.get_kind_display()} system "
+                        "trained here, not an uploaded system: choose another name"
+                    ],
+                    in_file=False,
+                )
             elif system.studies.filter(subjects__isnull=False).exists():
                 raise UploadError(
                     [
                         f"{name} is in a study with subjects, whose plans use its results: "
                         "upload under a new name"
-                    ]
+                    ],
+                    in_file=False,
                 )
             old = [f.name for f in (system.source_file, system.embeddings) if f]
             system.source_file.save(filename, ContentFile(data), save=False)

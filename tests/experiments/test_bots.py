@@ -1,6 +1,7 @@
 """Bots take studies through the real participant pages over HTTP (a live server)."""
 
 import io
+import socket
 
 import numpy as np
 import pytest
@@ -103,6 +104,17 @@ def test_the_command_refuses_a_study_that_is_not_open():
     make_study(per_type=1, status=Study.Status.READY)
     with pytest.raises(CommandError, match="open it first"):
         call_command("run_bots", "tiny")
+
+
+def test_the_command_says_when_the_site_cannot_be_reached():
+    study = make_study(per_type=1)
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{free.getsockname()[1]}"
+    with pytest.raises(CommandError) as refused:
+        call_command("run_bots", "tiny", "--base-url", url)
+    assert str(refused.value) == f"The site at {url} cannot be reached (is the server running?)"
+    assert not study.subjects.exists()
 
 
 def test_a_machine_bot_follows_the_first_system_only_where_it_judged():

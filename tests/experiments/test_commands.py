@@ -1,4 +1,4 @@
-"""The researcher's commands: import, create subjects, prepare, export."""
+"""The researcher's commands: import, create subjects, prepare, export, report, plan."""
 
 import csv
 import io
@@ -9,6 +9,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from experiments.models import Response, Study
+from experiments.power import LIMITS, PowerForm
+from tests.analysis.test_commands import make_study as make_answered_study
 
 from .clips import music_video
 from .test_subjects import make_study
@@ -155,3 +157,70 @@ def test_export_responses_without_answers_writes_the_header():
     assert out.splitlines() == [",".join([*COLUMNS, "machine_S1", "machine_S2"])]
     out, _ = run("export_responses", study.slug, "--format", "json")
     assert json.loads(out) == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("option", ["--plot", "--subjects-csv"])
+def test_preference_report_checks_its_output_paths_before_the_report(tmp_path, option):
+    make_answered_study()
+    folder = tmp_path / ("box.png" if option == "--plot" else "s.csv")
+    folder.mkdir()
+    for path, says in (
+        (tmp_path / "nosuch" / folder.name, f"the folder {tmp_path / 'nosuch'} does not exist"),
+        (folder, "it is a folder; give a file name"),
+    ):
+        out, err = io.StringIO(), io.StringIO()
+        with pytest.raises(CommandError) as refused:
+            call_command("preference_report", "known", option, str(path), stdout=out, stderr=err)
+        assert str(refused.value) == f"{option} {path}: {says}."
+        assert out.getvalue() == "" and err.getvalue() == ""  # no report printed before it
+    assert list(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())
+
+
+@pytest.mark.django_db
+def test_export_responses_to_a_missing_folder_says_so(tmp_path):
+    study = make_study(per_type=1)
+    target = tmp_path / "nosuch" / "x.csv"
+    with pytest.raises(CommandError, match=f"--output {target}: the folder .* does not exist"):
+        run("export_responses", study.slug, "--output", str(target))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CommandError, match="file is not a folder"):
+        run("export_responses", study.slug, "--output", str(tmp_path / "file" / "x.csv"))
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+PLAN = {"--effect": "0.7", "--items": "10", "--questions-per-subject": "5", "--sims": "20"}
+
+
+@pytest.mark.parametrize(
+    "option, value, says",
+    [
+        ("--alpha", "2", "--alpha must be between 0.0001 and 0.5, not 2.0"),
+        ("--alpha", "0", "--alpha must be between"),
+        ("--sims", "0", "--sims must be at least 20, not 0"),
+        ("--subject-sd", "-1", "--subject-sd must be at least 0.0, not -1.0"),
+        ("--item-sd", "nan", "--item-sd must be a finite number, not nan"),
+        ("--items", "0", "--items must be at least 2, not 0"),
+        ("--questions-per-subject", "0", "--questions-per-subject must be at least 1, not 0"),
+        ("--questions-per-subject", "11", "is more than --items 10: a subject sees each query"),
+        ("--effect", "1.5", "--effect must be between 0.01 and 0.99, not 1.5"),
+        ("--max-subjects", "3", "--max-subjects must be at least 4, not 3"),
+    ],
+)
+def test_plan_power_refuses_values_out_of_range(option, value, says):
+    args = [a for o, v in {**PLAN, option: value}.items() for a in (o, v)]
+    with pytest.raises(CommandError, match=re.escape(says)):
+        run("plan_power", *args)
+
+
+def test_the_admin_power_form_has_the_commands_limits():
+    initial = {"comparison": "GS", "effect": 0.6, "items": 10, "questions_per_subject": 5}
+    initial |= {"subject_sd": 0.5, "item_sd": 0.5, "sims": 20, "max_subjects": 10}
+    assert PowerForm(initial).is_valid()
+    for name, (low, _) in LIMITS.items():
+        if name in PowerForm.base_fields:
+            below = low - (0.001 if isinstance(low, float) else 1)
+            assert not PowerForm({**initial, name: below}).is_valid(), name
+            option = "--" + name.replace("_", "-")
+            with pytest.raises(CommandError, match=f"{option} must be"):
+                run("plan_power", *(a for o, v in {**PLAN, option: below}.items() for a in (o, v)))

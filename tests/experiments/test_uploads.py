@@ -2,6 +2,7 @@
 at all, from the command line and from the admin."""
 
 import io
+import pickle
 import re
 
 import numpy as np
@@ -274,8 +275,73 @@ def test_files_that_are_not_embeddings_are_refused(collection, data, expected):
         buffer = io.BytesIO()
         np.savez(buffer, keys=np.array(keys()), video=np.ones((N, 2)))
         data = buffer.getvalue()
-    with pytest.raises(UploadError, match=re.escape(expected)):
+    with pytest.raises(UploadError, match=re.escape(expected)) as caught:
         import_results(collection, "emb", SimpleUploadedFile("e.npz", data))
+    assert "allow_pickle" not in str(caught.value)  # numpy's unsafe suggestion is not passed on
+
+
+def object_npy() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"key": "clip000"}], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+def object_npz() -> bytes:
+    names, video, music = embeddings()
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=names.astype(object), video=video, music=music)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("e.npz", pickle.dumps({"keys": keys()})),
+        ("e.npy", object_npy()),
+        ("e.npz", object_npz()),
+    ],
+)
+def test_pickled_data_is_refused_without_suggesting_to_unpickle_it(collection, name, data):
+    with pytest.raises(UploadError) as caught:
+        import_results(collection, "emb", SimpleUploadedFile(name, data))
+    assert [str(e) for e in caught.value.errors] == [
+        f"{name}: not a plain numeric .npy/.npz array (object/pickled data is refused for safety)"
+    ]
+    assert "allow_pickle" not in str(caught.value) and not System.objects.exists()
+
+
+def test_the_command_summarises_errors_of_one_kind(collection, tmp_path):
+    wrong = tmp_path / "other.csv"  # results for another collection: every item unknown
+    rows = [[f"video:other{i}", 1, f"music:other{i}", 0.5] for i in range(30)]
+    wrong.write_bytes(csv_file(rows).read())
+    err = io.StringIO()
+    with pytest.raises(CommandError, match=r"Nothing imported: 32 error\(s\) in"):
+        call_command("import_results", "uploads", "x", str(wrong), stderr=err)
+    lines = err.getvalue().splitlines()
+    unknown = [line for line in lines if "unknown item" in line]
+    assert unknown[:10] == [
+        f"row {i + 2}: unknown item 'other{i}': no ready pair of the collection has it"
+        for i in range(10)
+    ]
+    assert unknown[10] == (
+        "… and 20 more errors of this kind (unknown item …: no ready pair of the collection has it)"
+    )
+    assert len(lines) == 13 and sum("missing queries" in line for line in lines) == 2
+
+
+def test_the_command_blames_the_name_not_the_file(collection, tmp_path):
+    System.objects.create(collection=collection, name="VM-NET")
+    good = tmp_path / "x.csv"
+    good.write_bytes(csv_file(ranked_rows()).read())
+    err = io.StringIO()
+    with pytest.raises(CommandError) as refused:
+        call_command("import_results", "uploads", "VM-NET", str(good), stderr=err)
+    assert str(refused.value) == (
+        "Nothing imported: the name 'VM-NET' belongs to a VM-NET system trained here, not an "
+        "uploaded system: choose another name."
+    )
+    assert "x.csv" not in str(refused.value) and err.getvalue() == ""
+    assert list(System.objects.values_list("name", flat=True)) == ["VM-NET"]
 
 
 def test_the_command_imports_or_lists_every_error(collection, tmp_path):

@@ -6,6 +6,8 @@ writes the data dictionary (one row per column with its meaning) instead of the 
 
 import csv
 import json
+import os
+from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -20,7 +22,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("study", help="the study's slug or id")
         parser.add_argument("--format", choices=["csv", "json"], default="csv")
-        parser.add_argument("--output", help="a file (default: standard output)")
+        parser.add_argument("--output", type=Path, help="a file (default: standard output)")
         parser.add_argument(
             "--anonymise", action="store_true", help="pseudonyms instead of tokens and ids"
         )
@@ -33,17 +35,44 @@ class Command(BaseCommand):
             study = get_study(o["study"])
         except Study.DoesNotExist:
             raise CommandError(f"No study with slug or id {o['study']!r}.") from None
+        if o["output"]:
+            check_output(o["output"], "--output")
         if o["dictionary"]:
             rows, what, columns = dictionary_rows(study), "columns", ["column", "meaning"]
         else:
             rows = list(response_rows(study, anonymise=o["anonymise"]))
             what, columns = "answers", column_names(study)
         if o["output"]:
-            with open(o["output"], "w", newline="", encoding="utf-8") as out:
-                write(rows, o["format"], out, columns)
+            try:
+                with open(o["output"], "w", newline="", encoding="utf-8") as out:
+                    write(rows, o["format"], out, columns)
+            except OSError as error:
+                raise CommandError(cannot_write(o["output"], "--output", error)) from None
             self.stderr.write(f"{len(rows)} {what} written to {o['output']}")
         else:
             write(rows, o["format"], self.stdout, columns)
+
+
+def check_output(path: Path, option: str) -> None:
+    """CommandError, before any work, when the file `path` given by `option` cannot be written:
+    its folder missing or not a folder, the path a folder, or no permission to write."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.exists():
+        problem = f"the folder {folder} does not exist"
+    elif not folder.is_dir():
+        problem = f"{folder} is not a folder"
+    elif path.is_dir():
+        problem = "it is a folder; give a file name"
+    elif not os.access(path if path.exists() else folder, os.W_OK):
+        problem = "no permission to write it"
+    else:
+        return
+    raise CommandError(f"{option} {path}: {problem}.")
+
+
+def cannot_write(path: Path, option: str, error: OSError) -> str:
+    return f"{option} {path}: cannot write it ({error.strerror or error})."
 
 
 def write(rows: list[dict], fmt: str, out, columns: list[str]):

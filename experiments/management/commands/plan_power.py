@@ -1,8 +1,11 @@
 """`manage.py plan_power`: how many subjects a comparison needs, by simulation."""
 
+import math
+
 from django.core.management.base import BaseCommand, CommandError
 
 from analysis.power import plan_power
+from experiments.power import LIMITS, SAME_ITEM_ONCE
 
 
 class Command(BaseCommand):
@@ -36,8 +39,18 @@ class Command(BaseCommand):
         parser.add_argument("--max-subjects", type=int, default=1000)
 
     def handle(self, *args, **o):
-        if o["max_subjects"] < 4:
-            raise CommandError("--max-subjects must be at least 4")
+        for name, (low, high) in LIMITS.items():
+            option, value = "--" + name.replace("_", "-"), o[name]
+            if not math.isfinite(value):
+                raise CommandError(f"{option} must be a finite number, not {value}")
+            if not low <= value <= (math.inf if high is None else high):
+                bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise CommandError(f"{option} must be {bounds}, not {value}")
+        if o["questions_per_subject"] > o["items"]:
+            raise CommandError(
+                f"--questions-per-subject {o['questions_per_subject']} is more than --items "
+                f"{o['items']}: {SAME_ITEM_ONCE.lower()}"
+            )
         grid = range(2, o["max_subjects"] + 1)
         try:
             plan = plan_power(

@@ -8,6 +8,7 @@ from analysis.export import TEXT_FORMATS, build_report, render
 from analysis.load import get_study, responses_frame
 from analysis.plots import preference_boxplot
 from analysis.preference import answers
+from experiments.management.commands.export_responses import cannot_write, check_output
 from experiments.models import Study
 
 
@@ -40,6 +41,9 @@ class Command(BaseCommand):
             raise CommandError(f"No study with slug or id {options['study']!r}.") from None
         if options["plot"] and options["plot"].suffix.lower() not in (".png", ".svg", ".pdf"):
             raise CommandError("--plot must end in .png, .svg or .pdf")
+        for option in ("plot", "subjects_csv"):
+            if options[option]:
+                check_output(options[option], "--" + option.replace("_", "-"))
         df = responses_frame(
             study,
             include_incomplete=options["include_incomplete"],
@@ -57,8 +61,15 @@ class Command(BaseCommand):
         self.stdout.write(render(report, options["format"]), ending="")
         # Notes go to stderr, so that stdout stays a clean CSV / JSON document.
         if options["plot"]:
-            preference_boxplot(df, options["plot"], title=study.name)
+            try:
+                preference_boxplot(df, options["plot"], title=study.name)
+            except OSError as error:
+                raise CommandError(cannot_write(options["plot"], "--plot", error)) from None
             self.stderr.write(f"Box plot written to {options['plot']}")
         if options["subjects_csv"]:
-            report.subjects.to_csv(options["subjects_csv"], index=False)
+            try:
+                report.subjects.to_csv(options["subjects_csv"], index=False)
+            except OSError as error:
+                path = options["subjects_csv"]
+                raise CommandError(cannot_write(path, "--subjects-csv", error)) from None
             self.stderr.write(f"Per-subject preferences written to {options['subjects_csv']}")
