@@ -226,8 +226,11 @@
     document.addEventListener("keydown", function (event) {
       if (event.altKey || event.ctrlKey || event.metaKey || event.shiftKey) return;
       var tag = event.target && event.target.tagName;
-      if (tag === "AUDIO" || tag === "VIDEO" || tag === "INPUT" || tag === "TEXTAREA") return;
-      var key = { a: "a", A: "a", ArrowLeft: "a", b: "b", B: "b", ArrowRight: "b" }[event.key];
+      if (tag === "INPUT" || tag === "TEXTAREA") return;
+      var letters = { a: "a", A: "a", b: "b", B: "b" };
+      // In a player the arrows seek: there only the letters choose.
+      var key = tag === "AUDIO" || tag === "VIDEO" ? letters[event.key]
+        : ({ ArrowLeft: "a", ArrowRight: "b" })[event.key] || letters[event.key];
       if (!key || !buttons[key]) return;
       event.preventDefault();
       if (event.repeat) return; // a held key answers once
