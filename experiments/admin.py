@@ -31,13 +31,17 @@ from .export import column_names, dictionary_rows, response_rows
 from .forms import CollectionUploadForm, SubjectLinksForm
 from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs
 from .models import (
+    EDITABLE_DESIGN,
     Collection,
     Pair,
     Response,
+    Split,
     Study,
     StudySystem,
     Subject,
     System,
+    design_locked,
+    locking_studies,
 )
 from .plans import PlanError
 from .power import study_power
@@ -69,13 +73,14 @@ class CollectionAdmin(admin.ModelAdmin):
             f"n_{value}": Count("pairs", filter=Q(pairs__status=value))
             for value in Pair.Status.values
         }
+        ready = Q(pairs__status=Pair.Status.READY)
         counts |= {
-            f"n_{value}": Count("pairs", filter=Q(pairs__split=value))
-            for value in ["train", "val", "test"]
+            f"n_{value}": Count("pairs", filter=ready & Q(pairs__split=value))
+            for value in Split.values
         }
         return super().get_queryset(request).annotate(**counts)
 
-    def _counts(self, collection, field, values):
+    def _counts(self, collection, field, values, **filters):
         if not hasattr(collection, f"n_{values[0]}"):  # the add form: nothing to count
             return "–"
         return format_html_join(
@@ -84,7 +89,10 @@ class CollectionAdmin(admin.ModelAdmin):
             (
                 (
                     changelist_url(
-                        Pair, collection__id__exact=collection.pk, **{f"{field}__exact": value}
+                        Pair,
+                        collection__id__exact=collection.pk,
+                        **filters,
+                        **{f"{field}__exact": value},
                     ),
                     getattr(collection, f"n_{value}"),
                     value,
@@ -171,9 +179,11 @@ class CollectionAdmin(admin.ModelAdmin):
     def pairs_by_status(self, collection):
         return self._counts(collection, "status", Pair.Status.values)
 
-    @admin.display(description="pairs by split")
+    # The ready pairs by split add up to the ready count (the catch pair that attention
+    # checks add is a split of its own); failed and pending pairs have no split to count.
+    @admin.display(description="ready pairs by split")
     def pairs_by_split(self, collection):
-        return self._counts(collection, "split", ["train", "val", "test"])
+        return self._counts(collection, "split", Split.values, status__exact=Pair.Status.READY)
 
 
 @admin.register(Pair)
@@ -208,6 +218,9 @@ class PairAdmin(admin.ModelAdmin):
 
     @admin.display(description="preview")
     def previews(self, pair):
+        if not (pair.video_file and pair.music_file):  # pending or failed: nothing to play
+            reason = f" — {pair.error}" if pair.error else ""
+            return f"no media: {pair.status}{reason}"
         return format_html(
             '<video src="{}" controls muted width="320"></video><br><audio src="{}" controls></audio>',
             reverse("media", args=[pair.video_token]),
@@ -258,6 +271,52 @@ class SystemAdmin(admin.ModelAdmin):
         )
         return [upload, *super().get_urls()]
 
+    # A system is part of the design of each study that uses it: while one of them is locked
+    # (design_locked: open, closed or preparing, or with subjects) it is shown read-only and
+    # cannot be deleted; an edit under a ready study sends that study back to draft.
+
+    def _locking(self, system) -> list[Study]:
+        if system is None or system.pk is None:
+            return []
+        if not hasattr(system, "locking_studies"):  # asked several times per request
+            system.locking_studies = locking_studies(system)
+        return system.locking_studies
+
+    def has_change_permission(self, request, obj=None):
+        return super().has_change_permission(request, obj) and not self._locking(obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return super().has_delete_permission(request, obj) and not self._locking(obj)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        system = self.get_object(request, object_id)
+        if studies := self._locking(system):
+            names = ", ".join(
+                f"{study} ({study.status}, {study.subjects.count()} subjects)" for study in studies
+            )
+            note = (
+                f"{system.name} is in the fixed design of {names}: it cannot be changed or "
+                "deleted. Add a new system (or upload under a new name) for other settings."
+            )
+            if request.method == "POST":  # a stale page or a crafted request: nothing saved
+                self.message_user(request, f"Not saved: {note}", messages.ERROR)
+                return HttpResponseRedirect(request.path)
+            self.message_user(request, note, messages.WARNING)
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and {"collection", "kind", "config"} & set(form.changed_data):
+            ready = Study.objects.filter(systems=obj, status=Study.Status.READY)
+            for study in ready:
+                self.message_user(
+                    request,
+                    f"{study}: its system {obj.name} changed, so it is a draft again: prepare "
+                    "it again.",
+                    messages.WARNING,
+                )
+            ready.update(status=Study.Status.DRAFT, message="A system changed: prepare it again.")
+
 
 # --- Studies ---------------------------------------------------------------------------
 
@@ -273,19 +332,15 @@ class StudySystemFormSet(forms.BaseInlineFormSet):
             if form.cleaned_data.get("DELETE") or system is None or collection is None:
                 continue
             if system.collection_id != collection.pk:
-                form.add_error("system", f"{system} belongs to another collection.")
+                form.add_error(
+                    "system",
+                    f"{system_choice_label(system)} belongs to another collection than "
+                    f"{collection}.",
+                )
 
 
-# A study's design can change until it is prepared for good: while it is a draft, ready (a
-# change sends it back to draft: prepare again) or failed, and has no subjects. Preparation
-# checked it, and subjects' stored plans are made from it, so later changes would mix designs.
-EDITABLE_DESIGN = (Study.Status.DRAFT, Study.Status.READY, Study.Status.FAILED)
-
-
-def design_locked(study: Study | None) -> bool:
-    if study is None or study.pk is None:
-        return False
-    return study.status not in EDITABLE_DESIGN or study.subjects.exists()
+def system_choice_label(system: System) -> str:
+    return f"{system.collection} / {system.name} ({system.get_kind_display()})"
 
 
 class StudySystemInline(admin.TabularInline):
@@ -293,6 +348,15 @@ class StudySystemInline(admin.TabularInline):
     formset = StudySystemFormSet
     extra = 1
     fields = ["system", "label"]
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if db_field.name == "system":  # collections may hold systems of the same name
+            field.queryset = field.queryset.select_related("collection").order_by(
+                "collection__name", "name"
+            )
+            field.label_from_instance = system_choice_label
+        return field
 
     def has_add_permission(self, request, obj=None):
         return super().has_add_permission(request, obj) and not design_locked(obj)

@@ -309,3 +309,20 @@ class Response(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(choice__in=["a", "b"]), name="choice_a_or_b")
         ]
+
+
+# A study's design can change until it is prepared for good: while it is a draft, ready (a
+# change sends it back to draft: prepare again) or failed, and has no subjects. Preparation
+# checked it, and subjects' stored plans are made from it, so later changes would mix designs.
+EDITABLE_DESIGN = (Study.Status.DRAFT, Study.Status.READY, Study.Status.FAILED)
+
+
+def design_locked(study: Study | None) -> bool:
+    if study is None or study.pk is None:
+        return False
+    return study.status not in EDITABLE_DESIGN or study.subjects.exists()
+
+
+def locking_studies(system: System) -> list[Study]:
+    """The studies using `system` whose design is locked: the system is part of it."""
+    return [study for study in system.studies.order_by("pk") if design_locked(study)]

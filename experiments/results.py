@@ -6,12 +6,15 @@ Hooked into the admin by StudyAdmin.get_urls as `admin:experiments_study_results
 
 import base64
 
+import pandas as pd
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
 from django.http import HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
+from django.utils.html import escape
+from django.utils.safestring import mark_safe
 
 from analysis.agreement import disagreements
 from analysis.export import FORMATS, build_report, render
@@ -21,6 +24,7 @@ from analysis.preference import COLUMNS, answers
 from .models import Study
 
 DISAGREEMENTS_SHOWN = 10
+FORMATTED = ["n", "human_first", "machine_first"]  # the disagreements' numbers
 
 
 @staff_member_required
@@ -65,7 +69,11 @@ def study_results(request, study_id):
                 if direction == "Total"
             ],
             statistics_rows=_rows(report.statistics),
-            statistics_columns=list(report.statistics.columns),
+            # Long names may wrap after an underscore, which keeps the table narrow.
+            statistics_columns=[
+                mark_safe("_<wbr>".join(map(escape, c.split("_"))))
+                for c in report.statistics.columns
+            ],
             agreement_rows=_rows(report.agreement),
             kappa_rows=_rows(report.kappa) if report.kappa is not None else [],
             plot_png=base64.b64encode(render(report, "png")).decode("ascii"),
@@ -74,11 +82,33 @@ def study_results(request, study_id):
     return TemplateResponse(request, "admin/experiments/results.html", context)
 
 
+# One style per kind of number, in every table of the page: counts as integers, p-values with
+# three decimals (below 0.001: "< 0.001"), and every other column (shares, intervals and
+# medians, all in percent) with one decimal, except the statistics named here.
+COUNTS = {"n_answers", "n_subjects", "preferred", "raters", "questions", "n"}
+P_VALUES = {"binom_p", "binom_p_holm", "wilcoxon_p", "wilcoxon_p_holm"}
+OTHER_FORMATS = {"kappa": "{:.3f}", "wilcoxon_stat": "{:.1f}"}
+
+
+def number(column: str, value) -> str:
+    """`value` of `column` as the page shows it; a missing value reads "–", never "nan"."""
+    if value is None or pd.isna(value):
+        return "–"
+    if column in COUNTS:
+        return f"{int(value)}"
+    if column in P_VALUES:
+        return "< 0.001" if value < 0.001 else f"{value:.3f}"
+    return OTHER_FORMATS.get(column, "{:.1f}").format(value)
+
+
 def _rows(frame):
-    """(index labels, values) per row, for a template to lay out without pandas' HTML; a
-    missing value is None (a template's `default` shows it as "–", not as "nan")."""
+    """(index labels, formatted values) per row, for a template to lay out without pandas'
+    HTML."""
     return [
-        (key if isinstance(key, tuple) else (key,), list(values))
+        (
+            key if isinstance(key, tuple) else (key,),
+            [number(column, value) for column, value in zip(frame.columns, values, strict=True)],
+        )
         for key, values in zip(frame.index, _blank_nan(frame).to_numpy(), strict=True)
     ]
 
@@ -99,5 +129,6 @@ def _disagreement_rows(df):
             link = reverse("admin:experiments_pair_change", args=[query_ids[row.item]])
         except NoReverseMatch:  # pairs not in the admin
             link = None
-        rows.append({**row._asdict(), "link": link})
+        shown = {column: number(column, getattr(row, column)) for column in FORMATTED}
+        rows.append({**row._asdict(), **shown, "link": link})
     return rows

@@ -42,7 +42,15 @@ from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
-from experiments.models import Collection, Direction, Pair, SearchResult, Split, System
+from experiments.models import (
+    Collection,
+    Direction,
+    Pair,
+    SearchResult,
+    Split,
+    System,
+    locking_studies,
+)
 
 KINDS = ("csv", "embeddings")
 SUFFIX_KINDS = {".csv": "csv", ".npz": "embeddings", ".npy": "embeddings"}
@@ -431,11 +439,11 @@ def _store(collection, name, kind, filename, data, ranked, embeddings, metrics) 
                     ],
                     in_file=False,
                 )
-            elif system.studies.filter(subjects__isnull=False).exists():
+            elif studies := locking_studies(system):
                 raise UploadError(
                     [
-                        f"{name} is in a study with subjects, whose plans use its results: "
-                        "upload under a new name"
+                        f"{name} is in the fixed design of {', '.join(map(str, studies))} "
+                        "(prepared for good, or with subjects): upload under a new name"
                     ],
                     in_file=False,
                 )

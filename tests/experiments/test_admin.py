@@ -12,9 +12,10 @@ from django.test import Client
 from django.urls import reverse
 
 from experiments.media import probe
-from experiments.models import Collection, Response, Study, Subject
+from experiments.models import Collection, Pair, Response, Study, Subject, System
 
-from .factories import make_collection, make_study, make_subject
+from . import test_browser
+from .factories import make_collection, make_study, make_subject, make_system
 
 pytestmark = pytest.mark.django_db
 
@@ -91,21 +92,38 @@ def test_every_admin_page_renders_for_staff(admin_client, study):
 
 
 def test_collection_list_counts_pairs_by_status_and_split(admin_client):
-    collection = make_collection(5, name="counted")
+    collection = make_collection(6, name="counted")
     collection.pairs.filter(key="clip000").update(status="failed", error="no audio track")
     collection.pairs.filter(key="clip001").update(split="train")
+    collection.pairs.filter(key="clip005").update(split="catch")  # an attention check's pair
     page = admin_client.get("/admin/experiments/collection/").content.decode()
-    assert "4 ready" in page and "1 failed" in page and "4 test" in page and "1 train" in page
+    # The ready pairs by split (the catch pair apart) add up to the ready count.
+    assert "5 ready" in page and "1 failed" in page and "Ready pairs by split" in page
+    assert "1 train · 0 val · 3 test · 1 catch" in re.sub(r"<[^>]+>", "", page)
+    ready_tests = f"collection__id__exact={collection.pk}&status__exact=ready&split__exact=test"
+    assert ready_tests.replace("&", "&amp;") in page
     failed = admin_client.get(
         f"/admin/experiments/pair/?collection__id__exact={collection.pk}&status__exact=failed"
     ).content.decode()
     assert "clip000" in failed and "no audio track" in failed and "clip002" not in failed
 
 
+def test_a_pair_without_media_shows_why_instead_of_players(admin_client):
+    collection = make_collection(2, name="half")
+    failed = collection.pairs.get(key="clip000")
+    failed.video_file = failed.music_file = ""
+    failed.status, failed.error = Pair.Status.FAILED, "no audio track"
+    failed.save()
+    page = admin_client.get(f"/admin/experiments/pair/{failed.pk}/change/").content.decode()
+    assert "no media: failed — no audio track" in page
+    assert reverse("media", args=[failed.video_token]) not in page and "<video" not in page
+    ready = collection.pairs.get(key="clip001")
+    page = admin_client.get(f"/admin/experiments/pair/{ready.pk}/change/").content.decode()
+    assert reverse("media", args=[ready.music_token]) in page and "no media" not in page
+
+
 def test_a_study_is_created_from_a_collection_and_its_systems(admin_client):
     collection = make_collection(4, name="fresh")
-    from .factories import make_system
-
     system = make_system(collection, name="vmnet-fresh")
     other = make_system(make_collection(3, name="other"), name="elsewhere")
     form = {
@@ -133,6 +151,62 @@ def test_a_study_is_created_from_a_collection_and_its_systems(admin_client):
     assert created.status_code == 302
     study = Study.objects.get(slug="pilot")
     assert study.status == Study.Status.DRAFT and list(study.systems.all()) == [system]
+
+
+def test_the_study_forms_systems_name_their_collections(admin_client, study):
+    other = make_collection(3, name="other")
+    make_system(other)  # the same name as the study's system, in another collection
+    page = admin_client.get("/admin/experiments/study/add/").content.decode()
+    assert ">other / vmnet (VM-NET)</option>" in page
+    assert ">tiny / vmnet (VM-NET)</option>" in page
+    assert page.count(">vmnet (VM-NET)</option>") == 0
+
+
+def system_form(system, **changes) -> dict:
+    form = {"collection": system.collection_id, "name": system.name, "kind": system.kind}
+    return {**form, "config": "{}", "initial-config": "{}", **changes}
+
+
+def test_a_system_in_a_locked_study_design_cannot_change_or_go(admin_client, study):
+    system = study.systems.get()
+    url = f"/admin/experiments/system/{system.pk}/change/"
+    other = make_collection(3, name="other")
+    changed = system_form(system, collection=other.pk, kind="cca", name="renamed")
+    for lock in ("open", "subjects"):
+        if lock == "open":
+            Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
+        else:  # ready, with a subject
+            Study.objects.filter(pk=study.pk).update(status=Study.Status.READY)
+            make_subject(study)
+        page = admin_client.get(url).content.decode()
+        assert 'name="kind"' not in page and 'name="name"' not in page, lock
+        assert "in the fixed design of Tiny study (" in page
+        saved = admin_client.post(url, changed, follow=True).content.decode()
+        assert "Not saved" in saved and "changed successfully" not in saved
+        system.refresh_from_db()
+        assert (system.collection, system.kind, system.name) == (study.collection, "vmnet", "vmnet")
+        # Nor deleted: neither from its page nor with the list's action.
+        delete = f"/admin/experiments/system/{system.pk}/delete/"
+        assert admin_client.post(delete, {"post": "yes"}).status_code == 403
+        admin_client.post(
+            "/admin/experiments/system/",
+            {"action": "delete_selected", "_selected_action": [system.pk], "post": "yes"},
+        )
+        assert System.objects.filter(pk=system.pk).exists()
+
+
+def test_a_system_change_sends_its_ready_study_back_to_draft(admin_client, study):
+    system = study.systems.get()
+    url = f"/admin/experiments/system/{system.pk}/change/"
+    assert 'name="kind"' in admin_client.get(url).content.decode()  # ready, no subjects
+    assert admin_client.post(url, system_form(system, name="renamed")).status_code == 302
+    study.refresh_from_db()
+    assert study.status == Study.Status.READY  # a new name is no design change
+    page = admin_client.post(url, system_form(system, kind="cca"), follow=True).content.decode()
+    assert "draft again: prepare it again" in page
+    study.refresh_from_db()
+    system.refresh_from_db()
+    assert (study.status, system.kind) == (Study.Status.DRAFT, "cca")
 
 
 def test_open_and_close_follow_the_study_states(admin_client, study):
@@ -345,6 +419,88 @@ def test_prepare_runs_on_a_real_worker(celery_worker, admin_client):
     assert draft.status == Study.Status.READY, (draft.message, celery_worker.output()[-2000:])
 
 
+def table_cells(page: str, table_id: str) -> list[dict]:
+    """The rows of one table of the results page: column header → cell text."""
+    table = page[page.index(f'id="{table_id}"') :]
+    table = table[: table.index("</table>")]
+    header = [
+        re.sub(r"<[^>]+>", "", name)
+        for name in re.findall(r'<th scope="col"[^>]*>(.*?)</th>', table)
+    ]
+    rows = re.findall(r"<tr>(.*?)</tr>", table[table.index("<tbody>") :], re.S)
+    return [
+        dict(zip(header, re.findall(r"<t[hd][^>]*>([^<]*)</t[hd]>", r), strict=True)) for r in rows
+    ]
+
+
+FORMATS = {
+    "percent": r"\d+\.\d",  # one decimal
+    "p": r"\d\.\d{3}|&lt; 0\.001",  # three decimals
+    "count": r"\d+",
+    "kappa": r"-?\d\.\d{3}",
+}
+
+
+def column_format(column: str) -> str:
+    if column in ("n_answers", "n_subjects", "preferred", "answers", "raters", "questions"):
+        return FORMATS["count"]
+    if column.endswith("_p") or column.endswith("_p_holm"):
+        return FORMATS["p"]
+    return FORMATS["kappa"] if column == "kappa" else FORMATS["percent"]
+
+
+def test_results_tables_format_each_kind_of_number_alike(admin_client, study):
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
+    for _ in range(3):
+        answer_all(make_subject(study), 6)
+    page = admin_client.get(reverse("admin:experiments_study_results", args=[study.pk]))
+    page = page.content.decode()
+    seen = set()
+    for table in ("preference-table", "statistics-table", "agreement-table", "kappa-table"):
+        for row in table_cells(page, table):
+            for column, cell in row.items():
+                if column in ("Judge", "Machine", "Pair type", "Direction") or cell == "–":
+                    continue
+                assert re.fullmatch(column_format(column), cell), (table, column, cell)
+                seen.add(column_format(column))
+    assert {FORMATS["percent"], FORMATS["p"], FORMATS["count"]} <= seen
+    # A wide table scrolls inside its own box instead of pushing the page past its edge.
+    assert '<div class="table-scroll">\n  <table id="statistics-table">' in page
+    assert ">binom_<wbr>p_<wbr>holm</th>" in page  # its names may wrap
+
+
+chromium = test_browser.chromium  # the fixture: Debian's Chromium, skips where it is missing
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_the_statistics_table_fits_or_scrolls_inside_the_page(chromium, live_server):
+    study = make_study(per_type=1)
+    for _ in range(2):
+        answer_all(make_subject(study), 6)
+    staff = Client()
+    staff.force_login(User.objects.create_user("researcher", is_staff=True, is_superuser=True))
+    box = "document.querySelector('#statistics-table').parentElement"
+    page_width = "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+    for width, fits in ((1280, True), (1000, False)):  # the admin's sidebar open
+        context = chromium.new_context(viewport={"width": width, "height": 800})
+        context.add_cookies(
+            [
+                {
+                    "name": "sessionid",
+                    "value": staff.cookies["sessionid"].value,
+                    "url": live_server.url,
+                }
+            ]
+        )
+        page = context.new_page()
+        page.goto(live_server.url + reverse("admin:experiments_study_results", args=[study.pk]))
+        # Where the table is wider than its box, the box scrolls, not the page.
+        assert page.evaluate(f"{box}.scrollWidth <= {box}.clientWidth") == fits, width
+        assert page.evaluate(page_width), width
+        context.close()
+
+
 def upload_form(tmp_path, n=3, **fields):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
@@ -373,11 +529,16 @@ def test_uploads_over_the_limit_or_not_video_are_refused(admin_client, tmp_path,
 
 def test_a_refused_upload_leaves_no_collection_and_no_files(admin_client, tmp_path, settings):
     url = reverse("admin:experiments_collection_upload")
+    uploads = Path(settings.MEDIA_ROOT) / "uploads"
+
+    def files():  # the session's media folder: other tests' files may be there already
+        return {p for p in uploads.rglob("*") if p.is_file()}
+
+    before = files()
     page = admin_client.post(url, upload_form(tmp_path, n=2, test=5))
     assert page.status_code == 200 and "cannot take 5 test" in page.content.decode()
     assert not Collection.objects.filter(name="Uploaded").exists()
-    uploads = Path(settings.MEDIA_ROOT) / "uploads"
-    assert not uploads.exists() or not any(p.is_file() for p in uploads.rglob("*"))
+    assert files() == before
 
 
 @pytest.mark.slow  # the workers cut clips and extract features with the CNN

@@ -181,8 +181,13 @@ def test_engine_systems_and_systems_in_use_are_not_overwritten(collection):
     system = import_results(collection, "mine", csv_file(ranked_rows()))
     study = Study.objects.create(name="s", slug="s", collection=collection, per_type=1)
     StudySystem.objects.create(study=study, system=system, label="S")
+    import_results(collection, "mine", csv_file(ranked_rows(depth=3)))  # a draft: replaced
+    study.status = Study.Status.OPEN  # open, even before its first subject: fixed
+    study.save()
+    with pytest.raises(UploadError, match="in the fixed design of s"):
+        import_results(collection, "mine", csv_file(ranked_rows(depth=2)))
     create_subject(study)
-    with pytest.raises(UploadError, match="in a study with subjects"):
+    with pytest.raises(UploadError, match="in the fixed design of s"):
         import_results(collection, "mine", csv_file(ranked_rows(depth=2)))
     assert system.results.count() == 2 * N * 3
 
