@@ -47,7 +47,7 @@ from .plans import PlanError
 from .power import study_power
 from .results import study_results
 from .subjects import create_subjects, subject_url
-from .tasks import import_pair, prepare_study
+from .tasks import celery_problem, import_pair, prepare_study
 from .uploads import upload_view
 
 admin.site.site_header = "Video–music preference studies"
@@ -136,6 +136,9 @@ class CollectionAdmin(admin.ModelAdmin):
     def _import_upload(self, request, form) -> Collection | None:
         """Write the files into a folder of their own (the import reads exactly these) and add
         their pairs; None, with the form's error, when the import is refused."""
+        if problem := celery_problem([]):  # the workers could not be asked: write nothing
+            form.add_error(None, f"{problem}.")
+            return None
         name = form.cleaned_data["name"]
         folder = (
             Path(settings.MEDIA_ROOT)
@@ -550,6 +553,10 @@ class StudyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Prepare (compute search results, then mark ready)")
     def prepare_studies(self, request, queryset):
+        if problem := celery_problem([]):
+            self.message_user(request, f"Nothing queued: {problem}.", messages.ERROR)
+            return
+        queued = False
         for study in queryset:
             # One conditional update: two clicks (or two researchers) queue it once.
             if not Study.objects.filter(pk=study.pk, status__in=EDITABLE_DESIGN).update(
@@ -566,6 +573,9 @@ class StudyAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{study}: could not queue: {error}", messages.ERROR)
                 continue
             self.message_user(request, f"{study}: preparation queued.", messages.SUCCESS)
+            queued = True
+        if queued and (problem := celery_problem(["default", "gpu"])):  # waits for a worker
+            self.message_user(request, f"{problem} to run it.", messages.WARNING)
 
     @admin.action(description="Back to draft (e.g. a preparation that will not finish)")
     def draft_studies(self, request, queryset):

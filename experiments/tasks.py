@@ -317,7 +317,7 @@ def celery_problem(queues, timeout: float = 1.0) -> str | None:
             "REDIS_URL; without Redis, CELERY_ALWAYS_EAGER=1 runs tasks in the process that "
             "sends them"
         )
-    if missing := queues_without_workers(queues, timeout):
+    if queues and (missing := queues_without_workers(queues, timeout)):
         return f"No Celery worker consumes the {' and '.join(missing)} queue: start one (`make worker`)"
     return None
 

@@ -143,10 +143,15 @@ def celery_worker(redis_url, media_root, django_db_setup, django_db_blocker, tmp
     with django_db_blocker.unblock():
         db_url = subprocess_database_url()
     app.conf.update(broker_url=redis_url, result_backend=redis_url, task_always_eager=False)
-    # A result backend made before this (by a test that sent a task first) would keep reading
-    # results from the old URL: Celery caches it, so drop it.
+    # A result backend or broker connections made before this (by a test that sent a task or
+    # asked the workers first) would keep using the old URL: Celery caches them, so drop them.
     app._backend_cache = None
     vars(app._local).pop("backend", None)
+    if app._pool is not None:
+        app._pool.force_close_all()
+    app._pool = None
+    if "amqp" in vars(app):
+        app.amqp._producer_pool = None
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {
         **os.environ,

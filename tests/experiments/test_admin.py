@@ -3,6 +3,7 @@
 import csv
 import io
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -362,6 +363,32 @@ def test_a_study_being_prepared_is_not_queued_again(admin_client, study):
     assert "preparing, not prepared again" in page
     study.refresh_from_db()
     assert (study.status, study.message) == (Study.Status.PREPARING, "Step 1 of 2")
+
+
+def test_without_redis_prepare_and_upload_say_so_and_change_nothing(
+    admin_client, study, tmp_path, monkeypatch, settings
+):
+    from study_site.celery import app
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setitem(app.conf, "broker_url", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setitem(app.conf, "task_always_eager", False)
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.DRAFT)
+    page = act(admin_client, "prepare_studies", study).content.decode()
+    assert (
+        f"Nothing queued: Redis (the Celery broker) does not answer at redis://127.0.0.1:{port}/0"
+        in page
+    )
+    assert Study.objects.get(pk=study.pk).status == Study.Status.DRAFT
+    uploads = Path(settings.MEDIA_ROOT) / "uploads"
+    before = {p for p in uploads.rglob("*") if p.is_file()}
+    url = reverse("admin:experiments_collection_upload")
+    page = admin_client.post(url, upload_form(tmp_path, n=2, test=1)).content.decode()
+    assert "does not answer at" in page and "CELERY_ALWAYS_EAGER=1" in page
+    assert not Collection.objects.filter(name="Uploaded").exists()
+    assert {p for p in uploads.rglob("*") if p.is_file()} == before
 
 
 def test_responses_export_as_csv(admin_client, study):
