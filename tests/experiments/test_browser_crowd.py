@@ -75,6 +75,15 @@ def play_for(page, role, ms):
     page.evaluate(f"document.querySelector('[data-role={role}]').pause()")
 
 
+def first_question(live_server, page):
+    """A subject of a fresh one-system study, on its first question with the media loaded."""
+    subject = make_subject(make_study(per_type=1))
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    wait_for_media(page)
+    return subject
+
+
 def disabled(page):
     return page.evaluate(
         "Array.from(document.querySelectorAll('button[name=choice]')).map(b => b.disabled)"
@@ -268,10 +277,7 @@ def test_on_a_phone_the_reason_to_wait_stays_in_sight(live_server, browser):
 
 
 def test_after_a_keyboard_answer_focus_is_on_the_next_question(live_server, page):
-    subject = make_subject(make_study(per_type=1))
-    page.goto(f"{live_server.url}/s/{subject.token}/")
-    page.get_by_role("button", name="Start").click()
-    wait_for_media(page)
+    first_question(live_server, page)
     answerable(page)
     page.keyboard.press("a")
     page.locator("#counter", has_text="Question 2 of 6").wait_for()
@@ -281,10 +287,7 @@ def test_after_a_keyboard_answer_focus_is_on_the_next_question(live_server, page
 
 
 def test_a_double_tap_or_a_held_key_answers_one_question(live_server, page):
-    subject = make_subject(make_study(per_type=1))
-    page.goto(f"{live_server.url}/s/{subject.token}/")
-    page.get_by_role("button", name="Start").click()
-    wait_for_media(page)
+    subject = first_question(live_server, page)
     answerable(page)
     box = page.get_by_role("button", name="Choose A").bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -308,10 +311,7 @@ def test_a_double_tap_or_a_held_key_answers_one_question(live_server, page):
 
 
 def test_an_answer_given_offline_waits_on_the_page_and_goes_when_back_online(live_server, page):
-    subject = make_subject(make_study(per_type=1))
-    page.goto(f"{live_server.url}/s/{subject.token}/")
-    page.get_by_role("button", name="Start").click()
-    wait_for_media(page)
+    subject = first_question(live_server, page)
     loads = []
     page.on("framenavigated", lambda frame: loads.append(frame.url))
     page.context.set_offline(True)
