@@ -4,6 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from experiments.ingest import DEFAULT_ENCODER, ManifestError, import_collection, read_source
+from experiments.management import bar_interval
 from experiments.media import CLIP_S
 from experiments.tasks import celery_problem
 from study_site.celery import app
@@ -82,12 +83,12 @@ class Command(BaseCommand):
             desc="importing",
             file=self.stderr,
             disable=o["verbosity"] < 1,
+            mininterval=bar_interval(self.stderr),
         )
 
         def progress(done, total):
             bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar.update(done - bar.n)  # drawn at most every mininterval
 
         try:
             summary = import_collection(

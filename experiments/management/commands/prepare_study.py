@@ -7,6 +7,7 @@ from kombu.exceptions import OperationalError
 from tqdm import tqdm
 
 from analysis.load import get_study
+from experiments.management import bar_interval
 from experiments.models import Study
 from experiments.tasks import celery_problem, prepare_study
 
@@ -46,11 +47,14 @@ class Command(BaseCommand):
 
     def follow(self, study, timeout, show):
         deadline = time.monotonic() + timeout
-        with tqdm(total=100, unit="%", file=self.stderr, disable=not show) as bar:
+        interval = bar_interval(self.stderr)
+        with tqdm(
+            total=100, unit="%", file=self.stderr, disable=not show, mininterval=interval
+        ) as bar:
             while True:
                 study.refresh_from_db()
-                bar.n = round(100 * study.progress)
-                bar.set_description(study.message[:60])
+                bar.set_description(study.message[:60], refresh=False)
+                bar.update(round(100 * study.progress) - bar.n)  # drawn every mininterval
                 if study.status in (Study.Status.READY, Study.Status.FAILED):
                     return study
                 if time.monotonic() > deadline:
