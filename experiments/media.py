@@ -252,8 +252,8 @@ def _check_complete(name, what, decoded_until, start, end):
         raise MediaError(f"{name}: no decodable {what} (truncated or zero-length?)")
     if decoded_until < end - TRUNCATION_TOLERANCE_S:
         raise MediaError(
-            f"{name}: the {what} stops at {decoded_until:.1f} s although the file says it lasts "
-            f"to {end:.1f} s (truncated?)"
+            f"{name}: the {what} stops at {decoded_until:.1f} s, before the clip's end at "
+            f"{end:.1f} s that the file's stated length promises (truncated?)"
         )
 
 
