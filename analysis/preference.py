@@ -59,7 +59,7 @@ def answers(df: pd.DataFrame) -> pd.DataFrame:
     d = df
     if "is_catch" in d.columns:
         d = d[~d["is_catch"].fillna(False).astype(bool)]
-    d = d.copy()
+    d = d.reset_index(drop=True)  # a copy, with unique labels (concatenated tables repeat them)
     if "first" not in d.columns or "second" not in d.columns:
         kinds = d["pair_type"].map(split_pair_type)
         d["first"] = kinds.str[0]

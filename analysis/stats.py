@@ -77,7 +77,9 @@ def cell_test(subjects: pd.DataFrame, confidence=0.95, n_resamples=9999, seed=0)
         binom_ci_high=100.0 * ci.high,
         subject_median=float(subjects["preference"].median()),
     )
-    differences = subjects["preference"].to_numpy() - 50.0
+    # Rounded: 100·2/3 − 50 and 50 − 100·1/3 differ in the last bit, and Wilcoxon's ranks
+    # must see such mirror-image shares as the ties they are.
+    differences = np.round(subjects["preference"].to_numpy() - 50.0, 9)
     if np.count_nonzero(differences):
         w = stats.wilcoxon(differences)
         out.update(wilcoxon_stat=float(w.statistic), wilcoxon_p=float(w.pvalue))

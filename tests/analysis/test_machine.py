@@ -109,6 +109,15 @@ def test_machine_gr_counts_say_how_many_questions_were_judged():
     assert counts["percent"].tolist() == machine_gr_accuracy(df).loc["S"].tolist()
 
 
+def test_tables_joined_with_repeated_row_labels_give_the_same_figures():
+    df = exact_answers(SPEC, MACHINE)
+    half = len(df) // 2
+    joined = pd.concat([df.iloc[:half], df.iloc[half:].reset_index(drop=True)])  # labels repeat
+    assert not joined.index.is_unique
+    pd.testing.assert_frame_equal(machine_gr_counts(joined), machine_gr_counts(df))
+    pd.testing.assert_frame_equal(machine_agreement(joined), machine_agreement(df))
+
+
 def test_machine_gr_counts_of_a_machine_that_judged_nothing():
     df = exact_answers(SPEC, MACHINE)
     df.loc[df.pair_type == "GR", "machine_S"] = None

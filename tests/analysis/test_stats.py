@@ -85,6 +85,14 @@ def test_empty_cells_and_single_subjects_give_nan_not_errors(table):
     assert np.isnan(cell["boot_ci_low"])  # one subject: nothing to resample
 
 
+def test_wilcoxon_sees_mirror_image_shares_as_ties():
+    # 4 of 6 and 2 of 6: +16.67 and -16.67 points, equal in size however floats round them.
+    df = exact_answers({(s, "GR", "V2M"): (4 if s % 2 else 2, 6) for s in range(4)})
+    cell = cell_statistics(df, n_resamples=100).loc[("GR", "V2M")]
+    assert cell["wilcoxon_p"] == pytest.approx(stats.wilcoxon([1, -1, 1, -1]).pvalue)  # 1.0
+    assert cell["wilcoxon_stat"] == pytest.approx(5.0)
+
+
 def test_every_subject_at_chance_gives_no_wilcoxon_p():
     df = exact_answers({(s, "GR", "V2M"): (5, 10) for s in range(4)})
     cell = cell_statistics(df, n_resamples=100).loc[("GR", "V2M")]
