@@ -23,7 +23,9 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0  # AdamW's decoupled decay (0: plain Adam, the paper's); small data
     batch_size: int = 2000  # paper: 2000 pairs
-    top_k: int | None = 1000  # most violating negatives per anchor (paper's best: 1000)
+    # Most violating negatives per anchor (paper's best: 1000); a batch of fewer pairs gives
+    # each anchor all its negatives.
+    top_k: int | None = 1000
     margin: float = 0.1
     max_epochs: int = 300
     patience: int = 30  # epochs without a better validation R@10
@@ -34,6 +36,25 @@ class TrainConfig:
     # out, as every batch must have the same shape); eager, a step's ~1200 operators are
     # launched one by one from Python, which takes longer than the GPU work at batch 2000.
     cuda_graph: bool = True
+
+    def __post_init__(self):
+        # A config comes from a researcher's JSON: refuse values that would train on NaN or
+        # fail mid-run, with the field's name.
+        problems = []
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k must be at least 1 (or null: all negatives), not {self.top_k}")
+        if len(self.lambdas) != 4 or min(self.lambdas) < 0:
+            problems.append(f"lambdas must be 4 weights >= 0 (vm, mv, vv, mm), not {self.lambdas}")
+        for name, low in (("batch_size", 2), ("max_epochs", 1), ("patience", 1)):
+            if getattr(self, name) < low:
+                problems.append(f"{name} must be at least {low}, not {getattr(self, name)}")
+        for name in ("lr", "margin"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be above 0, not {getattr(self, name)}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, not {self.weight_decay}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 def evaluate_embeddings(video_emb, music_emb, ks=(1, 10, 25)) -> dict:

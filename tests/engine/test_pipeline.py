@@ -98,3 +98,24 @@ def test_features_round_trip(tmp_path):
         train_system("svm", f)
     with pytest.raises(ValueError, match="unknown config"):
         train_system("vmnet", f, None, {"learning_rate": 1})
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"top_k": 0}, "top_k must be at least 1"),
+        ({"margin": 0}, "margin must be above 0"),
+        ({"lambdas": [1, 1, -0.2, 0.2]}, "lambdas must be 4 weights"),
+        ({"batch_size": 1, "patience": 0}, "batch_size must be at least 2, not 1; patience"),
+    ],
+)
+def test_a_config_that_cannot_train_is_refused_before_any_work(config, message):
+    train = Features(
+        keys=[f"k{i}" for i in range(8)],
+        frames=[np.zeros((3, 16), np.float32)] * 8,
+        music=np.zeros((8, 1140), np.float32),
+    )
+    seen = []
+    with pytest.raises(ValueError, match=message):
+        train_system("vmnet", train, config=config, progress=lambda f, m: seen.append(m))
+    assert seen == []  # refused before fitting anything
