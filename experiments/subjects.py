@@ -143,26 +143,25 @@ def subject_url(subject: Subject, base_url: str) -> str:
 def check_study_design(study: Study) -> None:
     """PlanError when no plan can be built whatever the systems find (too few ready test
     pairs, bad comparisons or labels): cheap, so it runs before any training."""
-    design = _design_inputs(study)
-    check_design(design["test_keys"], study.per_type, design["comparisons"], design["labels"])
+    check_design(**_design_inputs(study))
 
 
 def _design_inputs(study: Study) -> dict:
-    links = StudySystem.objects.filter(study=study).order_by("label")
+    """`check_design`'s arguments for the study: what its plans take besides the results."""
     test_keys = Pair.objects.filter(
         collection_id=study.collection_id, split=Split.TEST, status=Pair.Status.READY
     ).values_list("key", flat=True)
+    labels = StudySystem.objects.filter(study=study).values_list("label", flat=True)
     return {
         "test_keys": list(test_keys),
+        "per_type": study.per_type,
         "comparisons": study.comparisons or None,
-        "labels": sorted(links.values_list("label", flat=True)) or ("S",),
-        "label_of": dict(links.values_list("system_id", "label")),
+        "labels": sorted(labels) or ("S",),
     }
 
 
 def _plan_inputs(study: Study) -> dict:
-    design = _design_inputs(study)
-    label_of = design.pop("label_of")
+    label_of = dict(StudySystem.objects.filter(study=study).values_list("system_id", "label"))
     results: dict[tuple[str, str, str], list[str]] = {}
     rows = SearchResult.objects.filter(system_id__in=label_of).order_by(
         "system", "direction", "query", "rank"
@@ -171,7 +170,7 @@ def _plan_inputs(study: Study) -> dict:
         "system_id", "direction", "query__key", "result__key"
     ):
         results.setdefault((label_of[system_id], direction, query), []).append(result)
-    return {**design, "results": results, "per_type": study.per_type, "seed": study.seed}
+    return {**_design_inputs(study), "results": results, "seed": study.seed}
 
 
 def _machine_judges(study: Study) -> dict:
