@@ -26,6 +26,8 @@ index in the arrays, and the reason.
 import csv
 import io
 import math
+import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +60,7 @@ REQUIRED_COLUMNS = ("query_item", "rank", "result_item")
 OPTIONAL_COLUMNS = ("score", "direction")
 MODALITIES = {Direction.V2M: ("video", "music"), Direction.M2V: ("music", "video")}
 MAX_RANK = 32767  # SearchResult.rank is a small integer
-ERRORS_IN_MESSAGE = 20
+SHOWN_PER_KIND = 10
 NOT_PLAIN = "not a plain numeric .npy/.npz array (object/pickled data is refused for safety)"
 DEFAULT_K = 10
 
@@ -79,9 +81,21 @@ class UploadError(ValueError):
     def __init__(self, errors: Iterable[RowError | str], in_file: bool = True):
         self.errors = [e if isinstance(e, RowError) else RowError(None, e) for e in errors]
         self.in_file = in_file
-        shown = "\n".join(str(e) for e in self.errors[:ERRORS_IN_MESSAGE])
-        more = len(self.errors) - ERRORS_IN_MESSAGE
-        super().__init__(shown + (f"\n… and {more} more" if more > 0 else ""))
+        super().__init__("\n".join(self.summary()))
+
+    def summary(self, shown: int = SHOWN_PER_KIND) -> list[str]:
+        """The errors' lines, at most `shown` of each kind (messages alike but for their
+        quoted values and numbers); after the last shown of a kind, how many more of it
+        there are. A file wrong in one way (another collection's keys) is wrong on every row."""
+        kinds = [re.sub(r"'[^']*'|\b\d+\b", "…", error.message) for error in self.errors]
+        totals, seen, lines = Counter(kinds), Counter(), []
+        for error, kind in zip(self.errors, kinds, strict=True):
+            seen[kind] += 1
+            if seen[kind] <= shown:
+                lines.append(str(error))
+            if seen[kind] == shown < totals[kind]:
+                lines.append(f"… and {totals[kind] - shown} more errors of this kind ({kind})")
+        return lines
 
 
 @dataclass(frozen=True)
@@ -536,7 +550,7 @@ def upload_view(request):
     if not request.user.has_perm("experiments.add_system"):
         raise PermissionDenied
     form = ResultsUploadForm(request.POST or None, request.FILES or None)
-    errors = []
+    errors, lines = [], []
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
@@ -545,6 +559,7 @@ def upload_view(request):
             )
         except UploadError as error:
             errors = error.errors
+            lines = error.summary()
         else:
             messages.success(request, f"{system}: {system.message}.")
             return HttpResponseRedirect(
@@ -555,6 +570,7 @@ def upload_view(request):
         "title": "Upload a system's results",
         "form": form,
         "errors": errors,
+        "error_lines": lines,
         "opts": System._meta,
     }
     return TemplateResponse(request, "admin/experiments/system/upload.html", context)

@@ -315,10 +315,14 @@ def test_pickled_data_is_refused_without_suggesting_to_unpickle_it(collection, n
     assert "allow_pickle" not in str(caught.value) and not System.objects.exists()
 
 
+def other_collections_results():
+    """Results for another collection: every item unknown, 30 rows."""
+    return csv_file([[f"video:other{i}", 1, f"music:other{i}", 0.5] for i in range(30)])
+
+
 def test_the_command_summarises_errors_of_one_kind(collection, tmp_path):
-    wrong = tmp_path / "other.csv"  # results for another collection: every item unknown
-    rows = [[f"video:other{i}", 1, f"music:other{i}", 0.5] for i in range(30)]
-    wrong.write_bytes(csv_file(rows).read())
+    wrong = tmp_path / "other.csv"
+    wrong.write_bytes(other_collections_results().read())
     err = io.StringIO()
     with pytest.raises(CommandError, match=r"Nothing imported: 32 error\(s\) in"):
         call_command("import_results", "uploads", "x", str(wrong), stderr=err)
@@ -380,6 +384,19 @@ def test_the_admin_upload_page(admin_client, collection):
     html = page.content.decode()
     assert page.status_code == 200 and "Nothing was imported: 1 error." in html
     assert "row 5: rank &#x27;first&#x27; is not a whole number" in html
+    page = admin_client.post(
+        url,
+        {
+            "collection": collection.pk,
+            "name": "mine",
+            "upload": other_collections_results(),
+            "k": 10,
+        },
+    )
+    html = page.content.decode()
+    assert "Nothing was imported: 32 errors." in html
+    assert html.count("unknown item") == 11 and "row 12: unknown item" not in html
+    assert "… and 20 more errors of this kind" in html
     assert not System.objects.exists()
     names, video, music = embeddings()
     good = npz_file(names, video, music)

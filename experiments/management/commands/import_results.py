@@ -1,14 +1,9 @@
 """`manage.py import_results COLLECTION NAME PATH`: uploaded results as a retrieval system."""
 
-import re
-from collections import Counter
-
 from django.core.management.base import BaseCommand, CommandError
 
 from experiments.models import Collection
-from experiments.uploads import DEFAULT_K, KINDS, RowError, UploadError, import_results
-
-SHOWN_PER_KIND = 10
+from experiments.uploads import DEFAULT_K, KINDS, UploadError, import_results
 
 
 class Command(BaseCommand):
@@ -40,23 +35,9 @@ class Command(BaseCommand):
             if not error.in_file:  # the name or the collection: the file is not at fault
                 problems = "; ".join(str(e) for e in error.errors)
                 raise CommandError(f"Nothing imported: {problems}.") from None
-            for line in summarised(error.errors):
+            for line in error.summary():
                 self.stderr.write(line)
             raise CommandError(
                 f"Nothing imported: {len(error.errors)} error(s) in {o['path']}."
             ) from None
         self.stdout.write(f"{system} of {collection}: {system.message} (id {system.pk}).")
-
-
-def summarised(errors: list[RowError], shown: int = SHOWN_PER_KIND) -> list[str]:
-    """The errors' lines, at most `shown` of each kind (messages alike but for their quoted
-    values and numbers); after the last shown of a kind, how many more of it there are."""
-    kinds = [re.sub(r"'[^']*'|\b\d+\b", "…", error.message) for error in errors]
-    totals, seen, lines = Counter(kinds), Counter(), []
-    for error, kind in zip(errors, kinds, strict=True):
-        seen[kind] += 1
-        if seen[kind] <= shown:
-            lines.append(str(error))
-        if seen[kind] == shown < totals[kind]:
-            lines.append(f"… and {totals[kind] - shown} more errors of this kind ({kind})")
-    return lines
