@@ -32,8 +32,11 @@ batch path keeps the floor, so chroma-CENS statistics of padded tracks differ.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import av
@@ -52,6 +55,7 @@ N_MFCC = 20
 N_FRAME_FEATURES = 190
 N_FEATURES = 2 * N_FRAME_FEATURES * 3  # 1140
 SILENCE_RMS = 1e-5
+NUMBA_LOCK = Path(tempfile.gettempdir()) / "vmnet-numba-cache.lock"
 
 
 def decode_audio(
@@ -220,11 +224,18 @@ def warm_numba_cache() -> None:
     Call it before starting processes that compute music features: numba's cache files can
     be corrupted when several processes compile the same gufunc at once, and a process that
     loads such a pair crashes (numba issue #10128). Once the cache is written, the processes
-    only read it.
+    only read it. Independent processes on one host (two workers, two test runs) warm up one
+    after the other, under a file lock, so that none reads what another is still writing.
     """
     noise = np.random.default_rng(0).standard_normal(SR).astype(np.float32) * 0.1
-    music_features((noise, SR))
-    music_features_naive((noise, SR))
+    # Read-only, so that a lock file another user created serves as well.
+    lock = os.open(NUMBA_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        music_features((noise, SR))
+        music_features_naive((noise, SR))
+    finally:
+        os.close(lock)  # releases the lock
 
 
 def music_features_naive(source) -> np.ndarray:

@@ -1,3 +1,10 @@
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
@@ -5,6 +12,7 @@ import pytest
 from engine.features import MediaError
 from engine.features.audio import (
     N_FEATURES,
+    NUMBA_LOCK,
     SR,
     decode_audio,
     load_excerpt,
@@ -116,3 +124,25 @@ def test_silent_and_unreadable_media_raise_media_error(tmp_path):
         music_features(junk)
     with pytest.raises(MediaError):
         music_features(tmp_path / "missing.mp3")
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks")
+def test_processes_warm_the_numba_cache_one_after_the_other():
+    """A process warming up waits while another holds the warm-up lock (numba's cache files
+    written by one process and read by another at the same time crash the reader)."""
+    lock = os.open(NUMBA_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        warm = subprocess.Popen(
+            [sys.executable, "-c", "from engine.features.audio import *; warm_numba_cache()"],
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        waiting = f"-> FLOCK  ADVISORY  WRITE {warm.pid} "
+        deadline = time.monotonic() + 120
+        while waiting not in Path("/proc/locks").read_text() and warm.poll() is None:
+            assert time.monotonic() < deadline, "the warm-up never asked for the lock"
+            time.sleep(0.1)
+        assert warm.poll() is None, "the warm-up ran while another process held the lock"
+    finally:
+        os.close(lock)
+    assert warm.wait(timeout=300) == 0
