@@ -10,6 +10,7 @@ from django.core.management import CommandError, call_command
 
 from experiments.models import Response, Study
 from experiments.power import LIMITS, PowerForm
+from study_site.celery import app
 from tests.analysis.test_commands import make_study as make_answered_study
 
 from .clips import music_video
@@ -94,6 +95,23 @@ def test_prepare_study_waits_for_the_worker(celery_worker):
     Study.objects.filter(pk=study.pk).update(per_type=5, status=Study.Status.DRAFT)
     with pytest.raises(CommandError, match="preparation failed: .*too small"):
         run("prepare_study", study.slug, "--wait", "--timeout", "180")
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prepare_study_without_a_broker_works_here_and_shows_its_progress(monkeypatch):
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    study, _ = make_prepared_study(make_collection("cmd-here"), {"n_components": 4}, slug="ch")
+    out, err = io.StringIO(), Terminal()
+    call_command("prepare_study", study.slug, stdout=out, stderr=err)
+    assert out.getvalue() == "ch: Ready: 12 questions per subject\n"
+    shown = err.getvalue()  # the bar redrawn while the work ran, not only its end
+    assert "ch: fitting cca" in shown and "ch: Searching" in shown, shown
+    assert "100%" in shown and Study.objects.get(pk=study.pk).status == Study.Status.READY
 
 
 @pytest.mark.django_db
