@@ -92,9 +92,7 @@ def machine_coverage(df: pd.DataFrame) -> pd.DataFrame:
     return counts
 
 
-def build_report(
-    df: pd.DataFrame, title="Human preference test", mixed=False, n_resamples=9999, seed=0
-) -> Report:
+def build_report(df: pd.DataFrame, title="Human preference test", mixed=False) -> Report:
     """Everything the exports show. `mixed=True` also fits the mixed model per comparison."""
     d = answers(df)
     has_items = "item" in d.columns and d["item"].notna().all() and len(d) > 0
@@ -112,7 +110,7 @@ def build_report(
         responses=df,
         table=results_table(df),
         machine=machine_coverage(df),
-        statistics=stats.cell_statistics(df, n_resamples=n_resamples, seed=seed),
+        statistics=stats.cell_statistics(df),
         subjects=subject_preferences(df),
         agreement=machine.machine_agreement(df),
         kappa=agreement.comparison_kappa(df) if has_items else None,

@@ -22,7 +22,7 @@ MACHINE = {(p, d): (8, 10) for p in ["GR", "GS", "SR"] for d in ["V2M", "M2V"]}
 
 @pytest.fixture(scope="module")
 def report():
-    return build_report(exact_answers(SPEC, MACHINE), title="Known", n_resamples=200)
+    return build_report(exact_answers(SPEC, MACHINE), title="Known")
 
 
 def test_table_has_human_rows_and_machine_gr_row(report):
@@ -98,7 +98,7 @@ def test_unknown_format(report):
 
 
 def test_mixed_fits_join_the_report_when_asked():
-    report = build_report(exact_answers(SPEC, MACHINE), mixed=True, n_resamples=50)
+    report = build_report(exact_answers(SPEC, MACHINE), mixed=True)
     assert report.mixed["comparison"].tolist() == ["GR", "GS", "SR"]
     assert "Mixed-effects" in render(report, "markdown")
 
@@ -121,7 +121,7 @@ def _partly_judged():
     df = exact_answers(SPEC, MACHINE)
     unjudged = (df.pair_type == "GR") & ~df["item"].str.endswith("-0")
     df.loc[unjudged, "machine_S"] = None
-    return build_report(df, title="Partly judged", n_resamples=50)
+    return build_report(df, title="Partly judged")
 
 
 def test_machine_row_carries_how_many_questions_it_judged_in_every_format():

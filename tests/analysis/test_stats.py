@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis.stats import STAT_COLUMNS, cell_statistics
+from analysis.stats import STAT_COLUMNS, cell_statistics, subject_interval
 
 from .frames import exact_answers
 
@@ -19,7 +19,7 @@ SPEC = {
 
 @pytest.fixture(scope="module")
 def table():
-    return cell_statistics(exact_answers(SPEC), n_resamples=2000, seed=3)
+    return cell_statistics(exact_answers(SPEC))
 
 
 def test_counts_and_exact_binomial_match_scipy(table):
@@ -49,56 +49,84 @@ def test_total_pools_each_subjects_directions(table):
     assert total["wilcoxon_p"] == pytest.approx(stats.wilcoxon(subject_totals).pvalue)
 
 
-def test_bootstrap_interval_over_subjects_is_seeded_and_brackets_the_share(table):
-    again = cell_statistics(exact_answers(SPEC), n_resamples=2000, seed=3)
-    assert again["boot_ci_low"].equals(table["boot_ci_low"])
+def wilson_by_hand(preferred, n, confidence=0.95):
+    """The interval from its definition: Wilson's formula with the t quantile of k - 1
+    degrees of freedom, on the answers divided by the design effect (cluster-robust
+    variance of the pooled share over the binomial one, at least 1)."""
+    preferred, n = np.asarray(preferred, float), np.asarray(n, float)
+    k, total = len(n), n.sum()
+    p = preferred.sum() / total
+    robust = k / (k - 1) * np.sum((preferred - p * n) ** 2) / total**2
+    m = total / max(1.0, robust / (p * (1 - p) / total)) if 0 < p < 1 else total
+    c = stats.t.ppf(0.5 + confidence / 2, k - 1)
+    centre = (p + c * c / (2 * m)) / (1 + c * c / m)
+    half = c / (1 + c * c / m) * np.sqrt(p * (1 - p) / m + c * c / (4 * m * m))
+    return [100 * max(0.0, centre - half), 100 * min(1.0, centre + half)]
+
+
+def test_subject_interval_follows_its_definition_and_brackets_the_share(table):
+    m2v = table.loc[("GR", "M2V")]
+    expected = wilson_by_hand([4, 7, 10], [10, 10, 10])
+    assert [m2v["subject_ci_low"], m2v["subject_ci_high"]] == pytest.approx(expected, rel=1e-9)
     for key in [("GR", "V2M"), ("GR", "M2V"), ("GR", "Total")]:
         cell = table.loc[key]
-        assert cell["boot_ci_low"] <= cell["percent"] <= cell["boot_ci_high"]
-    # Resampling whole subjects: the interval lies within the subjects' own range.
-    m2v = table.loc[("GR", "M2V")]
-    assert 40.0 <= m2v["boot_ci_low"] < m2v["boot_ci_high"] <= 100.0
+        assert 0 <= cell["subject_ci_low"] < cell["percent"] < cell["subject_ci_high"] <= 100
+    # Subjects this far apart: wider than the binomial interval, which counts every answer.
+    assert m2v["subject_ci_high"] - m2v["subject_ci_low"] > (
+        m2v["binom_ci_high"] - m2v["binom_ci_low"]
+    )
 
 
-def test_bootstrap_matches_scipy_on_the_subject_ratio(table):
-    preferred, n = np.array([4, 7, 10]), np.array([10, 10, 10])
-    expected = stats.bootstrap(
-        (preferred, n),
-        lambda k, m, axis=-1: 100 * k.sum(axis=axis) / m.sum(axis=axis),
-        paired=True,
-        n_resamples=2000,
-        method="percentile",
-        rng=np.random.default_rng(3),
-    ).confidence_interval
-    m2v = table.loc[("GR", "M2V")]
-    assert [m2v["boot_ci_low"], m2v["boot_ci_high"]] == pytest.approx([expected.low, expected.high])
+@pytest.mark.parametrize("preferred", [[20, 20, 20], [0, 0], [15, 15, 15, 15]])
+def test_subjects_who_all_agree_still_get_an_interval(preferred):
+    n = [20] * len(preferred)
+    low, high = subject_interval(preferred, n)
+    assert [low, high] == pytest.approx(wilson_by_hand(preferred, n), abs=1e-9)
+    share = 100 * sum(preferred) / sum(n)
+    assert 0 <= low <= share <= high <= 100 and high - low > 5
+
+
+def test_subject_interval_covers_at_its_level_with_few_subjects():
+    """Simulated studies of 6 subjects, 20 answers each, whose true shares differ (Beta, mean
+    60%, sd 15 points): a 95% interval must contain the population's share in about 95% of
+    them. (A percentile bootstrap over subjects covered 88% here.)"""
+    rng = np.random.default_rng(11)
+    mean, sd, k, n = 0.6, 0.15, 6, 20
+    strength = mean * (1 - mean) / sd**2 - 1
+    covered = 0
+    studies = 2000
+    for _ in range(studies):
+        p = rng.beta(mean * strength, (1 - mean) * strength, k)
+        low, high = subject_interval(rng.binomial(n, p), np.full(k, n))
+        covered += low <= 100 * mean <= high
+    assert covered / studies >= 0.94
 
 
 def test_empty_cells_and_single_subjects_give_nan_not_errors(table):
     assert list(table.columns) == STAT_COLUMNS
     gs = table.loc[("GS", "V2M")]
     assert gs["n_answers"] == 0 and gs["n_subjects"] == 0
-    assert np.isnan(gs["binom_p"]) and np.isnan(gs["boot_ci_low"])
-    one = cell_statistics(exact_answers({(1, "GR", "V2M"): (10, 10)}), n_resamples=100)
+    assert np.isnan(gs["binom_p"]) and np.isnan(gs["subject_ci_low"])
+    one = cell_statistics(exact_answers({(1, "GR", "V2M"): (10, 10)}))
     cell = one.loc[("GR", "V2M")]
     assert cell["binom_p"] == pytest.approx(2 * 0.5**10)
-    assert np.isnan(cell["boot_ci_low"])  # one subject: nothing to resample
+    assert np.isnan(cell["subject_ci_low"])  # one subject: how subjects differ is unknown
 
 
 def test_wilcoxon_sees_mirror_image_shares_as_ties():
     # 4 of 6 and 2 of 6: +16.67 and -16.67 points, equal in size however floats round them.
     df = exact_answers({(s, "GR", "V2M"): (4 if s % 2 else 2, 6) for s in range(4)})
-    cell = cell_statistics(df, n_resamples=100).loc[("GR", "V2M")]
+    cell = cell_statistics(df).loc[("GR", "V2M")]
     assert cell["wilcoxon_p"] == pytest.approx(stats.wilcoxon([1, -1, 1, -1]).pvalue)  # 1.0
     assert cell["wilcoxon_stat"] == pytest.approx(5.0)
 
 
 def test_every_subject_at_chance_gives_no_wilcoxon_p():
     df = exact_answers({(s, "GR", "V2M"): (5, 10) for s in range(4)})
-    cell = cell_statistics(df, n_resamples=100).loc[("GR", "V2M")]
+    cell = cell_statistics(df).loc[("GR", "V2M")]
     assert np.isnan(cell["wilcoxon_p"])
     assert cell["binom_p"] == pytest.approx(1.0)
-    assert cell["boot_ci_low"] == cell["boot_ci_high"] == 50.0
+    assert cell["subject_ci_low"] < 50.0 < cell["subject_ci_high"]
 
 
 def _holm_reference(p):

@@ -32,7 +32,6 @@ class Command(BaseCommand):
         parser.add_argument(
             "--mixed", action="store_true", help="also fit the mixed-effects model per comparison"
         )
-        parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
 
     def handle(self, *args, **options):
         try:
@@ -57,7 +56,7 @@ class Command(BaseCommand):
                 else " (--include-incomplete counts partial ones)"
             )
             raise CommandError(f"Study '{study.slug}' has no answers from {who} yet{hint}.")
-        report = build_report(df, title=study.name, mixed=options["mixed"], seed=options["seed"])
+        report = build_report(df, title=study.name, mixed=options["mixed"])
         self.stdout.write(render(report, options["format"]), ending="")
         # Notes go to stderr, so that stdout stays a clean CSV / JSON document.
         if options["plot"]:
