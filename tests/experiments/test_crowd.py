@@ -175,19 +175,19 @@ def test_preparation_makes_the_catch_pair_and_plans_catch_questions():
         assert broken == catch_pair and q.machine == {}
 
 
-def test_preparation_refuses_test_items_whose_length_gives_the_match_away(tmp_path):
+@pytest.mark.parametrize("seconds", [5.0, 2.5])  # half a second apart shows on a player's clock
+def test_preparation_refuses_test_items_whose_length_gives_the_match_away(tmp_path, seconds):
     study = make_study(per_type=1, status=Study.Status.DRAFT)
-    pair = study.collection.pairs.get(key="clip000")  # one music video of 5 s among 2 s ones
+    pair = study.collection.pairs.get(key="clip000")  # one longer music video among 2 s ones
     for field, video in ((pair.video_file, True), (pair.music_file, False)):
         path = music_video(
-            tmp_path / f"{video}.mp4", 0, 5.0, (160, 96), video=video, audio=not video
+            tmp_path / f"{video}.mp4", 0, seconds, (160, 96), video=video, audio=not video
         )
         field.save(f"long-{video}.mp4", ContentFile(path.read_bytes()))
     assert finish_study(study.pk) == Study.Status.FAILED
     study.refresh_from_db()
-    assert (
-        "last 2.0 to 5.0 s" in study.message and "clips of 2 s (`--clip-seconds`" in study.message
-    )
+    assert f"last 2.0 to {seconds:.1f} s" in study.message
+    assert "clips of 2 s (`--clip-seconds`" in study.message
     # Items of one length (within what encoders round) are fine.
     for field, video in ((pair.video_file, True), (pair.music_file, False)):
         path = music_video(
