@@ -103,6 +103,30 @@ def build_plan(
     return plan
 
 
+QUERIES_PER_TEST_PAIR = 0.1  # at most a tenth of the test pairs are a block's queries
+
+
+def reuse_note(n_test: int, per_type: int = 20, n_comparisons: int = 3) -> str | None:
+    """What a study with so few test pairs for its questions should know, or None.
+
+    A subject meets the same items again when a block's queries are a large share of the
+    test pairs: in the other block (a query's pairing seen beside its ground truth) and as
+    candidates (an item is the ground truth once a block, so how often it has appeared hints
+    at its role). An audit of a study asking every one of its 60 test pairs in each block
+    found rules built on that choosing the ground truth in 69-82% of G-R questions. With ten
+    times more test pairs than queries a block (the paper: 1,000 for 60), few questions
+    repeat anything.
+    """
+    asked = per_type * n_comparisons
+    if n_test * QUERIES_PER_TEST_PAIR >= asked:
+        return None
+    return (
+        f"{n_test} test pairs for {asked} queries a block: subjects meet items again, and "
+        "remembering them can hint at the ground truth; "
+        f"{int(np.ceil(asked / QUERIES_PER_TEST_PAIR))} or more test pairs avoid most of it"
+    )
+
+
 def check_design(
     test_keys: Sequence[str],
     per_type: int = 20,

@@ -28,6 +28,7 @@ from experiments.plans import (
     PlannedQuestion,
     build_plan,
     check_design,
+    reuse_note,
     with_catch_questions,
 )
 
@@ -140,10 +141,13 @@ def subject_url(subject: Subject, base_url: str) -> str:
     return base_url.rstrip("/") + reverse("subject", args=[subject.token])
 
 
-def check_study_design(study: Study) -> None:
+def check_study_design(study: Study) -> str | None:
     """PlanError when no plan can be built whatever the systems find (too few ready test
-    pairs, bad comparisons or labels): cheap, so it runs before any training."""
-    check_design(**_design_inputs(study))
+    pairs, bad comparisons or labels): cheap, so it runs before any training. Otherwise the
+    design's `reuse_note`, or None."""
+    design = _design_inputs(study)
+    comparisons = check_design(**design)
+    return reuse_note(len(set(design["test_keys"])), design["per_type"], len(comparisons))
 
 
 def _design_inputs(study: Study) -> dict:

@@ -208,7 +208,7 @@ def finish_study(study_id: int):
     """Mark the study ready once a first subject's plan can be built from its results; a
     study that cannot be (unequal or unreadable items, no plan) is marked failed with why."""
     from experiments.plans import PlanError
-    from experiments.subjects import plan_for
+    from experiments.subjects import check_study_design, plan_for
 
     study = Study.objects.get(pk=study_id)
     try:
@@ -218,6 +218,7 @@ def finish_study(study_id: int):
         if study.attention_checks and study.catch_count:
             ensure_catch_pair(study.collection_id, lengths)
         plan = plan_for(study, ordinal=0)
+        note = check_study_design(study)
     except (PlanError, MediaError) as error:
         return _fail_study(study_id, str(error))
     except Exception as error:  # not left "preparing" for ever: say what broke, then raise
@@ -226,7 +227,7 @@ def finish_study(study_id: int):
     Study.objects.filter(pk=study_id).update(
         status=Study.Status.READY,
         progress=1.0,
-        message=f"Ready: {len(plan)} questions per subject",
+        message=f"Ready: {len(plan)} questions per subject" + (f". Note: {note}." if note else ""),
     )
     return Study.Status.READY
 

@@ -108,7 +108,7 @@ def test_prepare_study_without_a_broker_works_here_and_shows_its_progress(monkey
     study, _ = make_prepared_study(make_collection("cmd-here"), {"n_components": 4}, slug="ch")
     out, err = io.StringIO(), Terminal()
     call_command("prepare_study", study.slug, stdout=out, stderr=err)
-    assert out.getvalue() == "ch: Ready: 12 questions per subject\n"
+    assert out.getvalue().startswith("ch: Ready: 12 questions per subject. Note: ")
     shown = err.getvalue()  # the bar redrawn while the work ran, not only its end
     assert re.search(r"(Queued 2 steps|ch: \w+).*\d+/100", shown), shown
     assert "100%" in shown and Study.objects.get(pk=study.pk).status == Study.Status.READY

@@ -14,6 +14,7 @@ from experiments.plans import (
     default_comparisons,
     min_test_items,
     pair_type_name,
+    reuse_note,
 )
 
 
@@ -139,6 +140,16 @@ def test_too_small_a_collection_is_a_clear_error():
     keys = [f"k{i}" for i in range(59)]
     with pytest.raises(PlanError, match="too small.*60 questions.*only 59"):
         build_plan(keys, make_results(keys, ("S",), 0))
+
+
+def test_few_test_pairs_for_the_queries_get_a_note():
+    # The paper's study: 60 queries a block among 1,000 test pairs; a tenth is the limit.
+    assert reuse_note(1000, 20, 3) is None and reuse_note(600, 20, 3) is None
+    assert reuse_note(599, 20, 3) == (
+        "599 test pairs for 60 queries a block: subjects meet items again, and remembering "
+        "them can hint at the ground truth; 600 or more test pairs avoid most of it"
+    )
+    assert "for 100 queries a block" in reuse_note(60, 20, 5)  # two systems: five comparisons
 
 
 def test_systems_that_always_agree_cannot_be_compared():

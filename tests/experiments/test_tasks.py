@@ -118,7 +118,11 @@ def test_preparing_a_study_trains_searches_and_makes_it_ready(celery_worker):
     prepare_study.delay(study.pk).get(timeout=60)
     study = wait_for(study, celery_worker)
     assert (study.status, study.progress) == (Study.Status.READY, 1.0), study.message
-    assert study.message == "Ready: 12 questions per subject"
+    assert study.message == (
+        "Ready: 12 questions per subject. Note: 8 test pairs for 6 queries a block: subjects "
+        "meet items again, and remembering them can hint at the ground truth; 60 or more test "
+        "pairs avoid most of it."
+    )
 
     system.refresh_from_db()
     assert system.status == System.Status.READY and system.progress == 1.0
