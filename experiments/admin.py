@@ -27,7 +27,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.text import get_valid_filename, slugify
 
-from .export import column_names, dictionary_rows, response_rows
+from .export import column_names, dictionary_rows, response_rows, spreadsheet_safe
 from .forms import CollectionUploadForm, SubjectLinksForm
 from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs
 from .models import (
@@ -752,18 +752,22 @@ class _Echo:
 
 def csv_response(filename: str, rows, header: list[str] | None = None) -> StreamingHttpResponse:
     """A streamed CSV download of dict rows; `header` names the columns (default: the first
-    row's keys), so an export without rows still says what it would hold."""
+    row's keys), so an export without rows still says what it would hold. Every cell passes
+    through `spreadsheet_safe`: participants' strings never open as formulas."""
     writer = csv.writer(_Echo())
+
+    def line(values):
+        return writer.writerow([spreadsheet_safe(value) for value in values])
 
     def lines():
         columns = header
         if columns is not None:
-            yield writer.writerow(columns)
+            yield line(columns)
         for row in rows:
             if columns is None:
                 columns = list(row)
-                yield writer.writerow(columns)
-            yield writer.writerow([row.get(key, "") for key in columns])
+                yield line(columns)
+            yield line([row.get(key, "") for key in columns])
 
     response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{slugify(filename[:-4])}.csv"'

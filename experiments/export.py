@@ -4,6 +4,10 @@
 `response_rows(study, anonymise=True)` replaces the subject's token and external id with a
 stable pseudonym (an HMAC of the study and the subject under the site's SECRET_KEY): the
 same subject gets the same pseudonym in every export, and nobody without the key can go back.
+
+`spreadsheet_safe` is what every CSV download of participant data passes each cell through:
+participants choose their external id (PROLIFIC_PID, workerId … in the join link), and a
+spreadsheet would run one starting with `=` as a formula.
 """
 
 import hashlib
@@ -70,6 +74,18 @@ def dictionary_rows(study: Study) -> list[dict]:
         {"column": f"machine_{label}", "meaning": MACHINE_COLUMN.format(label=label)}
         for label in _labels(study)
     ]
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A CSV cell that no spreadsheet runs as a formula (OWASP's CSV injection advice): a
+    string starting with =, +, -, @, tab or carriage return gets a leading single quote;
+    anything else, numbers (negative ones too) included, is returned unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def pseudonym(study: Study, value: str) -> str:

@@ -9,6 +9,7 @@ import base64
 import pandas as pd
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -29,6 +30,14 @@ FORMATTED = ["n", "human_first", "machine_first"]  # the disagreements' numbers
 
 @staff_member_required
 def study_results(request, study_id):
+    # As the study's other pages (its change page, responses CSV, power): staff status alone
+    # is no permission to read its results, nor to download them with per-subject rows.
+    # Checked first, so that no study's existence shows either (403, never 404).
+    if not (
+        request.user.has_perm("experiments.view_study")
+        or request.user.has_perm("experiments.change_study")
+    ):
+        raise PermissionDenied
     study = get_object_or_404(Study, pk=study_id)
     include_incomplete = request.GET.get("incomplete") == "1"
     df = responses_frame(study, include_incomplete=include_incomplete)

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from django.contrib.auth.models import User
-from django.test import Client
+from django.contrib.auth.models import Permission, User
+from django.test import Client, override_settings
 from django.urls import reverse
 
 from experiments.media import probe
@@ -432,6 +432,23 @@ def test_exports_name_every_column_even_without_answers(admin_client, study):
     assert len(list(csv.DictReader(io.StringIO(body)))) == 6
 
 
+def test_results_and_their_downloads_need_the_permission_to_view_studies(study):
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
+    answer_all(make_subject(study), 6)
+    page = reverse("admin:experiments_study_results", args=[study.pk])
+    urls = [page, f"{page}?download=csv", f"{page}?download=json", f"{page}?download=zip"]
+    staff = User.objects.create_user("assistant", is_staff=True)
+    client = Client()
+    client.force_login(staff)
+    for url in urls:
+        assert client.get(url).status_code == 403, url  # staff status alone: no results
+    assert client.get(reverse("admin:experiments_study_results", args=[99999])).status_code == 403
+    staff.user_permissions.add(Permission.objects.get(codename="view_study"))
+    client.force_login(User.objects.get(pk=staff.pk))  # a fresh user: no cached permissions
+    for url in urls:
+        assert client.get(url).status_code == 200, url
+
+
 @pytest.mark.django_db(transaction=True)
 def test_prepare_runs_on_a_real_worker(celery_worker, admin_client):
     draft = make_study(per_type=1, status=Study.Status.DRAFT)
@@ -608,3 +625,49 @@ def test_a_small_collection_uploaded_in_the_admin_is_imported(
     messages = re.findall(r'<li class="[a-z]+">([^<]*)', html)
     assert any(m.lower().startswith("song_0: already imported from other files") for m in messages)
     assert "UPLOADED: 0 of 1 pairs queued for processing." in messages
+
+
+# --- The login lockout behind a reverse proxy ----------------------------------------------
+
+PROXY = "10.0.0.2"  # the reverse proxy: every request reaches the site from its address
+
+
+def failed_logins(client, n, **headers):
+    login = reverse("admin:login")
+    wrong = {"username": "boss", "password": "wrong"}
+    return [client.post(login, wrong, **headers).status_code for _ in range(n)]
+
+
+def right_login(client, **headers) -> int:
+    login = reverse("admin:login")
+    return client.post(
+        login, {"username": "boss", "password": "right-one-4821"}, **headers
+    ).status_code
+
+
+@override_settings(TRUSTED_PROXY_COUNT=1)
+def test_behind_a_proxy_one_clients_failures_lock_out_only_that_client(settings):
+    User.objects.create_superuser("boss", password="right-one-4821")
+    limit = settings.AXES_FAILURE_LIMIT
+    # The client's own header, with the proxy's entry appended: only the proxy's is believed.
+    attacker = {"HTTP_X_FORWARDED_FOR": "198.51.100.7, 203.0.113.66"}
+    statuses = failed_logins(Client(REMOTE_ADDR=PROXY), limit, **attacker)
+    assert statuses == [200] * (limit - 1) + [429]
+    assert right_login(Client(REMOTE_ADDR=PROXY), **attacker) == 429  # that client is locked
+    # A researcher elsewhere, through the same proxy, still logs in; so would one whose
+    # address the attacker had put in front of its own.
+    assert right_login(Client(REMOTE_ADDR=PROXY), HTTP_X_FORWARDED_FOR="198.51.100.7") == 302
+
+
+def test_without_trusted_proxies_the_connections_address_counts_and_the_header_not(settings):
+    assert settings.TRUSTED_PROXY_COUNT == 0  # the default
+    User.objects.create_superuser("boss", password="right-one-4821")
+    limit = settings.AXES_FAILURE_LIMIT
+    statuses = failed_logins(
+        Client(REMOTE_ADDR="203.0.113.9"), limit, HTTP_X_FORWARDED_FOR="198.51.100.1"
+    )
+    assert statuses == [200] * (limit - 1) + [429]
+    # Another header from the same address changes nothing: it is still locked out.
+    locked = right_login(Client(REMOTE_ADDR="203.0.113.9"), HTTP_X_FORWARDED_FOR="198.51.100.2")
+    assert locked == 429
+    assert right_login(Client(REMOTE_ADDR="198.51.100.3")) == 302  # another address is not

@@ -12,7 +12,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from analysis.load import get_study
-from experiments.export import column_names, dictionary_rows, response_rows
+from experiments.export import column_names, dictionary_rows, response_rows, spreadsheet_safe
 from experiments.models import Study
 
 
@@ -82,4 +82,4 @@ def write(rows: list[dict], fmt: str, out, columns: list[str]):
     else:
         writer = csv.DictWriter(out, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
