@@ -1,19 +1,37 @@
 """Settings from environment variables, with embedded defaults that work on a bare machine.
 
-DATABASE_URL   default: SQLite at ./var/db.sqlite3 (postgres://… for PostgreSQL)
+VAR_DIR        default: ./var; by default it holds the SQLite database, the media and the
+               secret key (so every study and answer), and the demo's files
+DATABASE_URL   default: SQLite at $VAR_DIR/db.sqlite3 (postgres://… for PostgreSQL)
+DB_CONN_MAX_AGE  seconds a database connection is kept for reuse; default 60
 DB_PREPARED_STATEMENTS  PostgreSQL: "1" (default) binds parameters on the server and prepares
                repeated statements; "0" behind a connection pooler in transaction mode
 REDIS_URL      default: redis://localhost:6379/0 (Celery broker and result backend)
-MEDIA_ROOT     default: ./var/media
-SECRET_KEY     default: generated once and kept in ./var/secret_key
+MEDIA_ROOT     default: $VAR_DIR/media
+SECRET_KEY     default: generated once and kept in $VAR_DIR/secret_key
 DEBUG          default: on, unless DJANGO_ENV=production
 ALLOWED_HOSTS  comma-separated; default: localhost names (any host in DEBUG)
+CSRF_TRUSTED_ORIGINS  comma-separated origins (https://…) trusted for POSTs; default: none
 DJANGO_ENV     "production" turns on the hardened settings that pass `check --deploy`
+SECURE_SSL_REDIRECT  production only: redirect HTTP to HTTPS; default on
+SECURE_HSTS_SECONDS  production only: the HSTS max-age; default 31536000 (a year)
+LOG_LEVEL      the root logger's level; default WARNING
 CELERY_ALWAYS_EAGER  "1" runs tasks in-process (the demo's fallback when no Redis can be had)
+CELERY_VISIBILITY_TIMEOUT  seconds after which Redis hands out again a task whose worker died
+               (the task runs again from its start); default 7200, longer than the longest task
+ADMIN_UPLOAD_MAX_BYTES  the largest admin upload (a collection's files together, or a results
+               file); default 200 MiB; larger ones go through the commands
 PARTICIPANT_FRAME_ANCESTORS  origins (space- or comma-separated) that may show participant
                pages in a frame; default: MTurk's worker sites; "" for none
+TRUSTED_PROXY_COUNT  how many reverse proxies of our own stand before the site, each adding
+               the address it was reached from to X-Forwarded-For; the login lockout counts
+               failures per client address, the one the outermost of them saw; default 0: the
+               connection's own address (REMOTE_ADDR), and X-Forwarded-For is ignored
+AXES_FAILURE_LIMIT  failed logins from one client address that lock it out for an hour;
+               default 5
 """
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -122,6 +140,42 @@ AUTHENTICATION_BACKENDS = [
 AXES_FAILURE_LIMIT = int(os.environ.get("AXES_FAILURE_LIMIT", "5"))
 AXES_COOLOFF_TIME = 1  # hours
 AXES_RESET_ON_SUCCESS = True
+# Failures count per client address, whatever the username: one address gets AXES_FAILURE_LIMIT
+# guesses an hour in all, and locks out nobody elsewhere. Per username and address together
+# would lock out nobody elsewhere either, but give one address that many guesses for each
+# username; per username alone would let anyone lock any named researcher out.
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+TRUSTED_PROXY_COUNT = int(os.environ.get("TRUSTED_PROXY_COUNT", "0"))
+if TRUSTED_PROXY_COUNT < 0:
+    raise ImproperlyConfigured("TRUSTED_PROXY_COUNT is the number of proxies: 0 or more")
+
+
+def _client_address(request) -> str | None:
+    """The client's address for the login lockout (axes). Behind TRUSTED_PROXY_COUNT proxies
+    the last that many X-Forwarded-For entries are theirs (each appends the address that
+    reached it), and the first of those is the client as the outermost proxy saw it; anything
+    further left came from the client and is not trusted. REMOTE_ADDR, the connection's own
+    address, with no trusted proxies, a header with too few entries (a request that did not
+    pass them all) or an entry that is no address. Set the count only where the site cannot
+    be reached but through those proxies: a client reaching it directly could name any
+    address in the header."""
+    from django.conf import settings
+
+    remote = request.META.get("REMOTE_ADDR")
+    count = settings.TRUSTED_PROXY_COUNT
+    if count <= 0:
+        return remote
+    entries = [e.strip() for e in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+    entries = [e for e in entries if e]
+    if len(entries) < count:
+        return remote
+    try:
+        return str(ipaddress.ip_address(entries[-count]))
+    except ValueError:
+        return remote
+
+
+AXES_CLIENT_IP_CALLABLE = _client_address
 
 LANGUAGE_CODE = "en"
 LANGUAGES = [("en", "English"), ("de", "Deutsch")]
