@@ -352,24 +352,48 @@ def memory():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # --quick sets the other options' defaults, so it is read first (without --help).
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--quick", action="store_true")
+    quick = peek.parse_known_args()[0].quick
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes for a CPU")
     parser.add_argument("--only", nargs="*", default=["music", "video", "training", "search"])
-    args, _ = parser.parse_known_args()
-    quick = args.quick
-    parser.add_argument("--tracks", type=int, default=16 if quick else 512)
+    parser.add_argument(
+        "--tracks",
+        type=int,
+        default=16 if quick else 512,
+        help="songs for the batched and one-by-one paths",
+    )
     parser.add_argument(
         "--reference-tracks", type=int, default=0, help="songs for the reference (0: all)"
     )
     parser.add_argument(
         "--songs", default=SONGS, help="glob of the real songs (default: $SONGS_GLOB or Debian's)"
     )
-    parser.add_argument("--music-batch", type=int, default=4 if quick else 64)
-    parser.add_argument("--videos", type=int, default=8 if quick else 256)
-    parser.add_argument("--reference-videos", type=int, default=4 if quick else 32)
-    parser.add_argument("--pairs", type=int, default=20_000 if quick else 200_000)
-    parser.add_argument("--steps", type=int, default=3 if quick else 100)
-    parser.add_argument("--search", type=int, default=20_000 if quick else 200_000)
+    parser.add_argument(
+        "--music-batch", type=int, default=4 if quick else 64, help="tracks per batch"
+    )
+    parser.add_argument(
+        "--videos", type=int, default=8 if quick else 256, help="clips for the batched video path"
+    )
+    parser.add_argument(
+        "--reference-videos", type=int, default=4 if quick else 32, help="clips one by one"
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=20_000 if quick else 200_000, help="synthetic training pairs"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3 if quick else 100, help="timed training steps"
+    )
+    parser.add_argument(
+        "--search",
+        type=int,
+        default=20_000 if quick else 200_000,
+        help="queries and items searched",
+    )
     parser.add_argument("--profile", action="store_true", help="profile 5 training steps")
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"

@@ -3,11 +3,14 @@
     python bench/load.py                    # 500 subjects × 120 questions, PostgreSQL
     python bench/load.py --subjects 40 --per-type 5 --think-scale 0.02   # a quick run
 
-It makes its own database (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/vmstudy_load;
-dropped and created anew; a sqlite:/// URL works too), migrates, creates an open study over a
-synthetic collection (pairs without media files: the bench never fetches media) and its
-subjects with `create_subject`, and starts `gunicorn study_site.wsgi` with production settings
-(DJANGO_ENV=production, DEBUG off, whitenoise) on a free loopback port. Every subject then acts
+It makes its own database: the one named by --database-url, or LOAD_DATABASE_URL (default
+postgres://postgres@127.0.0.1:5432/vmstudy_load; DATABASE_URL is not read). That database is
+DROPPED and created anew at the start (a sqlite:/// URL's file is deleted), and a PostgreSQL
+one is dropped again at the end unless --keep-database: never name a study's database. It
+migrates, creates an open study over a synthetic collection (pairs without media files: the
+bench never fetches media) and its subjects with `create_subject`, and starts
+`gunicorn study_site.wsgi` with production settings (DJANGO_ENV=production, DEBUG off,
+whitenoise) on a free loopback port. Every subject then acts
 as a browser would: it opens its link, ticks consent and starts, and answers every question
 after a think time drawn per answer, with the CSRF cookie and the token from the page. Most
 answer as the question page's script does (one POST that gets the next question as JSON,

@@ -38,8 +38,18 @@ class Command(BaseCommand):
             default=60,
             help="Of which held out: a block needs 3 x per-type queries.",
         )
-        parser.add_argument("--per-type", type=int, default=20)
-        parser.add_argument("--subjects", type=int, default=3)
+        parser.add_argument(
+            "--per-type",
+            type=int,
+            default=20,
+            help="Questions per comparison (G-R, G-S, S-R) and direction; 6 x this per subject.",
+        )
+        parser.add_argument(
+            "--subjects",
+            type=int,
+            default=3,
+            help="Subjects whose links are printed (made if the demo has fewer).",
+        )
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
 
@@ -175,7 +185,8 @@ class Command(BaseCommand):
                 self.style.WARNING(
                     f"The demo is already prepared with {n_test} test pairs and "
                     f"{study.per_type} questions per type; --test and --per-type apply to a "
-                    f"new demo (remove {settings.VAR_DIR} to start afresh)."
+                    "new demo (delete the study and then the collection named demo in the admin to start "
+                    "it afresh)."
                 )
             )
         if study.status in {Study.Status.DRAFT, Study.Status.FAILED, Study.Status.PREPARING}:

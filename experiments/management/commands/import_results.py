@@ -9,8 +9,9 @@ from experiments.uploads import DEFAULT_K, KINDS, UploadError, import_results
 class Command(BaseCommand):
     help = (
         "Import a system's results: a CSV of ranked results (query_item,rank,result_item"
-        "[,score][,direction]; items as video:KEY / music:KEY) or embeddings (.npz with keys, "
-        "video, music), whose neighbours the engine's search computes. The file is checked in "
+        "[,score][,direction]; items as video:KEY / music:KEY) or embeddings (.npz with arrays "
+        "keys, video, music, or a structured .npy with fields key, video, music), whose "
+        "neighbours the engine's search computes. The file is checked in "
         "full; with any error nothing is imported. See experiments/uploads.py for the format."
     )
 
