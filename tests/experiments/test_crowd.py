@@ -165,7 +165,9 @@ def test_preparation_makes_the_catch_pair_and_plans_catch_questions():
     study = make_study(per_type=1, attention_checks=True, catch_count=3, status=Study.Status.DRAFT)
     assert finish_study(study.pk) == Study.Status.READY
     study.refresh_from_db()
-    assert study.message.startswith("Ready: 9 questions per subject. Note: 8 test pairs for 3 queries")
+    assert study.message.startswith(
+        "Ready: 9 questions per subject. Note: 8 test pairs for 3 queries"
+    )
     subject = make_subject(study)
     catch = subject.questions.filter(is_catch=True)
     assert catch.count() == 3
