@@ -15,7 +15,10 @@ own and every plan can be regenerated exactly. DESIGN.md ("Question plans") stat
 - across subjects each query's comparison rotates: with the block's queries dealt into one
   class per comparison (a permutation fixed by the seed), subject o asks comparison t of the
   queries in class (t − o) mod C, so C consecutive subjects ask each query every comparison;
-  which `per_type` queries of a class are used moves on every C subjects.
+  which `per_type` queries of a class are used moves on every C subjects;
+- the music→video block takes its queries from the other half of each class, so where the
+  test split has at least twice a block's queries, no query of one block is a query of the
+  other (a subject who saw a pair's video beside its music would know the answer later).
 """
 
 import re
@@ -180,8 +183,9 @@ def _checked_comparisons(comparisons, labels) -> list[Comparison]:
 def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparisons, labels):
     """One direction's questions as (pair_type, query, option_a, option_b, kind_a, kind_b)."""
     n_types = len(comparisons)
-    # Fixed for the study (seed and direction only), so that rotation across subjects is exact.
-    order = np.random.default_rng([seed, d]).permutation(len(keys))
+    # Fixed for the study (seed only), so that rotation across subjects is exact; the same for
+    # both blocks, whose windows into each class lie half a class apart.
+    order = np.random.default_rng([seed, 0]).permutation(len(keys))
     classes = [[keys[i] for i in order[c::n_types]] for c in range(n_types)]
     rng = np.random.default_rng([seed, d, ordinal, 1])
 
@@ -211,7 +215,7 @@ def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparison
     cost = np.empty((n_types, len(keys)))
     for t, comparison in enumerate(comparisons):
         cls = classes[(t - ordinal) % n_types]
-        start = (ordinal // n_types) * per_type % len(cls)
+        start = ((ordinal // n_types) * per_type + d * (len(cls) // 2)) % len(cls)
         rotated = cls[start:] + cls[:start]
         rank = {key: r for r, key in enumerate(rotated)}
         for i, key in enumerate(keys):

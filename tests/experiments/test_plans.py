@@ -109,6 +109,20 @@ def test_pair_types_rotate_so_each_query_gets_every_type(per_type, seed, rounds)
     assert len(counts) == len(keys) * n_types * 2
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    per_type=st.integers(1, 5),
+    extra=st.integers(0, 9),
+    seed=st.integers(0, 2**32 - 1),
+    ordinal=st.integers(0, 30),
+)
+def test_with_twice_a_blocks_queries_the_blocks_share_no_query(per_type, extra, seed, ordinal):
+    keys = [f"k{i}" for i in range(2 * min_test_items(per_type) + extra)]
+    plan = build_plan(keys, make_results(keys, ("S",), seed), per_type, seed=seed, ordinal=ordinal)
+    asked = {d: {q.query for q in plan if q.direction == d} for d in DIRECTIONS}
+    assert not asked["V2M"] & asked["M2V"]
+
+
 def test_subjects_get_different_plans_and_a_seed_reproduces_them():
     keys = [f"k{i}" for i in range(80)]
     results = make_results(keys, ("S",), 1)
