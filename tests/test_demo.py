@@ -69,18 +69,27 @@ def test_demo_prepares_a_study_that_a_subject_can_finish(demo_env):
     assert re.findall(r"http://127\.0\.0\.1:8000(/s/[\w-]+/)", again) == links
     assert f"password: {password}" in again
     assert "already prepared" not in again
-    # Other sizes cannot apply to a prepared demo: it says so.
+    # Other sizes cannot apply to a prepared demo: it says so. An admin it did not make (its
+    # password file gone) keeps the password it has.
+    (Path(demo_env["VAR_DIR"]) / "demo" / "admin-password").unlink()
+    with sqlite3.connect(database) as db:
+        hashed = db.execute("SELECT password FROM auth_user WHERE username = 'admin'").fetchall()
     other = _manage(demo_env, "demo", "--no-serve", "--pairs", "24", "--test", "6")
     assert "already prepared with 8 test pairs and 2 questions per type" in other
+    assert "password: (your own: this user was not made by the demo)" in other
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT password FROM auth_user WHERE username = 'admin'").fetchall() == (
+            hashed
+        )
 
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+        [sys.executable, "manage.py", *[a for a in args if a != "--no-serve"], "--port", str(port)],
         cwd=ROOT, env=demo_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
+        for _ in range(600):  # the demo starts its worker first
             try:
                 requests.get(base + links[0], timeout=2)
                 break
@@ -92,8 +101,10 @@ def test_demo_prepares_a_study_that_a_subject_can_finish(demo_env):
                        "--strategy", "ground-truth", "--base-url", base)  # fmt: skip
         assert re.search(r"12 answers, completed", bots), bots
     finally:
-        server.terminate()
-        server.wait(20)
+        server.terminate()  # SIGTERM: the demo stops its web server and worker too
+        assert server.wait(30) == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(base + links[0], timeout=2)
 
     # The ground-truth bot always picks G, so G-R and G-S read 100 %.
     report = _manage(demo_env, "preference_report", "demo", "--format", "json")

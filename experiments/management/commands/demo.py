@@ -56,6 +56,8 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         started = time.monotonic()
         self.children: list[subprocess.Popen] = []
+        # `kill` stops the worker and the web server too, as Ctrl-C does.
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
         try:
             self.redis_url = self._ensure_redis()
             if self.redis_url:
@@ -116,9 +118,14 @@ class Command(BaseCommand):
                 cwd=settings.BASE_DIR, stdout=log.open("a"), stderr=subprocess.STDOUT,
             )
         )  # fmt: skip
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
         from study_site.celery import ping
 
-        ping.delay("demo").get(timeout=120)
+        try:
+            ping.delay("demo").get(timeout=120)
+        except CeleryTimeout:
+            raise CommandError(f"the Celery worker did not answer in 120 s; see {log}") from None
         self.stdout.write(f"Celery worker: queues default,gpu (log: {log})")
 
     def _stop_children(self):
@@ -214,8 +221,9 @@ class Command(BaseCommand):
     def _admin_password(self) -> str:
         path = Path(settings.VAR_DIR) / "demo" / "admin-password"
         User = get_user_model()
-        if path.exists() and User.objects.filter(username="admin").exists():
-            return path.read_text().strip()
+        if User.objects.filter(username="admin").exists():
+            # Made by an earlier demo, or someone's own: a password is never reset.
+            return path.read_text().strip() if path.exists() else None
         password = secrets.token_urlsafe(12)
         user, _ = User.objects.get_or_create(
             username="admin", defaults={"email": "admin@localhost"}
@@ -236,7 +244,8 @@ class Command(BaseCommand):
         out = self.stdout.write
         out("")
         out(self.style.SUCCESS(f"Demo ready in {seconds:.0f} s."))
-        out(f"Admin:    {base}/admin/   user: admin   password: {self.password}")
+        password = self.password or "(your own: this user was not made by the demo)"
+        out(f"Admin:    {base}/admin/   user: admin   password: {password}")
         out("Participant links:")
         for subject in study.subjects.order_by("ordinal")[: opts["subjects"]]:
             out(f"  {subject_url(subject, base)}")
@@ -264,7 +273,8 @@ class Command(BaseCommand):
         self.stdout.write(f"Web: http://{addr}/  (Ctrl-C stops the web server and the worker)")
         while all(child.poll() is None for child in self.children):
             time.sleep(0.5)
-        raise CommandError("a demo process stopped unexpectedly; see var/worker.log")
+        log = Path(settings.VAR_DIR) / "worker.log"
+        raise CommandError(f"a demo process stopped unexpectedly; see {log}")
 
 
 def _recall_cells(recall: dict) -> str:
