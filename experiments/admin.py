@@ -32,6 +32,7 @@ from .forms import CollectionUploadForm, SubjectLinksForm
 from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs
 from .models import (
     EDITABLE_DESIGN,
+    UPLOADS,
     Collection,
     Pair,
     Response,
@@ -142,7 +143,7 @@ class CollectionAdmin(admin.ModelAdmin):
         name = form.cleaned_data["name"]
         folder = (
             Path(settings.MEDIA_ROOT)
-            / "uploads"
+            / UPLOADS
             / (f"{slugify(name) or 'collection'}-{secrets.token_hex(4)}")
         )
         folder.mkdir(parents=True)

@@ -9,11 +9,16 @@ a catch question: a pair of split 'catch' whose picture is black and whose sound
 """
 
 import secrets
+import shutil
+from pathlib import Path
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
+from django.db.models.signals import post_delete, pre_delete
+from django.dispatch import receiver
 
 from .plans import label_problem
 
@@ -63,7 +68,10 @@ class Pair(models.Model):
         FAILED = "failed"
 
     collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="pairs")
-    key = models.CharField(max_length=300, help_text="Stable name from the source (file stem)")
+    key = models.CharField(
+        max_length=300,
+        help_text="Stable name from the source (the file's path in the folder, without suffix)",
+    )
     title = models.CharField(max_length=300, blank=True)
     genre = models.CharField(max_length=100, blank=True)
     split = models.CharField(max_length=5, choices=Split.choices, default=Split.TRAIN)
@@ -326,3 +334,41 @@ def design_locked(study: Study | None) -> bool:
 def locking_studies(system: System) -> list[Study]:
     """The studies using `system` whose design is locked: the system is part of it."""
     return [study for study in system.studies.order_by("pk") if design_locked(study)]
+
+
+# Files go with their rows: a deleted collection (its pairs), pair or system leaves no items,
+# features, checkpoints or uploads behind under MEDIA_ROOT. Removed once the deletion is
+# committed, so that a deletion rolled back keeps them.
+UPLOADS = "uploads"  # MEDIA_ROOT's folder of admin uploads: a collection's own source files
+
+
+def _delete_files_on_commit(files) -> None:
+    names = [(f.storage, f.name) for f in files if f]
+    transaction.on_commit(lambda: [storage.delete(name) for storage, name in names])
+
+
+@receiver(post_delete, sender=Pair)
+def _pair_files(sender, instance: Pair, **kwargs):
+    _delete_files_on_commit([instance.video_file, instance.music_file, instance.features_file])
+
+
+@receiver(post_delete, sender=System)
+def _system_files(sender, instance: System, **kwargs):
+    _delete_files_on_commit([instance.checkpoint, instance.embeddings, instance.source_file])
+
+
+@receiver(pre_delete, sender=Collection)
+def _uploaded_sources(sender, instance: Collection, **kwargs):
+    """The admin uploads' folders of the collection's sources (never a folder the researcher
+    imported from); read before its pairs go."""
+    uploads = (Path(settings.MEDIA_ROOT) / UPLOADS).resolve()
+    sources = [instance.source]
+    for video, music in instance.pairs.values_list("source_video", "source_music"):
+        sources += [video, music]
+    paths = [Path(source).resolve() for source in sources if source]
+    folders = {
+        uploads / path.relative_to(uploads).parts[0]
+        for path in paths
+        if path.is_relative_to(uploads) and path != uploads
+    }
+    transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.core.files.base import ContentFile
 from django.test import Client, override_settings
 from django.urls import reverse
 
@@ -671,3 +672,29 @@ def test_without_trusted_proxies_the_connections_address_counts_and_the_header_n
     locked = right_login(Client(REMOTE_ADDR="203.0.113.9"), HTTP_X_FORWARDED_FOR="198.51.100.2")
     assert locked == 429
     assert right_login(Client(REMOTE_ADDR="198.51.100.3")) == 302  # another address is not
+
+
+def test_deleting_a_collection_deletes_its_files_but_never_a_researchers_folder(
+    admin_client, tmp_path, settings, django_capture_on_commit_callbacks
+):
+    collection = make_collection(n_pairs=2, name="to delete")
+    system = make_system(collection)
+    system.checkpoint.save("model.pt", ContentFile(b"weights"), save=True)
+    uploaded = Path(settings.MEDIA_ROOT) / "uploads" / "to-delete-1a2b3c4d"
+    uploaded.mkdir(parents=True)
+    (uploaded / "song.mp4").write_bytes(b"uploaded")
+    own = tmp_path / "my-videos"
+    own.mkdir()
+    (own / "mine.mp4").write_bytes(b"the researcher's")
+    first, second = collection.pairs.order_by("key")
+    Pair.objects.filter(pk=first.pk).update(source_video=str(uploaded / "song.mp4"))
+    Pair.objects.filter(pk=second.pk).update(source_video=str(own / "mine.mp4"))
+    files = [Path(f.path) for p in (first, second) for f in (p.video_file, p.music_file)]
+    files.append(Path(system.checkpoint.path))
+    assert all(path.exists() for path in files)
+    url = reverse("admin:experiments_collection_delete", args=[collection.pk])
+    with django_capture_on_commit_callbacks(execute=True):
+        assert admin_client.post(url, {"post": "yes"}).status_code == 302
+    assert not Collection.objects.filter(pk=collection.pk).exists()
+    assert not any(path.exists() for path in files) and not uploaded.exists()
+    assert (own / "mine.mp4").read_bytes() == b"the researcher's"
