@@ -1,6 +1,6 @@
 """Preference shares (the paper's Table IV), pooled over answers and per subject.
 
-The input is the analysis contract (DESIGN.md): one row per answer with `study, subject,
+The input (the contract other tools rely on): one row per answer with `study, subject,
 position, direction ('V2M'|'M2V'), pair_type, chosen, response_ms`, plus `first` and
 `second` (the two kinds compared, e.g. 'G' and 'R' for pair type 'GR'). The preference for
 a pair type is the share of answers whose `chosen` kind equals `first`. Optional columns:

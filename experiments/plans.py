@@ -2,7 +2,7 @@
 
 A pure function of the collection's test items, the systems' ranked search results, the study's
 configuration, a seed and the subject's ordinal (no database), so that it can be tested on its
-own and every plan can be regenerated exactly. DESIGN.md ("Question plans") states the rules:
+own and every plan can be regenerated exactly. The rules (the project's design, and more):
 
 - a video→music block, then a music→video block;
 - per block, `per_type` questions of every comparison, shuffled; no query twice in a block;

@@ -1,4 +1,5 @@
-"""Question plans obey DESIGN.md's rules, checked as properties over many seeds and sizes."""
+"""Question plans obey their rules (experiments/plans.py), checked as properties over many seeds
+and sizes."""
 
 from collections import Counter
 
