@@ -10,8 +10,6 @@ empty there). Its shares are over the questions it judged (no 50% is made up for
 "100% of the 10 judged, out of 100".
 """
 
-from collections.abc import Sequence
-
 import numpy as np
 import pandas as pd
 
@@ -19,35 +17,6 @@ from .preference import COLUMNS, DIRECTIONS, answers, ordered_pair_types
 
 MACHINE_PREFIX = "machine_"
 GR_COUNT_COLUMNS = ["percent", "preferred", "n_judged", "n_questions", "coverage"]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def machine_choices(
-    keys: Sequence[str], video: np.ndarray, music: np.ndarray, questions: pd.DataFrame
-) -> np.ndarray:
-    """For each question (`direction`, `query`, `option_a`, `option_b`: pair keys), 'a' or 'b':
-    the candidate whose embedding is nearer (higher cosine similarity) to the query's.
-
-    `video[i]` and `music[i]` embed pair `keys[i]`. A V2M question's query is a video item and
-    its candidates are music items; M2V the other way round. An exact tie goes to 'a'.
-    """
-    row = pd.Index(keys)
-    unknown = set(questions[["query", "option_a", "option_b"]].to_numpy().ravel()) - set(row)
-    if unknown:
-        raise KeyError(f"no embedding for items: {sorted(unknown)[:5]}")
-    video, music = _unit(video), _unit(music)
-    v2m = (questions["direction"] == "V2M").to_numpy()[:, None]
-    q = row.get_indexer(questions["query"])
-    a = row.get_indexer(questions["option_a"])
-    b = row.get_indexer(questions["option_b"])
-    query = np.where(v2m, video[q], music[q])
-    sim_a = np.einsum("ij,ij->i", query, np.where(v2m, music[a], video[a]))
-    sim_b = np.einsum("ij,ij->i", query, np.where(v2m, music[b], video[b]))
-    return np.where(sim_a >= sim_b, "a", "b")
 
 
 def machine_labels(df: pd.DataFrame) -> list[str]:

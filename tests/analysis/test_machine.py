@@ -1,42 +1,14 @@
 import numpy as np
 import pandas as pd
-import pytest
 
 from analysis.machine import (
     machine_agreement,
-    machine_choices,
     machine_gr_accuracy,
     machine_gr_counts,
     machine_preference_table,
 )
 
 from .frames import exact_answers
-
-
-def test_machine_choices_pick_the_candidate_nearer_by_cosine():
-    keys = ["p0", "p1", "p2"]
-    # Cosine, not dot product: p2's music is long but points away from p0's video.
-    video = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    music = np.array([[0.9, 0.1], [0.1, 0.9], [10.0, -8.0]])
-    questions = pd.DataFrame(
-        [
-            ("V2M", "p0", "p1", "p0"),  # v0·m1 small, v0·m0 near 1 → b
-            ("V2M", "p0", "p0", "p2"),  # dot product would pick p2; cosine picks p0 → a
-            ("M2V", "p1", "p0", "p1"),  # m1 nearer video p1 → b
-            ("M2V", "p2", "p0", "p1"),  # m2 ≈ (1,-0.8): nearer video p0 → a
-        ],
-        columns=["direction", "query", "option_a", "option_b"],
-    )
-    assert machine_choices(keys, video, music, questions).tolist() == ["b", "a", "b", "a"]
-
-
-def test_machine_choices_reject_unknown_items():
-    questions = pd.DataFrame(
-        [("V2M", "p0", "p9", "p1")], columns=["direction", "query", "option_a", "option_b"]
-    )
-    with pytest.raises(KeyError, match="p9"):
-        machine_choices(["p0", "p1"], np.eye(2), np.eye(2), questions)
-
 
 SPEC = {
     (1, "GR", "V2M"): (8, 10),
