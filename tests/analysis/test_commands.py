@@ -7,7 +7,7 @@ import zipfile
 
 import pandas as pd
 import pytest
-from django.contrib.auth.models import AnonymousUser, User
+from django.contrib.auth.models import AnonymousUser, Permission, User
 from django.core.management import CommandError, call_command
 from django.test import RequestFactory
 from django.utils import timezone
@@ -223,6 +223,7 @@ def test_plan_power_command_prints_both_targets():
 @pytest.fixture
 def staff_request():
     staff = User.objects.create_user("researcher", password="x", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_study"))
 
     def get(study, **params):
         request = RequestFactory().get("/", params)
