@@ -163,3 +163,26 @@ def test_holm_leaves_untested_cells_out_of_the_family():
     tested = ~np.isnan(p)
     assert adjusted[tested].tolist() == pytest.approx(_holm_reference(p[tested]).tolist())
     assert holm([]).size == 0 and np.isnan(holm([np.nan])).all()
+
+
+def test_holm_family_is_the_whole_table_not_each_pair_type():
+    from statsmodels.stats.multitest import multipletests
+
+    spec = dict(SPEC)
+    spec.update(
+        {
+            (1, "GS", "V2M"): (8, 10),
+            (2, "GS", "V2M"): (3, 10),
+            (3, "GS", "V2M"): (9, 10),
+            (1, "GS", "M2V"): (7, 10),
+            (2, "GS", "M2V"): (10, 10),
+        }
+    )
+    table = cell_statistics(exact_answers(spec))
+    assert set(table.index.get_level_values("pair_type")) >= {"GR", "GS"}
+    for test in ["binom", "wilcoxon"]:
+        raw = table[f"{test}_p"]
+        tested = raw.notna()
+        assert {pair_type for pair_type, _ in raw[tested].index} == {"GR", "GS"}
+        expected = multipletests(raw[tested].to_numpy(), method="holm")[1]
+        assert table.loc[tested, f"{test}_p_holm"].tolist() == pytest.approx(expected.tolist())

@@ -34,6 +34,20 @@ def test_ranking_loss_top_k_takes_most_violating_negatives():
     assert all_xy.item() < lxy.item()  # averaging in easier negatives dilutes the loss
 
 
+def test_ranking_loss_top_k_beyond_the_batch_takes_every_negative_and_never_the_positive():
+    torch.manual_seed(2)
+    n = 5
+    x = F.normalize(torch.randn(n, 4), dim=1)
+    y = F.normalize(torch.randn(n, 4), dim=1)
+    every = ranking_loss(x, y, margin=0.3, top_k=n - 1)
+    beyond = ranking_loss(x, y, margin=0.3, top_k=n + 5)
+    assert every[0].item() > 0 and every[1].item() > 0
+    assert [v.item() for v in beyond] == pytest.approx([v.item() for v in every], abs=1e-7)
+    assert [v.item() for v in ranking_loss(x, y, margin=0.3)] == pytest.approx(
+        [v.item() for v in every], abs=1e-7
+    )
+
+
 def test_ranking_loss_zero_when_pairs_are_well_separated():
     x = torch.eye(4)
     lxy, lyx = ranking_loss(x, x.clone(), margin=0.1)

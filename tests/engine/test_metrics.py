@@ -42,3 +42,18 @@ def test_all_equal_scores_rank_by_index():
     r = recall_at_k(q, q, ks=(1, 2, 4))
     # ground truth i has i items tied ahead of it
     assert r == {1: 0.25, 2: 0.5, 4: 1.0}
+
+
+def test_more_queries_than_one_chunk_match_naive_reference_with_ties():
+    # 4096 queries a chunk: the second chunk's ground truths sit at an offset.
+    rng = np.random.default_rng(3)
+    n = 4500
+    q = rng.integers(0, 4, size=(n, 6)).astype(np.float32)
+    q[q.sum(axis=1) == 0, 0] = 1.0  # no zero vectors
+    v = q + rng.integers(-1, 2, size=(n, 6)).astype(np.float32)
+    v[v.sum(axis=1) == 0, 0] = 1.0  # integer vectors: many exactly tied scores
+    v[::3] = q[::3]  # some exact duplicates of the ground truth
+    ks = (1, 5, 10, 25)
+    expected = naive_recall(q, v, ks)
+    assert 0.05 < expected[1] < expected[25] < 1.0
+    assert recall_at_k(q, v, ks) == pytest.approx(expected)

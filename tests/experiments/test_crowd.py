@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,6 +132,35 @@ def test_catch_queries_are_never_asked_in_their_block_where_the_collection_allow
         out = with_catch_questions(no_g, keys, "__catch__", 6, 1, ordinal)
         shows_g = {(q.direction, q.query) for q in no_g if "G" in (q.kind_a, q.kind_b)}
         assert not any((q.direction, q.query) in shows_g for q in out if q.is_catch)
+
+
+def test_catch_questions_show_the_ground_truth_as_a_or_b_by_chance():
+    """Always clicking A (or B) must not pass the attention checks."""
+    plan = plain_plan(40)
+    keys = [f"q{i}" for i in range(40)] + [f"e{i}" for i in range(10)]
+    sides = Counter()
+    for ordinal in range(10):
+        out = with_catch_questions(plan, keys, "__catch__", 6, 3, ordinal)
+        sides.update(q.kind_a for q in out if q.is_catch)
+    assert sum(sides.values()) == 60
+    assert sides["G"] > 10 and sides["X"] > 10, sides
+
+
+def test_catch_questions_of_a_block_have_distinct_queries_while_fresh_ones_last():
+    asked = [f"q{i}" for i in range(20)]  # both blocks ask about the same items
+    plan = [
+        PlannedQuestion(d * 20 + i + 1, direction, "GR", key, key, "r", "G", "R")
+        for d, direction in enumerate(("V2M", "M2V"))
+        for i, key in enumerate(asked)
+    ]
+    fresh = [f"e{i}" for i in range(8)]  # items no question asks: enough for any block
+    keys = asked + fresh
+    for ordinal in range(10):
+        out = with_catch_questions(plan, keys, "__catch__", 8, 5, ordinal)
+        for direction in ("V2M", "M2V"):
+            queries = [q.query for q in out if q.is_catch and q.direction == direction]
+            assert set(queries) <= set(fresh)
+            assert len(set(queries)) == len(queries), f"a catch query repeats: {queries}"
 
 
 def test_a_study_using_every_test_item_takes_catch_queries_from_the_training_items():
@@ -286,6 +316,51 @@ def test_catch_score_and_threshold_set_the_outcome_and_its_code(client):
         good.ordinal,
         bad.ordinal,
     }
+
+
+def test_a_subject_exactly_at_the_pass_threshold_passes(client):
+    study = make_study(
+        per_type=1,
+        attention_checks=True,
+        catch_count=2,
+        catch_pass_threshold=0.5,
+        completion_code="OK-1",
+        failed_attention_code="ATT-0",
+    )
+    ensure_catch_pair(study.collection_id)
+    subject = make_subject(study)
+    catch = list(subject.questions.filter(is_catch=True).order_by("position"))
+    assert len(catch) == 2
+
+    def first_catch_right_second_wrong(question):
+        if question.pk == catch[1].pk:
+            return "a" if question.kind_a == "X" else "b"
+        return ground_truth(question)
+
+    answer_all(client, subject, first_catch_right_second_wrong)
+    assert subject.catch_score == 0.5
+    assert subject.outcome == "completed"
+    html = client.get(url(subject)).content.decode()
+    assert "OK-1" in html and "ATT-0" not in html
+
+
+def test_a_subject_in_progress_who_can_still_just_reach_the_threshold_is_analysed(client):
+    """Interim analyses leave out subjects who can no longer pass; 1 of 2 catch questions
+    failed still reaches a threshold of 0.5."""
+    study = make_study(per_type=1, attention_checks=True, catch_count=2, catch_pass_threshold=0.5)
+    ensure_catch_pair(study.collection_id)
+    subject = make_subject(study)
+    client.post(url(subject), {"step": "start", "consent": "1"})
+    for question in subject.questions.order_by("position"):
+        client.post(url(subject), {"step": "continue", "position": question.position})
+        wrong = "a" if question.kind_a != "G" else "b"
+        client.post(url(subject), {"choice": wrong, "position": question.position})
+        if question.is_catch:
+            break  # one catch question failed, one to come
+    subject.refresh_from_db()
+    assert subject.completed_at is None
+    assert subject.responses.filter(question__is_catch=True, chosen_kind="X").count() == 1
+    assert set(responses_frame(study, include_incomplete=True)["subject"]) == {subject.ordinal}
 
 
 def test_catch_questions_are_left_out_of_the_preference_table(client):

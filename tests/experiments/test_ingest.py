@@ -18,6 +18,7 @@ from experiments.ingest import (
     assign_splits,
     import_collection,
     read_source,
+    refill_places,
 )
 from experiments.models import Collection, Pair
 from experiments.tasks import CATCH_KEY
@@ -153,6 +154,26 @@ def test_broken_files_do_not_shrink_the_test_set(tmp_path):
     summary = import_collection("m", tmp_path / "m.csv", sync=True)
     pairs = Collection.objects.get(name="m").pairs
     assert dict(pairs.values_list("key", "split")) == {"mute": "test", "good0": "train"}
+
+
+@pytest.mark.django_db
+def test_a_failed_pairs_test_place_goes_to_a_training_pair_never_a_validation_pair():
+    collection = Collection.objects.create(name="refill")
+    layout = {
+        "bad0": ("test", "failed"), "bad1": ("test", "failed"), "bad2": ("test", "failed"),
+        "ok": ("test", "ready"),
+        "val0": ("val", "ready"), "val1": ("val", "ready"), "val2": ("val", "ready"),
+        "train0": ("train", "ready"),
+    }  # fmt: skip
+    for key, (split, status) in layout.items():
+        Pair.objects.create(collection=collection, key=key, split=split, status=status)
+    assigned = {key: split for key, (split, _) in layout.items()}
+    notes = refill_places(collection, assigned, seed=0)
+    splits = dict(collection.pairs.values_list("key", "split"))
+    assert [splits[f"val{i}"] for i in range(3)] == ["val", "val", "val"]
+    assert splits["train0"] == "test" and splits["ok"] == "test"
+    assert sorted(splits[f"bad{i}"] for i in range(3)) == ["test", "test", "train"]
+    assert any("2 test place(s) held by failed pairs" in note for note in notes)
 
 
 @pytest.mark.django_db

@@ -12,6 +12,7 @@ from experiments.plans import (
     DIRECTIONS,
     PlanError,
     build_plan,
+    check_design,
     default_comparisons,
     min_test_items,
     pair_type_name,
@@ -149,6 +150,44 @@ def test_systems_that_agree_on_a_query_are_not_compared_there(seed, agree):
         if q.pair_type == "S1-S2":
             s1, s2 = (top_result(results, s, q.direction, q.query) for s in labels)
             assert s1 != s2
+
+
+def test_which_side_shows_a_querys_first_kind_varies_across_subjects():
+    """Half of each comparison's questions show its first kind as A, and which queries those
+    are is drawn per subject: a query does not keep its side for every subject."""
+    keys = [f"k{i}" for i in range(60)]
+    results = make_results(keys, ("S",), 4)
+    sides = {}
+    for ordinal in range(12):  # every query gets every comparison 4 times a direction
+        for q in build_plan(keys, results, seed=5, ordinal=ordinal):
+            sides.setdefault((q.direction, q.query, q.pair_type), set()).add(q.kind_a)
+    assert len(sides) == 60 * 3 * 2
+    one_side = sum(len(seen) == 1 for seen in sides.values())
+    assert one_side / len(sides) < 0.5  # by chance 2 / 2**4 = 12.5%
+
+
+def test_pair_types_are_shuffled_within_a_block_and_differ_between_subjects():
+    keys = [f"k{i}" for i in range(60)]
+    results = make_results(keys, ("S",), 2)
+    orders = {direction: set() for direction in DIRECTIONS}
+    for ordinal in range(4):
+        plan = build_plan(keys, results, seed=3, ordinal=ordinal)
+        for direction in DIRECTIONS:
+            types = [q.pair_type for q in plan if q.direction == direction]
+            assert len(types) == 60
+            changes = sum(a != b for a, b in zip(types[:-1], types[1:], strict=True))
+            assert changes > 10, f"pair types grouped: {changes} changes in {types}"
+            orders[direction].add(tuple(types))
+    assert {direction: len(seen) for direction, seen in orders.items()} == {"V2M": 4, "M2V": 4}
+
+
+def test_per_type_below_one_is_refused():
+    keys = [f"k{i}" for i in range(60)]
+    for per_type in (0, -1):
+        with pytest.raises(PlanError, match="per_type must be at least 1"):
+            check_design(keys, per_type)
+        with pytest.raises(PlanError, match="per_type must be at least 1"):
+            build_plan(keys, make_results(keys, ("S",), 0), per_type)
 
 
 def test_too_small_a_collection_is_a_clear_error():

@@ -7,6 +7,7 @@ a minute here and is covered, pair by pair, by test_ingest.
 """
 
 import io
+import os
 import socket
 import time
 
@@ -35,6 +36,7 @@ from experiments.tasks import (
 from study_site.celery import app
 
 from .clips import music_video
+from .factories import make_collection as make_media_collection
 
 pytestmark = pytest.mark.django_db(transaction=True)
 SPLITS = [Split.TRAIN] * 18 + [Split.VAL] * 4 + [Split.TEST] * 8
@@ -191,3 +193,20 @@ def test_a_pair_is_imported_by_the_worker(celery_worker, tmp_path):
     bad.refresh_from_db()
     assert bad.error == "m.mp4: no audio track"
     assert import_pair.delay(good.pk).get(timeout=60) == "ready"  # done already: skipped
+
+
+def test_a_redelivered_import_leaves_a_ready_pair_and_its_media_alone(tmp_path):
+    """A task delivered again must not rewrite the media of a live study's pair."""
+    pair = make_media_collection(n_pairs=1, name="live").pairs.get()
+    pair.source_video = str(music_video(tmp_path / "source.mp4", 3))  # could be re-made
+    pair.save()
+    before = {
+        field: (getattr(pair, field).name, getattr(pair, field).path)
+        for field in ("video_file", "music_file")
+    }
+    mtimes = {field: os.stat(path).st_mtime_ns for field, (_, path) in before.items()}
+    assert import_pair(pair.pk) == "ready"
+    pair.refresh_from_db()
+    assert pair.status == Pair.Status.READY
+    assert {f: (getattr(pair, f).name, getattr(pair, f).path) for f in before} == before
+    assert {field: os.stat(path).st_mtime_ns for field, (_, path) in before.items()} == mtimes
