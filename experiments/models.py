@@ -176,7 +176,9 @@ class Study(models.Model):
     message = models.TextField(blank=True)
     # Plan configuration
     per_type = models.PositiveSmallIntegerField(
-        default=20, help_text="Questions per pair type and direction"
+        default=20,
+        validators=[MinValueValidator(1)],
+        help_text="Questions per pair type and direction",
     )
     comparisons = models.JSONField(
         default=list,

@@ -331,15 +331,18 @@ def test_a_design_change_sends_a_ready_study_back_to_draft(admin_client, study):
     assert study.status == Study.Status.DRAFT and study.studysystem_set.get().label == "S1"
 
 
-def test_labels_and_the_pass_threshold_are_checked(admin_client, study):
+def test_labels_the_pass_threshold_and_questions_per_type_are_checked(admin_client, study):
     url = f"{CHANGELIST}{study.pk}/change/"
     for label, says in (("CCA", "not a system label"), ("X", "reserved"), ("G", "reserved")):
         page = admin_client.post(url, change_form(study, **{"studysystem_set-0-label": label}))
         assert page.status_code == 200 and says in page.content.decode()
     page = admin_client.post(url, change_form(study, catch_pass_threshold=75))
     assert "less than or equal to 1" in page.content.decode()
+    page = admin_client.post(url, change_form(study, per_type=0))  # a study with no questions
+    assert "greater than or equal to 1" in page.content.decode()
     study.refresh_from_db()
     assert study.catch_pass_threshold is None and study.studysystem_set.get().label == "S"
+    assert study.per_type != 0
 
 
 def test_a_preparation_that_will_not_finish_can_go_back_to_draft(admin_client, study):
