@@ -16,12 +16,16 @@ own and every plan can be regenerated exactly. The rules (the project's design, 
   class per comparison (a permutation fixed by the seed), subject o asks comparison t of the
   queries in class (t − o) mod C, so C consecutive subjects ask each query every comparison;
   which `per_type` queries of a class are used moves on every C subjects;
-- the music→video block takes its queries from the other half of each class, so where the
-  test split has at least twice a block's queries, no query of one block is a query of the
-  other (a subject who saw a pair's video beside its music would know the answer later).
+- R is drawn when its question comes, among the items the subject has met as they met the
+  candidate shown beside it (seen beside this query before, a query before, how often shown),
+  so that how a candidate was met does not tell G from R (`_Exposure`);
+- the music→video block's windows into the classes start elsewhere, and there each class asks
+  the comparison before its video→music one, so that a query of both blocks is not shown
+  beside its ground truth in both, except in G-R.
 """
 
 import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -95,15 +99,73 @@ def build_plan(
     comparisons = check_design(test_keys, per_type, comparisons, labels)
     keys = sorted(set(test_keys))
     plan: list[PlannedQuestion] = []
+    seen = _Exposure(keys)
     for d, direction in enumerate(DIRECTIONS):
-        block = _plan_block(
-            keys, results, direction, d, per_type, seed, ordinal, comparisons, labels
-        )
-        plan += [
-            PlannedQuestion(len(plan) + i + 1, direction, *question)
-            for i, question in enumerate(block)
-        ]
+        rng = np.random.default_rng([seed, d, ordinal, 1])
+        seen.new_block(direction)
+        for comparison, key, kinds, found in _plan_block(
+            keys, results, direction, d, per_type, seed, ordinal, comparisons, labels, rng
+        ):
+            if RANDOM in comparison:
+                excluded = {v for v in found.values() if v is not None}
+                shown = found[next(kind for kind in comparison if kind != RANDOM)]
+                found = {**found, RANDOM: seen.lookalike(key, shown, excluded, rng)}
+            options = (found[kinds[0]], found[kinds[1]])
+            plan.append(
+                PlannedQuestion(
+                    len(plan) + 1, direction, pair_type_name(comparison), key, *options, *kinds
+                )
+            )
+            seen.show(key, *options)
     return plan
+
+
+class _Exposure:
+    """What a subject has seen so far of each item (a modality and a pair key), so that R is
+    drawn to look like the candidate shown beside it: otherwise how a candidate was met before
+    tells the ground truth apart (it is the one item whose own question is now, so it has never
+    been beside its query, is less often a former query where the blocks share none, and has
+    been shown less often), as an audit's simulated subjects found (e.g. "pick the candidate
+    shown less often in this block": 61-76% right in G-R and G-S)."""
+
+    WEIGHTS = (100, 10, 3, 1)  # beside this query, a former query, shown in the block, at all
+
+    def __init__(self, keys: Sequence[str]):
+        self.index = {key: i for i, key in enumerate(keys)}
+        zeros = {"video": np.zeros(len(keys), int), "music": np.zeros(len(keys), int)}
+        self.session = {m: z.copy() for m, z in zeros.items()}
+        self.queries = {m: z.copy() for m, z in zeros.items()}
+        self.beside: defaultdict = defaultdict(set)  # (modality, key) → the items shown with it
+
+    def new_block(self, direction: str):
+        self.source, self.target = ("video", "music") if direction == "V2M" else ("music", "video")
+        self.block = {m: np.zeros_like(counts) for m, counts in self.session.items()}
+
+    def show(self, query: str, *options: str):
+        q = self.index[query]
+        t = [self.index[o] for o in options]
+        for counts in (self.session, self.block):
+            counts[self.source][q] += 1
+            np.add.at(counts[self.target], t, 1)
+        self.queries[self.source][q] = 1
+        self.beside[self.source, query].update((self.target, o) for o in options)
+        for o in options:
+            self.beside[self.target, o].add((self.source, query))
+
+    def lookalike(self, query: str, shown: str, excluded, rng) -> str:
+        """A random item, neither G nor any system's S (`excluded`), among those the subject
+        has met as it met `shown`."""
+        near = np.zeros(len(self.index), int)
+        near[[self.index[k] for m, k in self.beside[self.source, query] if m == self.target]] = 1
+        looks = np.stack(
+            [near, self.queries[self.target], self.block[self.target], self.session[self.target]]
+        )
+        distance = np.array(self.WEIGHTS) @ np.abs(looks - looks[:, [self.index[shown]]])
+        allowed = np.ones(len(self.index), bool)
+        allowed[[self.index[k] for k in excluded]] = False
+        best = np.flatnonzero(allowed & (distance == distance[allowed].min()))
+        keys = list(self.index)
+        return keys[best[rng.integers(len(best))]]
 
 
 QUERIES_PER_TEST_PAIR = 0.1  # at most a tenth of the test pairs are a block's queries
@@ -180,14 +242,14 @@ def _checked_comparisons(comparisons, labels) -> list[Comparison]:
     return checked
 
 
-def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparisons, labels):
-    """One direction's questions as (pair_type, query, option_a, option_b, kind_a, kind_b)."""
+def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparisons, labels, rng):
+    """One direction's questions, in the order asked, as (comparison, query, kinds in A/B
+    order, each kind's item but R's), R to be drawn when the question comes."""
     n_types = len(comparisons)
     # Fixed for the study (seed only), so that rotation across subjects is exact; the same for
     # both blocks, whose windows into each class lie half a class apart.
     order = np.random.default_rng([seed, 0]).permutation(len(keys))
     classes = [[keys[i] for i in order[c::n_types]] for c in range(n_types)]
-    rng = np.random.default_rng([seed, d, ordinal, 1])
 
     def candidates(key):
         """Each kind's item for this query, or None where a system has nothing to offer."""
@@ -213,9 +275,16 @@ def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparison
     # finds queries for every slot when some comparisons are impossible for some queries.
     position = {key: p for p, key in enumerate(keys[i] for i in order)}
     cost = np.empty((n_types, len(keys)))
+    # Music→video's window into each class starts at a place of its own (random, fixed for the
+    # study), so that a query of one block is a query of the other about as often as any
+    # candidate was one; such a query takes the comparison before its first one (S-R after
+    # G-R, G-R after G-S, G-S after S-R): G is shown beside a query seen beside it before only
+    # in G-R, where R is drawn to look alike.
+    offsets = np.random.default_rng([seed, 1]).integers(len(keys), size=n_types) * d
     for t, comparison in enumerate(comparisons):
-        cls = classes[(t - ordinal) % n_types]
-        start = ((ordinal // n_types) * per_type + d * (len(cls) // 2)) % len(cls)
+        c = (t - ordinal + d) % n_types
+        cls = classes[c]
+        start = ((ordinal // n_types) * per_type + offsets[c]) % len(cls)
         rotated = cls[start:] + cls[:start]
         rank = {key: r for r, key in enumerate(rotated)}
         for i, key in enumerate(keys):
@@ -242,15 +311,8 @@ def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparison
             first_is_a = ~first_is_a
         rng.shuffle(first_is_a)
         for key, a_first in zip(chosen[t], first_is_a, strict=True):
-            found = dict(found_for[key])
-            if RANDOM in comparison:
-                excluded = {v for v in found.values() if v is not None}
-                pool = [k for k in keys if k not in excluded]
-                found[RANDOM] = pool[rng.integers(len(pool))]
             kinds = comparison if a_first else comparison[::-1]
-            block.append(
-                (pair_type_name(comparison), key, found[kinds[0]], found[kinds[1]], *kinds)
-            )
+            block.append((comparison, key, kinds, found_for[key]))
     return [block[i] for i in rng.permutation(len(block))]
 
 
