@@ -331,10 +331,11 @@ def with_catch_questions(
     item `catch_key` (X: black picture, silent sound), so its right answer is unambiguous. Each
     takes one of the gaps between the plan's questions (before the first, between two, after
     the last), at most one per gap, so no two are adjacent; it belongs to the block of the
-    question after it (the last gap: the one before). Its query is one that its block does not
-    ask about already: a test item, else one of `spare_keys` (ready items of other splits),
-    else, when the collection has no other, a query whose question in the block does not show
-    its ground truth (having seen the query beside G would give the catch question away).
+    question after it (the last gap: the one before). Its query is one that no block asks
+    about: a test item, else one of `spare_keys` (ready items of other splits), else one its
+    block does not ask about, else, when the collection has no other, a query whose question in
+    the block does not show its ground truth (having seen the query beside G would give the
+    catch question away, and a catch question shows its query beside G).
     Positions are renumbered 1…len(plan)+count.
     """
     if count < 0 or count > len(plan) + 1:
@@ -354,8 +355,12 @@ def with_catch_questions(
     for gap in range(len(plan) + 1):
         if gap in gaps:
             direction = plan[min(gap, len(plan) - 1)].direction
-            fresh = [k for k in keys if k not in asked[direction]]
+            # A test item of neither block first: one of the other block would show its
+            # pairing before that block asks about it (spare items are asked about nowhere).
+            anywhere = asked["V2M"] | asked["M2V"]
+            fresh = [k for k in keys if k not in anywhere]
             fresh = fresh or [k for k in spare if k not in asked[direction]]
+            fresh = fresh or [k for k in keys if k not in asked[direction]]
             fresh = fresh or [k for k in keys if k not in shown_g[direction]] or keys
             query = fresh[rng.integers(len(fresh))]
             asked[direction].add(query)

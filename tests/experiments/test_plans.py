@@ -17,6 +17,7 @@ from experiments.plans import (
     min_test_items,
     pair_type_name,
     reuse_note,
+    with_catch_questions,
 )
 
 
@@ -162,6 +163,22 @@ def test_how_candidates_were_met_before_hardly_gives_the_ground_truth_away(n_key
             total[cell] += counts
     right = {cell: (r + u / 2) / (r + w + u) for cell, (r, w, u) in total.items()}
     assert max(right.values()) <= 0.7, max(right.items(), key=lambda item: item[1])
+
+
+def test_catch_questions_take_test_items_that_no_block_asks_about():
+    """A catch question shows its query beside its ground truth: with a query the other block
+    asks about, it would give that question away."""
+    keys = [f"k{i:03d}" for i in range(30)]
+    results = make_results(keys, ("S",), 5)
+    checked = 0
+    for ordinal in range(12):
+        plan = build_plan(keys, results, 5, seed=5, ordinal=ordinal)
+        unasked = set(keys) - {q.query for q in plan}
+        out = with_catch_questions(plan, keys, "__catch__", 4, 5, ordinal)
+        if len(unasked) >= 4:
+            assert {q.query for q in out if q.is_catch} <= unasked
+            checked += 1
+    assert checked >= 6  # most subjects leave four items unasked
 
 
 def test_subjects_get_different_plans_and_a_seed_reproduces_them():
