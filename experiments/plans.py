@@ -19,9 +19,6 @@ own and every plan can be regenerated exactly. The rules (the project's design, 
 - R is drawn when its question comes, among the items the subject has met as they met the
   candidate shown beside it (seen beside this query before, a query before, how often shown),
   so that how a candidate was met does not tell G from R (`_Exposure`);
-- the music→video block's windows into the classes start elsewhere, and there each class asks
-  the comparison before its video→music one, so that a query of both blocks is not shown
-  beside its ground truth in both, except in G-R.
 """
 
 import re
@@ -123,10 +120,9 @@ def build_plan(
 class _Exposure:
     """What a subject has seen so far of each item (a modality and a pair key), so that R is
     drawn to look like the candidate shown beside it: otherwise how a candidate was met before
-    tells the ground truth apart (it is the one item whose own question is now, so it has never
-    been beside its query, is less often a former query where the blocks share none, and has
-    been shown less often), as an audit's simulated subjects found (e.g. "pick the candidate
-    shown less often in this block": 61-76% right in G-R and G-S)."""
+    tells the ground truth apart (it is the one item whose own question is now, so it has been
+    shown less often than a random item), as an audit's simulated subjects found ("pick the
+    candidate shown less often in this block" chose G in 61% of G-R questions)."""
 
     WEIGHTS = (100, 10, 3, 1)  # beside this query, a former query, shown in the block, at all
 
@@ -246,9 +242,8 @@ def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparison
     """One direction's questions, in the order asked, as (comparison, query, kinds in A/B
     order, each kind's item but R's), R to be drawn when the question comes."""
     n_types = len(comparisons)
-    # Fixed for the study (seed only), so that rotation across subjects is exact; the same for
-    # both blocks, whose windows into each class lie half a class apart.
-    order = np.random.default_rng([seed, 0]).permutation(len(keys))
+    # Fixed for the study (seed and direction only), so that rotation across subjects is exact.
+    order = np.random.default_rng([seed, d]).permutation(len(keys))
     classes = [[keys[i] for i in order[c::n_types]] for c in range(n_types)]
 
     def candidates(key):
@@ -275,16 +270,9 @@ def _plan_block(keys, results, direction, d, per_type, seed, ordinal, comparison
     # finds queries for every slot when some comparisons are impossible for some queries.
     position = {key: p for p, key in enumerate(keys[i] for i in order)}
     cost = np.empty((n_types, len(keys)))
-    # Music→video's window into each class starts at a place of its own (random, fixed for the
-    # study), so that a query of one block is a query of the other about as often as any
-    # candidate was one; such a query takes the comparison before its first one (S-R after
-    # G-R, G-R after G-S, G-S after S-R): G is shown beside a query seen beside it before only
-    # in G-R, where R is drawn to look alike.
-    offsets = np.random.default_rng([seed, 1]).integers(len(keys), size=n_types) * d
     for t, comparison in enumerate(comparisons):
-        c = (t - ordinal + d) % n_types
-        cls = classes[c]
-        start = ((ordinal // n_types) * per_type + offsets[c]) % len(cls)
+        cls = classes[(t - ordinal) % n_types]
+        start = (ordinal // n_types) * per_type % len(cls)
         rotated = cls[start:] + cls[:start]
         rank = {key: r for r, key in enumerate(rotated)}
         for i, key in enumerate(keys):
