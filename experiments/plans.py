@@ -96,7 +96,8 @@ def build_plan(
     comparisons = check_design(test_keys, per_type, comparisons, labels)
     keys = sorted(set(test_keys))
     plan: list[PlannedQuestion] = []
-    seen = _Exposure(keys)
+    # Systems' results may lie outside the test split (uploaded ranks): they are shown too.
+    seen = _Exposure(keys, {r for ranked in results.values() for r in ranked} - set(keys))
     for d, direction in enumerate(DIRECTIONS):
         rng = np.random.default_rng([seed, d, ordinal, 1])
         seen.new_block(direction)
@@ -126,9 +127,11 @@ class _Exposure:
 
     WEIGHTS = (100, 10, 3, 1)  # beside this query, a former query, shown in the block, at all
 
-    def __init__(self, keys: Sequence[str]):
-        self.index = {key: i for i, key in enumerate(keys)}
-        zeros = {"video": np.zeros(len(keys), int), "music": np.zeros(len(keys), int)}
+    def __init__(self, keys: Sequence[str], others=()):
+        """`keys`: the test items, R's candidates; `others`: other items a plan may show."""
+        self.index = {key: i for i, key in enumerate([*keys, *sorted(others)])}
+        self.n_keys = len(keys)
+        zeros = {m: np.zeros(len(self.index), int) for m in ("video", "music")}
         self.session = {m: z.copy() for m, z in zeros.items()}
         self.queries = {m: z.copy() for m, z in zeros.items()}
         self.beside: defaultdict = defaultdict(set)  # (modality, key) → the items shown with it
@@ -157,7 +160,7 @@ class _Exposure:
             [near, self.queries[self.target], self.block[self.target], self.session[self.target]]
         )
         distance = np.array(self.WEIGHTS) @ np.abs(looks - looks[:, [self.index[shown]]])
-        allowed = np.ones(len(self.index), bool)
+        allowed = np.arange(len(self.index)) < self.n_keys  # R is a test item
         allowed[[self.index[k] for k in excluded]] = False
         best = np.flatnonzero(allowed & (distance == distance[allowed].min()))
         keys = list(self.index)

@@ -318,3 +318,18 @@ def test_two_system_defaults_name_their_pair_types():
         "GR", "G-S1", "G-S2", "S1-R", "S2-R", "S1-S2",
     ]  # fmt: skip
     assert [pair_type_name(c) for c in default_comparisons()] == ["GR", "GS", "SR"]
+
+
+def test_search_results_outside_the_test_split_are_shown_and_r_stays_a_test_item():
+    # Uploaded ranks may name any ready pair, e.g. a training pair, as a query's best result.
+    keys = [f"k{i:02d}" for i in range(30)]
+    results = make_results(keys, ("S",), 4)
+    for direction in DIRECTIONS:
+        for i, key in enumerate(keys[:10]):
+            results["S", direction, key] = [f"train{i}", *results["S", direction, key]]
+    plan = build_plan(keys, results, 5, seed=4, ordinal=1)
+    shown = {item for q in plan for item in (q.option_a, q.option_b)}
+    assert any(item.startswith("train") for item in shown)
+    for q in plan:
+        for kind, item in ((q.kind_a, q.option_a), (q.kind_b, q.option_b)):
+            assert kind != "R" or item in keys
