@@ -8,6 +8,7 @@ people. Candidate kinds are 'G' (the query's ground truth), 'R' (random), a syst
 a catch question: a pair of split 'catch' whose picture is black and whose sound is silent).
 """
 
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -373,4 +374,19 @@ def _uploaded_sources(sender, instance: Collection, **kwargs):
         for path in paths
         if path.is_relative_to(uploads) and path != uploads
     }
-    transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders])
+    transaction.on_commit(lambda: [_remove_unused(folder) for folder in folders])
+
+
+def _remove_unused(folder: Path) -> None:
+    """Remove an upload folder that no collection names any more (a collection imported anew
+    from another's upload, to split it anew, reads the same files)."""
+    names = {str(folder), str(Path(settings.MEDIA_ROOT) / UPLOADS / folder.name)}  # as stored
+    in_folder = {field: Q() for field in ("source", "source_video", "source_music")}
+    for name in names:
+        for field in in_folder:
+            in_folder[field] |= Q(**{f"{field}__startswith": name + os.sep})
+    if Collection.objects.filter(Q(source__in=names) | in_folder["source"]).exists():
+        return
+    if Pair.objects.filter(in_folder["source_video"] | in_folder["source_music"]).exists():
+        return
+    shutil.rmtree(folder, ignore_errors=True)

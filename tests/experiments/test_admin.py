@@ -13,6 +13,7 @@ from django.core.files.base import ContentFile
 from django.test import Client, override_settings
 from django.urls import reverse
 
+from experiments.ingest import add_pairs
 from experiments.media import probe
 from experiments.models import Collection, Pair, Response, Study, Subject, System
 
@@ -701,3 +702,21 @@ def test_deleting_a_collection_deletes_its_files_but_never_a_researchers_folder(
     assert not Collection.objects.filter(pk=collection.pk).exists()
     assert not any(path.exists() for path in files) and not uploaded.exists()
     assert (own / "mine.mp4").read_bytes() == b"the researcher's"
+
+
+def test_an_upload_folder_another_collection_reads_is_kept(
+    settings, tmp_path, django_capture_on_commit_callbacks
+):
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    folder = Path(settings.MEDIA_ROOT) / "uploads" / "mine-1a2b3c4d"  # an admin upload's folder
+    folder.mkdir(parents=True)
+    for i in range(6):
+        (folder / f"song_{i}.mp4").write_bytes(b"x")
+    add_pairs("A", folder, test=2)
+    add_pairs("A split anew", folder, test=3)  # another collection of the same files
+    with django_capture_on_commit_callbacks(execute=True):
+        Collection.objects.get(name="A").delete()
+    assert len(list(folder.iterdir())) == 6
+    with django_capture_on_commit_callbacks(execute=True):
+        Collection.objects.get(name="A split anew").delete()
+    assert not folder.exists()  # the last one gone: nothing reads it
