@@ -57,7 +57,7 @@ class Command(BaseCommand):
         started = time.monotonic()
         self.children: list[subprocess.Popen] = []
         # `kill` stops the worker and the web server too, as Ctrl-C does.
-        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             self.redis_url = self._ensure_redis()
             if self.redis_url:
@@ -282,3 +282,8 @@ def _recall_cells(recall: dict) -> str:
         f"{100 * recall[f'R@{k}']:6.1f}" if f"R@{k}" in recall else f"{'n/a':>6}"
         for k in (1, 10, 25)
     )
+
+
+def _interrupt(*_):
+    """SIGTERM as Ctrl-C (even where SIGINT is ignored, as for `demo &` in a script)."""
+    raise KeyboardInterrupt
