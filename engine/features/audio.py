@@ -36,7 +36,6 @@ import fcntl
 import functools
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import av
@@ -55,7 +54,9 @@ N_MFCC = 20
 N_FRAME_FEATURES = 190
 N_FEATURES = 2 * N_FRAME_FEATURES * 3  # 1140
 SILENCE_RMS = 1e-5
-NUMBA_LOCK = Path(tempfile.gettempdir()) / "vmnet-numba-cache.lock"
+# Beside the numba cache of this package (librosa's is in the same environment): the processes
+# that share the caches share the lock, whoever runs them.
+NUMBA_LOCK = Path(__file__).with_name("__pycache__") / "numba-warm.lock"
 
 
 def decode_audio(
@@ -228,14 +229,19 @@ def warm_numba_cache() -> None:
     after the other, under a file lock, so that none reads what another is still writing.
     """
     noise = np.random.default_rng(0).standard_normal(SR).astype(np.float32) * 0.1
-    # Read-only, so that a lock file another user created serves as well.
-    lock = os.open(NUMBA_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:  # read-only, so that a lock file another user created serves as well
+        NUMBA_LOCK.parent.mkdir(exist_ok=True)
+        lock = os.open(NUMBA_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:  # a read-only installation: its caches were written when it was made
+        lock = None
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         music_features((noise, SR))
         music_features_naive((noise, SR))
     finally:
-        os.close(lock)  # releases the lock
+        if lock is not None:
+            os.close(lock)  # releases the lock
 
 
 def music_features_naive(source) -> np.ndarray:
