@@ -61,6 +61,7 @@ OPTIONAL_COLUMNS = ("score", "direction")
 MODALITIES = {Direction.V2M: ("video", "music"), Direction.M2V: ("music", "video")}
 MAX_RANK = 32767  # SearchResult.rank is a small integer
 SHOWN_PER_KIND = 10
+MAX_LINES = 50  # of an error summary
 NOT_PLAIN = "not a plain numeric .npy/.npz array (object/pickled data is refused for safety)"
 DEFAULT_K = 10
 
@@ -90,6 +91,10 @@ class UploadError(ValueError):
         kinds = [re.sub(r"'[^']*'|\b\d+\b", "…", error.message) for error in self.errors]
         totals, seen, lines = Counter(kinds), Counter(), []
         for error, kind in zip(self.errors, kinds, strict=True):
+            if len(lines) >= MAX_LINES:  # kinds that name keys unquoted are each their own
+                told = sum(totals[k] if n >= shown else n for k, n in seen.items())
+                lines.append(f"… and {len(self.errors) - told} more errors")
+                break
             seen[kind] += 1
             if seen[kind] <= shown:
                 lines.append(str(error))

@@ -418,3 +418,10 @@ def test_recall_of_ranked_results_counts_their_ranks_not_their_places():
         Ranked("V2M", "q4", 1, "z", None),  # its own pair not listed at all
     ]  # fmt: skip
     assert recalls(ranked) == {"V2M": {"R@1": 0.25, "R@10": 0.5}}
+
+
+def test_a_summary_of_errors_each_of_its_own_kind_stops_at_fifty_lines():
+    error = UploadError([f"key{chr(65 + i % 26)}{chr(65 + i // 26)}: broken" for i in range(200)])
+    lines = error.summary()
+    assert len(lines) == 51 and lines[-1] == "… and 150 more errors"
+    assert str(error).splitlines() == lines
