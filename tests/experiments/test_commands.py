@@ -9,7 +9,7 @@ import threading
 import pytest
 from django.core.management import CommandError, call_command
 
-from experiments import subjects
+from experiments import subjects, tasks
 from experiments.models import Response, Study
 from experiments.power import LIMITS, PowerForm
 from study_site.celery import app
@@ -133,6 +133,33 @@ def test_prepare_study_without_a_broker_works_here_and_shows_its_progress(monkey
     assert err.step_shown.is_set(), err.getvalue()
     assert out.getvalue().startswith("ch: Ready: 12 questions per subject. Note: ")
     assert "100%" in err.getvalue() and Study.objects.get(pk=study.pk).status == Study.Status.READY
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_process_preparation_stopped_or_broken_says_so(monkeypatch):
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    study, _ = make_prepared_study(make_collection("cmd-stop"), {"n_components": 4}, slug="cs")
+    release = threading.Event()
+
+    def training(study_id):  # longer than --timeout
+        Study.objects.filter(pk=study_id).update(status=Study.Status.PREPARING, message="Training")
+        release.wait(10)
+
+    monkeypatch.setattr(tasks.prepare_study, "delay", training)
+    with pytest.raises(CommandError, match="still preparing after 0.5 s"):
+        run("prepare_study", "cs", "--timeout", "0.5")
+    release.set()
+    study.refresh_from_db()  # not left "preparing" with nothing at work
+    assert study.status == Study.Status.FAILED and "prepare it again" in study.message
+
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.READY, message="Ready")
+
+    def broken(study_id):
+        raise RuntimeError("the broker's connection broke")
+
+    monkeypatch.setattr(tasks.prepare_study, "delay", broken)
+    with pytest.raises(CommandError, match="preparation stopped: the broker's connection broke"):
+        run("prepare_study", "cs")  # not "Ready", as it read before
 
 
 @pytest.mark.django_db

@@ -71,8 +71,15 @@ class Command(BaseCommand):
 
         thread = threading.Thread(target=work, name="prepare_study", daemon=True)
         thread.start()
-        study = self.follow(study, timeout, show, running=thread.is_alive)
-        if study.status not in FINAL:
+        try:
+            study = self.follow(study, timeout, show, running=thread.is_alive)
+        except (CommandError, KeyboardInterrupt):  # the work ends with this process
+            Study.objects.filter(pk=study.pk, status=Study.Status.PREPARING).update(
+                status=Study.Status.FAILED,
+                message="Stopped with the prepare_study command that ran it; prepare it again",
+            )
+            raise
+        if study.status != Study.Status.FAILED and (errors or study.status not in FINAL):
             raise CommandError(f"{study.slug}: preparation stopped: {errors[0] if errors else '?'}")
         return study
 
