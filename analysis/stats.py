@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.proportion import proportion_confint
 
 from .preference import COLUMNS, answers, ordered_pair_types, subject_preferences
 
@@ -78,11 +77,14 @@ def subject_interval(preferred, n, confidence=0.95) -> tuple[float, float]:
     binomial = share * (1 - share) / total
     effective = total / max(1.0, between / binomial) if binomial > 0 else total
     t = stats.t.ppf(0.5 + confidence / 2, k - 1)
-    # statsmodels' Wilson interval takes a level; this one's normal quantile is t.
-    low, high = proportion_confint(
-        share * effective, effective, alpha=2 * stats.norm.sf(t), method="wilson"
-    )
-    return 100.0 * float(low), 100.0 * float(high)
+    # Wilson's interval with t for the normal quantile. (statsmodels' takes a level, and the
+    # level whose normal quantile is t underflows to 0 beyond t ≈ 38: 99% with 2 subjects.)
+    shrink = 1 + t * t / effective
+    centre = (share + t * t / (2 * effective)) / shrink
+    half = t / shrink * np.sqrt(share * (1 - share) / effective + t * t / (4 * effective**2))
+    low = 0.0 if share == 0 else max(0.0, centre - half)  # exact at the ends, not rounded
+    high = 1.0 if share == 1 else min(1.0, centre + half)
+    return 100.0 * low, 100.0 * high
 
 
 def cell_test(subjects: pd.DataFrame, confidence=0.95) -> dict:

@@ -86,6 +86,26 @@ def test_subjects_who_all_agree_still_get_an_interval(preferred):
     assert 0 <= low <= share <= high <= 100 and high - low > 5
 
 
+def test_subject_interval_matches_statsmodels_wilson_and_holds_at_any_level():
+    from statsmodels.stats.proportion import proportion_confint
+
+    preferred, n = [4, 7, 10, 6], [10, 10, 10, 12]
+    low, high = subject_interval(preferred, n)
+    share = sum(preferred) / sum(n)
+    robust = (
+        4 / 3 * sum((p - share * m) ** 2 for p, m in zip(preferred, n, strict=True)) / sum(n) ** 2
+    )
+    effective = sum(n) / max(1.0, robust / (share * (1 - share) / sum(n)))
+    t = stats.t.ppf(0.975, 3)
+    expected = proportion_confint(
+        share * effective, effective, alpha=2 * stats.norm.sf(t), method="wilson"
+    )
+    assert [low, high] == pytest.approx([100 * x for x in expected], rel=1e-9)
+    # Two subjects at 99%: t is 63.7, whose normal tail underflows; still an interval.
+    low, high = subject_interval([15, 12], [20, 20], confidence=0.99)
+    assert 0 <= low < 67.5 < high <= 100
+
+
 def test_subject_interval_covers_at_its_level_with_few_subjects():
     """Simulated studies of 6 subjects, 20 answers each, whose true shares differ (Beta, mean
     60%, sd 15 points): a 95% interval must contain the population's share in about 95% of
