@@ -210,3 +210,25 @@ def test_a_redelivered_import_leaves_a_ready_pair_and_its_media_alone(tmp_path):
     assert pair.status == Pair.Status.READY
     assert {f: (getattr(pair, f).name, getattr(pair, f).path) for f in before} == before
     assert {field: os.stat(path).st_mtime_ns for field, (_, path) in before.items()} == mtimes
+
+
+def test_a_preparation_task_leaves_an_open_study_alone_and_refuses_another_collections_system():
+    # A task queued before the study opened (or sent again) must not redo its systems' results
+    # under the subjects' fixed plans.
+    collection = make_collection("guarded")
+    study, system = make_study(collection, {"n_components": 4}, slug="guarded")
+    for status in (Study.Status.OPEN, Study.Status.CLOSED):
+        Study.objects.filter(pk=study.pk).update(status=status, message="as it was")
+        assert prepare_study(study.pk) == status
+        study.refresh_from_db()
+        assert (study.status, study.message) == (status, "as it was")
+        assert System.objects.get(pk=system.pk).status == System.Status.NEW
+    # A system of another collection cannot be searched among this one's pairs.
+    elsewhere = System.objects.create(
+        collection=make_collection("elsewhere"), name="elsewhere", kind="cca", config={}
+    )
+    StudySystem.objects.filter(study=study).update(system=elsewhere)
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.DRAFT)
+    assert prepare_study(study.pk) == Study.Status.FAILED
+    study.refresh_from_db()
+    assert study.message == "elsewhere belongs to another collection."
