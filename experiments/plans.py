@@ -129,7 +129,8 @@ class _Exposure:
 
     def __init__(self, keys: Sequence[str], others=()):
         """`keys`: the test items, R's candidates; `others`: other items a plan may show."""
-        self.index = {key: i for i, key in enumerate([*keys, *sorted(others)])}
+        self.keys = [*keys, *sorted(others)]
+        self.index = {key: i for i, key in enumerate(self.keys)}
         self.n_keys = len(keys)
         zeros = {m: np.zeros(len(self.index), int) for m in ("video", "music")}
         self.session = {m: z.copy() for m, z in zeros.items()}
@@ -163,8 +164,7 @@ class _Exposure:
         allowed = np.arange(len(self.index)) < self.n_keys  # R is a test item
         allowed[[self.index[k] for k in excluded]] = False
         best = np.flatnonzero(allowed & (distance == distance[allowed].min()))
-        keys = list(self.index)
-        return keys[best[rng.integers(len(best))]]
+        return self.keys[best[rng.integers(len(best))]]
 
 
 QUERIES_PER_TEST_PAIR = 0.1  # at most a tenth of the test pairs are a block's queries
