@@ -664,6 +664,22 @@ def test_behind_a_proxy_one_clients_failures_lock_out_only_that_client(settings)
     assert right_login(Client(REMOTE_ADDR=PROXY), HTTP_X_FORWARDED_FOR="198.51.100.7") == 302
 
 
+@override_settings(TRUSTED_PROXY_COUNT=1)
+def test_a_port_a_proxy_appends_to_the_clients_address_is_left_out():
+    from django.test import RequestFactory
+
+    from study_site.settings import _client_address
+
+    def address(header):
+        return _client_address(RequestFactory().get("/", REMOTE_ADDR=PROXY, **header))
+
+    assert address({"HTTP_X_FORWARDED_FOR": "198.51.100.7:51234"}) == "198.51.100.7"
+    assert address({"HTTP_X_FORWARDED_FOR": "1.2.3.4, [2001:db8::1]:443"}) == "2001:db8::1"
+    assert address({"HTTP_X_FORWARDED_FOR": "2001:db8::2"}) == "2001:db8::2"
+    assert address({"HTTP_X_FORWARDED_FOR": "not-an-address:80"}) == PROXY
+    assert address({}) == PROXY
+
+
 def test_without_trusted_proxies_the_connections_address_counts_and_the_header_not(settings):
     assert settings.TRUSTED_PROXY_COUNT == 0  # the default
     User.objects.create_superuser("boss", password="right-one-4821")
