@@ -18,7 +18,8 @@ own and every plan can be regenerated exactly. The rules (the project's design, 
   which `per_type` queries of a class are used moves on every C subjects;
 - R is drawn when its question comes, among the items the subject has met as they met the
   candidate shown beside it (seen beside this query before, a query before, how often shown),
-  so that how a candidate was met does not tell G from R (`_Exposure`);
+  so that how a candidate was met does not tell G from R (`_Exposure`), catch questions
+  (`with_catch_questions`) included.
 """
 
 import re
@@ -78,6 +79,16 @@ def min_test_items(per_type: int = 20, comparisons: Sequence[Comparison] | None 
     return per_type * len(comparisons or default_comparisons())
 
 
+@dataclass(frozen=True)
+class Catch:
+    """A study's attention checks: how many, the collection's broken item (`key`) and ready
+    items of other splits that may be their queries (`spare_keys`)."""
+
+    key: str
+    count: int
+    spare_keys: Sequence[str] = ()
+
+
 def build_plan(
     test_keys: Sequence[str],
     results: Results,
@@ -86,8 +97,9 @@ def build_plan(
     ordinal: int = 0,
     comparisons: Sequence[Sequence[str]] | None = None,
     labels: Sequence[str] = ("S",),
+    catch: Catch | None = None,
 ) -> list[PlannedQuestion]:
-    """The plan of subject number `ordinal` (0-based) of a study.
+    """The plan of subject number `ordinal` (0-based) of a study, with `catch` questions.
 
     `results` maps (system label, direction, query key) to that system's ranked result keys.
     Raises PlanError when the collection cannot give every question its own query.
@@ -96,25 +108,40 @@ def build_plan(
     comparisons = check_design(test_keys, per_type, comparisons, labels)
     keys = sorted(set(test_keys))
     plan: list[PlannedQuestion] = []
-    # Systems' results may lie outside the test split (uploaded ranks): they are shown too.
-    seen = _Exposure(keys, {r for ranked in results.values() for r in ranked} - set(keys))
+    found_for = {}  # (direction, query) → each kind's item but R's
+    rngs = {}
     for d, direction in enumerate(DIRECTIONS):
-        rng = np.random.default_rng([seed, d, ordinal, 1])
-        seen.new_block(direction)
+        rng = rngs[direction] = np.random.default_rng([seed, d, ordinal, 1])
         for comparison, key, kinds, found in _plan_block(
             keys, results, direction, d, per_type, seed, ordinal, comparisons, labels, rng
         ):
-            if RANDOM in comparison:
-                excluded = {v for v in found.values() if v is not None}
-                shown = found[next(kind for kind in comparison if kind != RANDOM)]
-                found = {**found, RANDOM: seen.lookalike(key, shown, excluded, rng)}
-            options = (found[kinds[0]], found[kinds[1]])
+            found_for[direction, key] = found
+            options = (found.get(kinds[0], ""), found.get(kinds[1], ""))  # R: drawn below
             plan.append(
                 PlannedQuestion(
                     len(plan) + 1, direction, pair_type_name(comparison), key, *options, *kinds
                 )
             )
-            seen.show(key, *options)
+    # Besides test items a plan may show systems' results of other splits (uploaded ranks)
+    # and catch questions' items.
+    others = {r for ranked in results.values() for r in ranked}
+    if catch:
+        plan = with_catch_questions(
+            plan, keys, catch.key, catch.count, seed, ordinal, catch.spare_keys
+        )
+        others |= {catch.key, *catch.spare_keys}
+    # R is drawn in the order the subject meets the questions, catch questions included.
+    seen = _Exposure(keys, others - set(keys))
+    for i, q in enumerate(plan):
+        if i == 0 or q.direction != plan[i - 1].direction:
+            seen.new_block(q.direction)
+        if RANDOM in (q.kind_a, q.kind_b):
+            found = found_for[q.direction, q.query]
+            shown = q.option_b if q.kind_a == RANDOM else q.option_a
+            excluded = {v for v in found.values() if v is not None}
+            r = seen.lookalike(q.query, shown, excluded, rngs[q.direction])
+            plan[i] = q = replace(q, **{"option_a" if q.kind_a == RANDOM else "option_b": r})
+        seen.show(q.query, q.option_a, q.option_b)
     return plan
 
 
@@ -324,9 +351,11 @@ def with_catch_questions(
     the last), at most one per gap, so no two are adjacent; it belongs to the block of the
     question after it (the last gap: the one before). Its query is one that no block asks
     about: a test item, else one of `spare_keys` (ready items of other splits), else one its
-    block does not ask about, else, when the collection has no other, a query whose question in
-    the block does not show its ground truth (having seen the query beside G would give the
-    catch question away, and a catch question shows its query beside G).
+    block does not ask about (first one whose question in a later block does not show its
+    ground truth: a catch question shows its query beside G, which would give that question
+    away), else, when the collection has no other, a query whose question in the block does
+    not show its ground truth (having seen the query beside G would give the catch question
+    away).
     Positions are renumbered 1…len(plan)+count.
     """
     if count < 0 or count > len(plan) + 1:
@@ -351,6 +380,9 @@ def with_catch_questions(
             anywhere = asked["V2M"] | asked["M2V"]
             fresh = [k for k in keys if k not in anywhere]
             fresh = fresh or [k for k in spare if k not in asked[direction]]
+            # The other block is still to come for a video→music catch: not one of its G's.
+            later = shown_g["M2V"] if direction == DIRECTIONS[0] else set()
+            fresh = fresh or [k for k in keys if k not in asked[direction] | later]
             fresh = fresh or [k for k in keys if k not in asked[direction]]
             fresh = fresh or [k for k in keys if k not in shown_g[direction]] or keys
             query = fresh[rng.integers(len(fresh))]

@@ -24,12 +24,12 @@ from experiments.models import (
     Subject,
 )
 from experiments.plans import (
+    Catch,
     PlanError,
     PlannedQuestion,
     build_plan,
     check_design,
     reuse_note,
-    with_catch_questions,
 )
 
 ORDINAL_ATTEMPTS = 5  # two subjects created at once may both take the next ordinal
@@ -38,22 +38,12 @@ SPARE_CATCH_QUERIES = 1000  # other splits' items a catch question may take as i
 
 def plan_for(study: Study, ordinal: int) -> list[PlannedQuestion]:
     """The plan of the study's subject number `ordinal`; PlanError when there can be none."""
-    return _plan(study, _plan_inputs(study), _catch_inputs(study), ordinal)
+    return build_plan(ordinal=ordinal, catch=_catch(study), **_plan_inputs(study))
 
 
-def _plan(study: Study, inputs: dict, catch: tuple[str, list[str]] | None, ordinal: int):
-    plan = build_plan(ordinal=ordinal, **inputs)
-    if catch is None:
-        return plan
-    catch_key, spare_keys = catch
-    return with_catch_questions(
-        plan, inputs["test_keys"], catch_key, study.catch_count, study.seed, ordinal, spare_keys
-    )
-
-
-def _catch_inputs(study: Study) -> tuple[str, list[str]] | None:
-    """The key of the collection's broken pair when the study asks catch questions, and ready
-    items of other splits for catch queries once the test items are all asked."""
+def _catch(study: Study) -> Catch | None:
+    """The study's catch questions: the collection's broken pair, and ready items of other
+    splits for catch queries once the test items are all asked."""
     if not study.attention_checks or not study.catch_count:
         return None
     key = (
@@ -73,7 +63,9 @@ def _catch_inputs(study: Study) -> tuple[str, list[str]] | None:
         split__in=[Split.TRAIN, Split.VAL],
         status=Pair.Status.READY,
     ).order_by("key")
-    return key, list(spare.values_list("key", flat=True)[:SPARE_CATCH_QUERIES])
+    return Catch(
+        key, study.catch_count, list(spare.values_list("key", flat=True)[:SPARE_CATCH_QUERIES])
+    )
 
 
 def create_subject(study: Study, external_id: str = "", meta: dict | None = None) -> Subject:
@@ -93,7 +85,7 @@ def create_subjects(study: Study, n: int) -> list[Subject]:
 def _study_inputs(study: Study) -> tuple:
     """What every subject's plan is built from: plan inputs, catch key, pair ids, judges."""
     pair_ids = dict(Pair.objects.filter(collection_id=study.collection_id).values_list("key", "pk"))
-    return _plan_inputs(study), _catch_inputs(study), pair_ids, _machine_judges(study)
+    return _plan_inputs(study), _catch(study), pair_ids, _machine_judges(study)
 
 
 def _create(study: Study, study_inputs: tuple, external_id: str = "", meta=None) -> Subject:
@@ -105,7 +97,7 @@ def _create(study: Study, study_inputs: tuple, external_id: str = "", meta=None)
                 Study.objects.select_for_update().filter(pk=study.pk).exists()
                 last = study.subjects.aggregate(last=Max("ordinal"))["last"]
                 ordinal = 0 if last is None else last + 1
-                plan = _plan(study, inputs, catch, ordinal)
+                plan = build_plan(ordinal=ordinal, catch=catch, **inputs)
                 subject = Subject.objects.create(
                     study=study, ordinal=ordinal, external_id=external_id, meta=meta or {}
                 )

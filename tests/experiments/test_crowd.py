@@ -134,6 +134,24 @@ def test_catch_queries_are_never_asked_in_their_block_where_the_collection_allow
         assert not any((q.direction, q.query) in shows_g for q in out if q.is_catch)
 
 
+def test_a_video_to_music_catch_query_is_not_a_ground_truth_the_other_block_shows_later():
+    """Without spare items: a video→music catch question shows its query beside its music, so
+    a music→video question on that music showing its video (G) would be given away."""
+    keys = [f"q{i}" for i in range(12)]
+    v2m = [PlannedQuestion(i + 1, "V2M", "GR", k, k, "r", "G", "R") for i, k in enumerate(keys[:6])]
+    m2v = [  # every item; q6-q8 beside their ground truth, q9-q11 without
+        PlannedQuestion(7 + i, "M2V", "GR", k, k, "r", "G", "R")
+        if i < 9
+        else PlannedQuestion(7 + i, "M2V", "SR", k, "s", "r", "S", "R")
+        for i, k in enumerate(keys)
+    ]
+    queries = set()
+    for ordinal in range(20):
+        out = with_catch_questions(v2m + m2v, keys, "__catch__", 3, 2, ordinal)
+        queries |= {q.query for q in out if q.is_catch and q.direction == "V2M"}
+    assert queries and queries <= {"q9", "q10", "q11"}, queries
+
+
 def test_catch_questions_show_the_ground_truth_as_a_or_b_by_chance():
     """Always clicking A (or B) must not pass the attention checks."""
     plan = plain_plan(40)
