@@ -2,12 +2,18 @@
 
 import contextlib
 import ctypes
+import functools
+import math
 import multiprocessing
+import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
 
 _shared: dict[tuple, ProcessPoolExecutor] = {}
 _shared_lock = threading.Lock()
@@ -100,3 +106,82 @@ def computed_ahead(fn: Callable, items: Iterable, workers: int, ahead: int) -> I
     finally:  # leave the pool no work nobody will collect
         for future in pending:
             future.cancel()
+
+
+SHARED_MEMORY_DIR = "/dev/shm"  # where Linux keeps shared memory (a container's may be small)
+
+
+def batches_computed_ahead(
+    fn: Callable, items: Sequence, workers: int, batch_size: int, shape: tuple, dtype=np.float32
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`(start, results)` for each `batch_size` consecutive items: `fn(item)` of each, stacked
+    into one array, computed by the shared pool of `workers` processes up to three batches
+    ahead, for an `fn` whose results all have one `shape` and `dtype` (a music excerpt).
+
+    The workers write results into shared memory instead of pickling them through the pool's
+    single result pipe, which this process reads on one thread: a 1.4 MB excerpt costs it 2.3
+    ms through the pipe (a ceiling of a few hundred a second, however many workers) and 0.7
+    ms from shared memory. Where shared memory is too small for that (a container's default
+    64 MB) the pipe serves instead; the results are the same.
+    """
+    ahead = 3 * batch_size
+    memory = _shared_memory(ahead * math.prod(shape) * np.dtype(dtype).itemsize)
+    if memory is None:
+        yield from _stacked(computed_ahead(fn, items, workers, ahead), len(items), batch_size)
+        return
+    slots = np.ndarray((ahead, *shape), dtype, memory.buf)
+    write = functools.partial(_write_slot, fn, memory.name, slots.shape, dtype)
+    written = computed_ahead(
+        write, ((item, i % ahead) for i, item in enumerate(items)), workers, ahead
+    )
+    try:
+        # Each result is copied as it comes: its slot takes item i + ahead next.
+        yield from _stacked((slots[slot] for slot in written), len(items), batch_size)
+    finally:
+        written.close()
+        del slots
+        memory.close()
+        memory.unlink()
+
+
+def _shared_memory(size: int) -> SharedMemory | None:
+    """A new block of shared memory, or None where there is not twice that room."""
+    try:
+        room = os.statvfs(SHARED_MEMORY_DIR)
+        if 2 * size < room.f_bavail * room.f_frsize:
+            return SharedMemory(create=True, size=size)
+    except OSError:
+        pass
+    return None
+
+
+def _stacked(results: Iterator[np.ndarray], n: int, batch_size: int):
+    """`(start, array)` of `n` same-shaped results, `batch_size` at a time."""
+    try:
+        for start in range(0, n, batch_size):
+            first = next(results)
+            batch = np.empty((min(batch_size, n - start), *first.shape), first.dtype)
+            batch[0] = first
+            for row in batch[1:]:
+                row[...] = next(results)
+            yield start, batch
+    finally:  # stopped early: pending work is cancelled
+        results.close()
+
+
+_attached: dict[str, SharedMemory] = {}  # in a worker: its caller's current block, mapped
+
+
+def _write_slot(fn: Callable, name: str, shape: tuple, dtype, job) -> int:
+    """In a worker: `fn(item)` written into slot `slot` of the shared memory `name`. The block
+    stays mapped for the call's next items (mapping it afresh cost 0.8 ms of CPU an item) and
+    is let go at the worker's first item of a later call."""
+    item, slot = job
+    result = fn(item)
+    if name not in _attached:
+        for old in _attached.values():  # a finished call's: its caller has unlinked it
+            old.close()
+        _attached.clear()
+        _attached[name] = SharedMemory(name)
+    np.ndarray(shape, dtype, _attached[name].buf)[slot] = result
+    return slot

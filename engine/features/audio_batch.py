@@ -21,7 +21,6 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
-import itertools
 import math
 import os
 import sys
@@ -37,6 +36,7 @@ import threadpoolctl
 import torch
 
 from engine.features.audio import (
+    DURATION,
     HOP,
     N_FFT,
     N_MELS,
@@ -45,7 +45,7 @@ from engine.features.audio import (
     load_excerpt,
     warm_numba_cache,
 )
-from engine.processes import computed_ahead, using_shared_pool
+from engine.processes import batches_computed_ahead, using_shared_pool
 
 CQT_BINS_PER_OCTAVE = 36
 CQT_OCTAVES = 7
@@ -85,7 +85,7 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
                 out[start : start + len(rows)] = rows
         return out
     for start, waves in _decoded_batches(sources, batch_size, workers):
-        y = torch.from_numpy(np.stack(waves)).to(device)
+        y = torch.from_numpy(waves).to(device)
         out[start : start + len(waves)] = batch_features(y).cpu().numpy()
     return out
 
@@ -114,17 +114,14 @@ def one_torch_thread():
 
 
 def _decoded_batches(sources, batch_size, workers):
-    """`(start, excerpts)` of `batch_size` sources at a time, decoded by `workers` processes
-    a few batches ahead (0: in this process)."""
+    """`(start, excerpts)`, an array of `batch_size` sources' excerpts at a time, decoded by
+    `workers` processes a few batches ahead (0: in this process)."""
     if workers == 0 or len(sources) <= 1:
-        decoded = (load_excerpt(source) for source in sources)
-    else:
-        decoded = computed_ahead(load_excerpt, sources, workers, ahead=3 * batch_size)
-    try:
         for start in range(0, len(sources), batch_size):
-            yield start, list(itertools.islice(decoded, batch_size))
-    finally:  # stopped early: the workers' pending decodes are cancelled
-        decoded.close()
+            yield start, np.stack([load_excerpt(s) for s in sources[start : start + batch_size]])
+    else:
+        samples = (int(round(DURATION * SR)),)
+        yield from batches_computed_ahead(load_excerpt, sources, workers, batch_size, samples)
 
 
 @torch.no_grad()

@@ -1,7 +1,14 @@
+import random
 import subprocess
 import time
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 
-from engine.processes import computed_ahead
+import numpy as np
+import pytest
+
+from engine import processes
+from engine.processes import batches_computed_ahead, computed_ahead
 
 
 def test_computed_ahead_keeps_the_order():
@@ -17,3 +24,53 @@ def test_computed_ahead_cancels_what_nobody_collects(tmp_path):
     results.close()
     time.sleep(2)  # what was started has finished
     assert 1 < len(list(tmp_path.iterdir())) < 8
+
+
+def numbered(i):
+    time.sleep(random.random() * 0.01)  # workers finish out of order
+    return np.full((3, 4), i, np.float32)
+
+
+class RecordedSharedMemory(SharedMemory):
+    """Real shared memory whose blocks' names the test can see."""
+
+    created: list[str] = []
+
+    def __init__(self, name=None, create=False, size=0):
+        super().__init__(name, create, size)
+        if create:
+            self.created.append(self.name)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared memory", "pipe"])
+def test_batches_computed_ahead_keep_the_order_and_free_their_memory(shared, monkeypatch):
+    """50 items through 9 slots: a slot is written again only once its item is copied."""
+    monkeypatch.setattr(processes, "SharedMemory", RecordedSharedMemory)
+    monkeypatch.setattr(RecordedSharedMemory, "created", [])
+    if not shared:  # no shared memory where the engine looks for it: the pool's pipe
+        monkeypatch.setattr(processes, "SHARED_MEMORY_DIR", "/nonexistent")
+    batches = batches_computed_ahead(numbered, list(range(50)), 2, batch_size=3, shape=(3, 4))
+    first = next(batches)
+    blocks = RecordedSharedMemory.created
+    assert len(blocks) == int(shared)
+    assert all(Path("/dev/shm", name).exists() for name in blocks)
+    got = [first, *batches]
+    assert [start for start, _ in got] == list(range(0, 50, 3))
+    values = np.concatenate([batch for _, batch in got])
+    assert values.shape == (50, 3, 4) and (values == np.arange(50)[:, None, None]).all()
+    assert not any(Path("/dev/shm", name).exists() for name in blocks)  # unlinked
+
+
+def test_batches_computed_ahead_stopped_early_free_their_memory_and_the_pool_goes_on(
+    monkeypatch,
+):
+    monkeypatch.setattr(processes, "SharedMemory", RecordedSharedMemory)
+    monkeypatch.setattr(RecordedSharedMemory, "created", [])
+    batches = batches_computed_ahead(numbered, list(range(40)), 2, batch_size=4, shape=(3, 4))
+    start, batch = next(batches)
+    batches.close()
+    (name,) = RecordedSharedMemory.created
+    assert not Path("/dev/shm", name).exists()
+    again = list(batches_computed_ahead(numbered, [7, 8], 2, batch_size=4, shape=(3, 4)))
+    assert start == 0 and (batch[:, 0, 0] == [0, 1, 2, 3]).all()
+    assert len(again) == 1 and (again[0][1][:, 0, 0] == [7, 8]).all()
