@@ -15,6 +15,7 @@ mkdir -p "$OUT"
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 SONGS_GLOB="$PWD/.whl/songs/*/*.m4a"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+df -h /dev/shm || true  # the music decode processes' shared memory
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 # Not the venv's pytest-django: the engine's tests import no Django.
 timeout 180 "$PYTHON" -m pytest tests/engine -m gpu -q -p no:cacheprovider -p no:django \

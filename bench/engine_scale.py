@@ -156,6 +156,7 @@ def music_parts(tracks, reference, batch: int):
     import cProfile
     import pstats
 
+    from engine import processes
     from engine.features.audio import load_excerpt
     from engine.features.audio_batch import _decoded_batches, batch_features, music_features_batch
 
@@ -166,12 +167,17 @@ def music_parts(tracks, reference, batch: int):
         f"decode, this process: {seconds / len(reference) * 1e3:.1f} ms/track, {cpu * 1e3:.1f} CPU ms"
     )
     workers = os.cpu_count()
-    cpu = cpu_seconds()
-    seconds, _ = timed(lambda: [len(w) for _, w in _decoded_batches(tracks, batch, workers)])
-    print(
-        f"decode only, {workers} processes: {len(tracks) / seconds:.1f} tracks/s, "
-        f"{(cpu_seconds() - cpu) / len(tracks):.3f} CPU s/track"
-    )
+    list(_decoded_batches(tracks[: 2 * batch], batch, workers))  # the processes start
+    for through, folder in (("shared memory", processes.SHARED_MEMORY_DIR), ("pipe", "/none")):
+        processes.SHARED_MEMORY_DIR, kept = folder, processes.SHARED_MEMORY_DIR
+        cpu, own = cpu_seconds(), time.process_time()
+        seconds, _ = timed(lambda: [len(w) for _, w in _decoded_batches(tracks, batch, workers)])
+        processes.SHARED_MEMORY_DIR = kept
+        print(
+            f"decode only, {workers} processes, through the {through}: "
+            f"{len(tracks) / seconds:.1f} tracks/s, {(cpu_seconds() - cpu) / len(tracks):.3f} "
+            f"CPU s/track ({(time.process_time() - own) / len(tracks) * 1e3:.2f} ms this process)"
+        )
     for size in (batch, 2 * batch):
         y = torch.from_numpy(np.stack((waves * (size // len(waves) + 1))[:size])).to(device())
         batch_features(y)  # the filter banks of every tuning here
@@ -185,11 +191,11 @@ def music_parts(tracks, reference, batch: int):
     profiler.runcall(lambda: batch_features(y).cpu())
     pstats.Stats(profiler).sort_stats("tottime").print_stats(8)
     # The whole path again with other batch sizes and one core left to this process.
-    for size, processes in ((batch, workers - 1), (2 * batch, workers), (2 * batch, workers - 1)):
-        music_features_batch(tracks[: 2 * size], batch_size=size, workers=processes)  # warm
-        seconds, _ = timed(music_features_batch, tracks, batch_size=size, workers=processes)
+    for size, decoders in ((batch, workers - 1), (2 * batch, workers), (2 * batch, workers - 1)):
+        music_features_batch(tracks[: 2 * size], batch_size=size, workers=decoders)  # warm
+        seconds, _ = timed(music_features_batch, tracks, batch_size=size, workers=decoders)
         print(
-            f"batched, batches of {size}, {processes} decode processes: {len(tracks) / seconds:.1f} tracks/s"
+            f"batched, batches of {size}, {decoders} decode processes: {len(tracks) / seconds:.1f} tracks/s"
         )
 
 
