@@ -145,14 +145,24 @@ def batches_computed_ahead(
 
 
 def _shared_memory(size: int) -> SharedMemory | None:
-    """A new block of shared memory, or None where there is not twice that room."""
+    """A new block of shared memory with its pages reserved, or None where there is no room
+    for it (a container's /dev/shm is 64 MB by default): a worker writing into a page that
+    cannot be had would die of SIGBUS."""
     try:
-        room = os.statvfs(SHARED_MEMORY_DIR)
-        if 2 * size < room.f_bavail * room.f_frsize:
-            return SharedMemory(create=True, size=size)
+        memory = SharedMemory(create=True, size=size)
     except OSError:
-        pass
-    return None
+        return None
+    try:
+        fd = os.open(os.path.join(SHARED_MEMORY_DIR, memory.name), os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError:  # no room, or not where Linux keeps it
+        memory.close()
+        memory.unlink()
+        return None
+    return memory
 
 
 def _stacked(results: Iterator[np.ndarray], n: int, batch_size: int):
