@@ -125,29 +125,36 @@ def batches_computed_ahead(
     64 MB) the pipe serves instead; the results are the same.
     """
     ahead = 3 * batch_size
-    memory = _shared_memory(ahead * math.prod(shape) * np.dtype(dtype).itemsize)
+    slot = math.prod(shape) * np.dtype(dtype).itemsize  # bytes
+    memory = _shared_memory(ahead * slot)
     if memory is None:
-        yield from _stacked(computed_ahead(fn, items, workers, ahead), len(items), batch_size)
-        return
-    slots = np.ndarray((ahead, *shape), dtype, memory.buf)
-    write = functools.partial(_write_slot, fn, memory.name, slots.shape, dtype)
-    written = computed_ahead(
-        write, ((item, i % ahead) for i, item in enumerate(items)), workers, ahead
-    )
+        results = computed_ahead(fn, items, workers, ahead)
+    else:
+        path = os.path.join(SHARED_MEMORY_DIR, memory.name)
+        write = functools.partial(_write_at, fn, path, shape, dtype)
+        jobs = ((item, i % ahead * slot) for i, item in enumerate(items))
+        results = computed_ahead(write, jobs, workers, ahead)
     try:
-        # Each result is copied as it comes: its slot takes item i + ahead next.
-        yield from _stacked((slots[slot] for slot in written), len(items), batch_size)
+        for start in range(0, len(items), batch_size):
+            batch = np.empty((min(batch_size, len(items) - start), *shape), dtype)
+            for row in batch:
+                result = next(results)
+                if memory is None:
+                    row[...] = result
+                else:  # copied now, as bytes (no view outlives it): item i + ahead comes next
+                    row.data.cast("B")[:] = memory.buf[result : result + slot]
+            yield start, batch
     finally:
-        written.close()
-        del slots
-        memory.close()
-        memory.unlink()
+        results.close()  # stopped early: pending work is cancelled
+        if memory is not None:
+            memory.close()
+            memory.unlink()
 
 
 def _shared_memory(size: int) -> SharedMemory | None:
     """A new block of shared memory with its pages reserved, or None where there is no room
-    for it (a container's /dev/shm is 64 MB by default): a worker writing into a page that
-    cannot be had would die of SIGBUS."""
+    for it (a container's /dev/shm is 64 MB by default: writing into a page that cannot be
+    had kills a process with SIGBUS)."""
     try:
         memory = SharedMemory(create=True, size=size)
     except OSError:
@@ -165,33 +172,19 @@ def _shared_memory(size: int) -> SharedMemory | None:
     return memory
 
 
-def _stacked(results: Iterator[np.ndarray], n: int, batch_size: int):
-    """`(start, array)` of `n` same-shaped results, `batch_size` at a time."""
+def _write_at(fn: Callable, path: str, shape: tuple, dtype, job) -> int:
+    """In a worker: `fn(item)` written at `offset` of the shared memory's file `path`, without
+    mapping it: nothing of the block stays with the worker after the call."""
+    item, offset = job
+    result = np.ascontiguousarray(fn(item), dtype)
+    if result.shape != shape:
+        raise ValueError(f"{fn.__name__}({item!r}) has shape {result.shape}, not {shape}")
+    data = memoryview(result).cast("B")
+    fd = os.open(path, os.O_WRONLY)
     try:
-        for start in range(0, n, batch_size):
-            first = next(results)
-            batch = np.empty((min(batch_size, n - start), *first.shape), first.dtype)
-            batch[0] = first
-            for row in batch[1:]:
-                row[...] = next(results)
-            yield start, batch
-    finally:  # stopped early: pending work is cancelled
-        results.close()
-
-
-_attached: dict[str, SharedMemory] = {}  # in a worker: its caller's current block, mapped
-
-
-def _write_slot(fn: Callable, name: str, shape: tuple, dtype, job) -> int:
-    """In a worker: `fn(item)` written into slot `slot` of the shared memory `name`. The block
-    stays mapped for the call's next items (mapping it afresh cost 0.8 ms of CPU an item) and
-    is let go at the worker's first item of a later call."""
-    item, slot = job
-    result = fn(item)
-    if name not in _attached:
-        for old in _attached.values():  # a finished call's: its caller has unlinked it
-            old.close()
-        _attached.clear()
-        _attached[name] = SharedMemory(name)
-    np.ndarray(shape, dtype, _attached[name].buf)[slot] = result
-    return slot
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], offset + written)
+    finally:
+        os.close(fd)
+    return offset

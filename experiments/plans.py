@@ -19,7 +19,8 @@ own and every plan can be regenerated exactly. The rules (the project's design, 
 - R is drawn when its question comes, among the items the subject has met as they met the
   candidate shown beside it (seen beside this query before, a query before, how often shown),
   so that how a candidate was met does not tell G from R (`_Exposure`), catch questions
-  (`with_catch_questions`) included.
+  (`with_catch_questions`) included; never an item a catch question has shown with its
+  pairing (the subject knows it is not G).
 """
 
 import re
@@ -132,6 +133,7 @@ def build_plan(
         others |= {catch.key, *catch.spare_keys}
     # R is drawn in the order the subject meets the questions, catch questions included.
     seen = _Exposure(keys, others - set(keys))
+    paired: set[str] = set()  # items a catch question has shown with their own pairing
     for i, q in enumerate(plan):
         if i == 0 or q.direction != plan[i - 1].direction:
             seen.new_block(q.direction)
@@ -139,8 +141,13 @@ def build_plan(
             found = found_for[q.direction, q.query]
             shown = q.option_b if q.kind_a == RANDOM else q.option_a
             excluded = {v for v in found.values() if v is not None}
+            # Such an item is not this query's G, as the subject knows: where others are left.
+            if len(keys) > len(excluded | paired & seen.test_keys):
+                excluded |= paired
             r = seen.lookalike(q.query, shown, excluded, rngs[q.direction])
             plan[i] = q = replace(q, **{"option_a" if q.kind_a == RANDOM else "option_b": r})
+        if q.is_catch:
+            paired.add(q.query)
         seen.show(q.query, q.option_a, q.option_b)
     return plan
 
@@ -157,6 +164,7 @@ class _Exposure:
     def __init__(self, keys: Sequence[str], others=()):
         """`keys`: the test items, R's candidates; `others`: other items a plan may show."""
         self.keys = [*keys, *sorted(others)]
+        self.test_keys = set(keys)
         self.index = {key: i for i, key in enumerate(self.keys)}
         self.n_keys = len(keys)
         zeros = {m: np.zeros(len(self.index), int) for m in ("video", "music")}

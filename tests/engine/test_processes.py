@@ -1,9 +1,11 @@
+import contextlib
+import mmap
 import os
-import random
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
@@ -30,7 +32,9 @@ def test_computed_ahead_cancels_what_nobody_collects(tmp_path):
 
 
 def numbered(i):
-    time.sleep(random.random() * 0.01)  # workers finish out of order
+    # Every tenth item is slow: the items after it that are in flight finish first, and one
+    # given the slow one's slot too early would have its result overwritten.
+    time.sleep(0.1 if i % 10 == 5 else 0)
     return np.full((3, 4), i, np.float32)
 
 
@@ -106,3 +110,51 @@ def test_a_dev_shm_too_small_for_the_slots_leaves_the_results_to_the_pipe():
     if "mount:" in done.stderr:
         pytest.skip(f"cannot mount here: {done.stderr.strip()}")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def mapped_by_any_process(name: str) -> bool:
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            if name in maps.read_text():
+                return True
+    return False
+
+
+def test_no_worker_keeps_a_finished_calls_shared_memory(monkeypatch):
+    """Unlinked but still mapped, a block would hold its pages (134 MB at batch 32) until
+    each worker's next call, and leave that call no room for its own."""
+    monkeypatch.setattr(processes, "SharedMemory", RecordedSharedMemory)
+    monkeypatch.setattr(RecordedSharedMemory, "created", [])
+    list(batches_computed_ahead(numbered, list(range(12)), 2, batch_size=2, shape=(3, 4)))
+    (name,) = RecordedSharedMemory.created
+    assert not Path("/dev/shm", name).exists() and not mapped_by_any_process(name)
+
+
+def failing_at_5(i):
+    if i == 5:
+        raise RuntimeError("item 5 cannot be read")
+    return np.full((3, 4), i, np.float32)
+
+
+def test_an_items_error_reaches_the_caller_with_nothing_left_pointing_into_freed_memory(
+    monkeypatch,
+):
+    monkeypatch.setattr(processes, "SharedMemory", RecordedSharedMemory)
+    monkeypatch.setattr(RecordedSharedMemory, "created", [])
+    batches = batches_computed_ahead(failing_at_5, list(range(20)), 2, batch_size=2, shape=(3, 4))
+    with pytest.raises(RuntimeError, match="item 5 cannot be read") as error:
+        list(batches)
+    (name,) = RecordedSharedMemory.created
+    assert not Path("/dev/shm", name).exists()
+    # The traceback keeps its frames' variables (a debugger, an error report reads them): a
+    # view of the block there would read unmapped memory (a segmentation fault).
+    for frame, _ in traceback.walk_tb(error.tb):
+        for value in frame.f_locals.values():
+            assert not views_a_mapping(value), f"{frame.f_code.co_name} holds a view of it"
+
+
+def views_a_mapping(value) -> bool:
+    """Whether an array or memoryview is (a view of) a memory mapping."""
+    while isinstance(value, np.ndarray | memoryview):
+        value = value.base if isinstance(value, np.ndarray) else value.obj
+    return isinstance(value, mmap.mmap)

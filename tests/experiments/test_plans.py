@@ -117,8 +117,10 @@ def rules_from_what_was_seen(plan):
     """How often rules a subject could follow without watching pick the ground truth, per
     (pair type, direction, rule): [right, wrong, undecided]. A rule uses only the subject's
     own earlier questions: pick the candidate shown less often in this block, the one seen
-    beside this query before, the one never a query, the one never seen."""
+    beside this query before, the one never a query, the one never seen, the one a catch
+    question has not shown with another item as its pairing."""
     seen, block, queries, beside = Counter(), Counter(), set(), defaultdict(set)
+    paired = set()  # pair keys a catch question has shown as a query and its ground truth
     counts = defaultdict(lambda: [0, 0, 0])
     direction = None
     for q in plan:
@@ -132,6 +134,10 @@ def rules_from_what_was_seen(plan):
                 "seen beside the query": (a in beside[query], b in beside[query]),
                 "never a query": (a not in queries, b not in queries),
                 "never seen": (seen[a] == 0, seen[b] == 0),
+                "not paired elsewhere": (
+                    q.option_a not in paired - {q.query},
+                    q.option_b not in paired - {q.query},
+                ),
             }
             for rule, (score_a, score_b) in scores.items():
                 cell = counts[q.pair_type, q.direction, rule]
@@ -146,6 +152,8 @@ def rules_from_what_was_seen(plan):
         beside[query] |= {a, b}
         beside[a].add(query)
         beside[b].add(query)
+        if q.is_catch:
+            paired.add(q.query)
     return counts
 
 
@@ -167,13 +175,14 @@ def test_how_candidates_were_met_before_does_not_tell_g_from_r(n_keys):
         for cell, (r, w, u) in total.items()
         if cell[0] == "GR" and cell[2] != "seen beside the query"
     }
-    assert len(right) == 6 and all(abs(x - 0.5) <= 0.03 for x in right.values()), right
+    assert len(right) == 8 and all(abs(x - 0.5) <= 0.03 for x in right.values()), right
 
 
 def test_catch_questions_met_before_do_not_tell_g_from_r_either():
-    """A catch question shows its query's ground truth: R is drawn knowing that too. (Drawn
-    before the catch questions were placed, "the one never seen" picked G in 54.3% of M2V
-    G-R questions here.)"""
+    """A catch question shows its query's ground truth: R is drawn knowing that too, and is
+    never an item a catch question showed with its pairing (so not G here, as the subject
+    knows). (R drawn before the catch questions were placed: "the one never seen" picked G in
+    54.3% of M2V G-R questions here; R an item so paired: "not paired elsewhere" 56.3%.)"""
     keys = [f"k{i:03d}" for i in range(30)]
     results = make_results(keys, ("S",), 3)
     catch = Catch("__catch__", 6, [f"t{i:03d}" for i in range(20)])
@@ -188,7 +197,7 @@ def test_catch_questions_met_before_do_not_tell_g_from_r_either():
         for cell, (r, w, u) in total.items()
         if cell[0] == "GR" and cell[2] != "seen beside the query"
     }
-    assert len(right) == 6 and all(abs(x - 0.5) <= 0.02 for x in right.values()), right
+    assert len(right) == 8 and all(abs(x - 0.5) <= 0.02 for x in right.values()), right
 
 
 def test_catch_questions_take_test_items_that_no_block_asks_about():
