@@ -157,24 +157,28 @@ def rules_from_what_was_seen(plan):
     return counts
 
 
-@pytest.mark.parametrize("n_keys", [15, 30, 60])  # a block's queries, twice and four times
-def test_how_candidates_were_met_before_does_not_tell_g_from_r(n_keys):
-    """Over 30 subjects, rules from a subject's earlier questions pick G in G-R questions at
-    chance (within 3 points, undecided ones guessed), but for "the one seen beside this query
-    before": R cannot always be such an item. (R drawn from all items: up to 61%.)"""
-    keys = [f"k{i:03d}" for i in range(n_keys)]
-    results = make_results(keys, ("S",), 3)
+def g_r_rules_right(plans) -> dict:
+    """The share of G-R questions each rule of `rules_from_what_was_seen` gets right over
+    `plans` (undecided ones guessed), but "seen beside the query": R cannot always be such an
+    item."""
     total = defaultdict(lambda: np.zeros(3))
-    for ordinal in range(30):
-        for cell, counts in rules_from_what_was_seen(
-            build_plan(keys, results, 5, seed=3, ordinal=ordinal)
-        ).items():
+    for plan in plans:
+        for cell, counts in rules_from_what_was_seen(plan).items():
             total[cell] += counts
-    right = {
+    return {
         cell: (r + u / 2) / (r + w + u)
         for cell, (r, w, u) in total.items()
         if cell[0] == "GR" and cell[2] != "seen beside the query"
     }
+
+
+@pytest.mark.parametrize("n_keys", [15, 30, 60])  # a block's queries, twice and four times
+def test_how_candidates_were_met_before_does_not_tell_g_from_r(n_keys):
+    """Over 30 subjects, rules from a subject's earlier questions pick G in G-R questions at
+    chance (within 3 points). (R drawn from all items: up to 61%.)"""
+    keys = [f"k{i:03d}" for i in range(n_keys)]
+    results = make_results(keys, ("S",), 3)
+    right = g_r_rules_right(build_plan(keys, results, 5, seed=3, ordinal=o) for o in range(30))
     assert len(right) == 8 and all(abs(x - 0.5) <= 0.03 for x in right.values()), right
 
 
@@ -186,17 +190,9 @@ def test_catch_questions_met_before_do_not_tell_g_from_r_either():
     keys = [f"k{i:03d}" for i in range(30)]
     results = make_results(keys, ("S",), 3)
     catch = Catch("__catch__", 6, [f"t{i:03d}" for i in range(20)])
-    total = defaultdict(lambda: np.zeros(3))
-    for ordinal in range(60):
-        plan = build_plan(keys, results, 5, seed=3, ordinal=ordinal, catch=catch)
-        assert sum(q.is_catch for q in plan) == 6
-        for cell, counts in rules_from_what_was_seen(plan).items():
-            total[cell] += counts
-    right = {
-        cell: (r + u / 2) / (r + w + u)
-        for cell, (r, w, u) in total.items()
-        if cell[0] == "GR" and cell[2] != "seen beside the query"
-    }
+    plans = [build_plan(keys, results, 5, seed=3, ordinal=o, catch=catch) for o in range(60)]
+    assert all(sum(q.is_catch for q in plan) == 6 for plan in plans)
+    right = g_r_rules_right(plans)
     assert len(right) == 8 and all(abs(x - 0.5) <= 0.02 for x in right.values()), right
 
 
