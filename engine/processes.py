@@ -119,10 +119,10 @@ def batches_computed_ahead(
     ahead, for an `fn` whose results all have one `shape` and `dtype` (a music excerpt).
 
     The workers write results into shared memory instead of pickling them through the pool's
-    single result pipe, which this process reads on one thread: a 1.4 MB excerpt costs it 2.0-
-    2.2 ms through the pipe (a ceiling of a few hundred a second, however many workers) and
-    0.65-0.8 ms from shared memory. Where shared memory is too small for that (a container's default
-    64 MB) the pipe serves instead; the results are the same.
+    single result pipe, which this process reads on one thread: a 1.4 MB excerpt costs it
+    2.0-2.2 ms through the pipe (a ceiling of a few hundred a second, however many workers)
+    and 0.65-0.8 ms from shared memory. Where shared memory is too small for that (a
+    container's default 64 MB) the pipe serves instead; the results are the same.
     """
     ahead = 3 * batch_size
     slot = math.prod(shape) * np.dtype(dtype).itemsize  # bytes
@@ -178,7 +178,7 @@ def _write_at(fn: Callable, path: str, shape: tuple, dtype, job) -> int:
     item, offset = job
     result = np.ascontiguousarray(fn(item), dtype)
     if result.shape != shape:
-        raise ValueError(f"{fn.__name__}({item!r}) has shape {result.shape}, not {shape}")
+        raise ValueError(f"the result for {item!r} has shape {result.shape}, not {shape}")
     data = memoryview(result).cast("B")
     fd = os.open(path, os.O_WRONLY)
     try:

@@ -83,7 +83,8 @@ def create_subjects(study: Study, n: int) -> list[Subject]:
 
 
 def _study_inputs(study: Study) -> tuple:
-    """What every subject's plan is built from: plan inputs, catch key, pair ids, judges."""
+    """What every subject's plan is built from: plan inputs, catch questions, pair ids,
+    judges."""
     pair_ids = dict(Pair.objects.filter(collection_id=study.collection_id).values_list("key", "pk"))
     return _plan_inputs(study), _catch(study), pair_ids, _machine_judges(study)
 

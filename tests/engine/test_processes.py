@@ -158,3 +158,8 @@ def views_a_mapping(value) -> bool:
     while isinstance(value, np.ndarray | memoryview):
         value = value.base if isinstance(value, np.ndarray) else value.obj
     return isinstance(value, mmap.mmap)
+
+
+def test_a_result_of_another_shape_is_an_error_naming_its_item():
+    with pytest.raises(ValueError, match=r"the result for 3 has shape \(3, 4\), not \(2, 2\)"):
+        list(batches_computed_ahead(numbered, [3, 4], 2, batch_size=2, shape=(2, 2)))
