@@ -25,8 +25,12 @@ from .plans import label_problem
 
 
 def new_token() -> str:
-    """An unguessable URL-safe token (192 bits)."""
-    return secrets.token_urlsafe(24)
+    """An unguessable URL-safe token (192 bits) that does not start with "-": CSV exports
+    quote such a cell (a spreadsheet would run it as a formula), and a quoted token no longer
+    names its subject."""
+    while (token := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return token
 
 
 def validate_system_label(label: str) -> None:
