@@ -6,6 +6,7 @@ import functools
 import math
 import multiprocessing
 import os
+import select
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,14 +29,40 @@ def process_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
     """
     context = multiprocessing.get_context("forkserver")
     return ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_start_worker, initargs=(initializer,)
+        workers,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(os.getpid(), initializer),
     )
 
 
-def _start_worker(initializer) -> None:
+def _start_worker(owner: int, initializer) -> None:
+    _exit_with(owner)
     keep_freed_memory()
     if initializer is not None:
         initializer()
+
+
+def _exit_with(owner: int) -> None:
+    """End this process as soon as process `owner` ends, however it ends.
+
+    A pool's workers outlive an owner killed outright (SIGKILL, the OOM killer, a crash):
+    each waits for work forever, holding its memory (torch, librosa: hundreds of MB), the
+    fork server, and the owner's shared memory blocks, which the resource tracker unlinks
+    only once every worker is gone. Linux ≥ 5.3 (a pidfd); elsewhere nothing is watched.
+    """
+    try:
+        pidfd = os.pidfd_open(owner)
+    except ProcessLookupError:  # gone already
+        os._exit(1)
+    except (AttributeError, OSError):
+        return
+
+    def wait():
+        select.select([pidfd], [], [])  # readable once the owner has ended
+        os._exit(1)
+
+    threading.Thread(target=wait, name="exit-with-owner", daemon=True).start()
 
 
 def keep_freed_memory() -> None:

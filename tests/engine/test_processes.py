@@ -1,7 +1,9 @@
 import contextlib
+import json
 import mmap
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -128,6 +130,52 @@ def test_no_worker_keeps_a_finished_calls_shared_memory(monkeypatch):
     list(batches_computed_ahead(numbered, list(range(12)), 2, batch_size=2, shape=(3, 4)))
     (name,) = RecordedSharedMemory.created
     assert not Path("/dev/shm", name).exists() and not mapped_by_any_process(name)
+
+
+KILLED_OWNER = """
+import json, os, time
+from engine import processes
+from engine.processes import batches_computed_ahead
+from tests.engine.test_processes import filled
+batches = batches_computed_ahead(filled, list(range(100)), 2, batch_size=2, shape=(100_000,))
+next(batches)
+(pool,) = processes._shared.values()
+maps = open("/proc/self/maps").read().split()
+blocks = {os.path.basename(p) for p in maps if p.startswith("/dev/shm/psm_")}
+print(json.dumps({"workers": list(pool._processes), "blocks": sorted(blocks)}), flush=True)
+time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_end_with_a_killed_owner_and_free_its_shared_memory():
+    """Killed outright (the OOM killer, say), an owner leaves workers that would wait for
+    work forever, holding their memory and its shared memory block."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", KILLED_OWNER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        started = json.loads(owner.stdout.readline())
+    finally:
+        owner.kill()
+        owner.wait()
+    assert len(started["workers"]) == 2 and len(started["blocks"]) == 1, started
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = [pid for pid in started["workers"] if running(pid)]
+        blocks = [name for name in started["blocks"] if Path("/dev/shm", name).exists()]
+        if not left and not blocks:
+            break
+        time.sleep(0.2)
+    for pid in left:  # not to leave them to the next test either
+        os.kill(pid, signal.SIGKILL)
+    assert not left and not blocks, f"still running: {left}, still in /dev/shm: {blocks}"
 
 
 def failing_at_5(i):
