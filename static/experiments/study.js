@@ -67,7 +67,7 @@
       shown += 1;
       media.forEach(function (element) {
         log.listened_ms[element.dataset.role] = 0;
-        heard[element.dataset.role] = { last: null, playing: false };
+        heard[element.dataset.role] = { last: null, wall: 0, playing: false };
       });
       settled = false;
       var question = shown;
@@ -133,6 +133,10 @@
     }
 
     function watchLoading(elements) {
+      // An error before this (deferred) script listened is an event nobody heard.
+      elements.forEach(function (element) {
+        if (element.error && element.getAttribute("src")) fail(element, "error");
+      });
       var question = shown;
       window.setTimeout(function () {
         if (question !== shown) return; // another question is on show by now
@@ -166,11 +170,16 @@
       }
       function count() {
         var state = heard[role];
+        var now = performance.now();
         if (state.playing && state.last !== null) {
           var step = element.currentTime - state.last;
-          if (step > 0 && step < 1.5) log.listened_ms[role] += step * 1000; // not a seek
+          // Playing cannot outrun the clock: a longer step is a seek (a busy page that
+          // heard no timeupdate for a while still counts what played meanwhile).
+          var most = ((now - state.wall) / 1000) * (element.playbackRate || 1) + 0.25;
+          if (step > 0 && step <= most) log.listened_ms[role] += step * 1000;
         }
         state.last = element.currentTime;
+        state.wall = now;
         if (log.plays[role] && log.listened_ms[role] >= needed() && !enough[role]) {
           enough[role] = true;
           updateButtons();
@@ -198,10 +207,10 @@
       });
       element.addEventListener("timeupdate", count);
       element.addEventListener("seeked", function () { heard[role].last = element.currentTime; });
+      // Played to its end is not enough by itself: a seek there would skip the listening.
       element.addEventListener("ended", function () {
         count();
         heard[role].playing = false;
-        if (log.plays[role]) { enough[role] = true; updateButtons(); }
       });
       element.addEventListener("pause", function () {
         count();
@@ -224,13 +233,14 @@
     window.addEventListener("focus", function () { log.focus += 1; note("focus"); });
 
     document.addEventListener("keydown", function (event) {
-      if (event.altKey || event.ctrlKey || event.metaKey || event.shiftKey) return;
+      if (event.altKey || event.ctrlKey || event.metaKey) return;
       var tag = event.target && event.target.tagName;
       if (tag === "INPUT" || tag === "TEXTAREA") return;
       var letters = { a: "a", A: "a", b: "b", B: "b" };
-      // In a player the arrows seek: there only the letters choose.
-      var key = tag === "AUDIO" || tag === "VIDEO" ? letters[event.key]
-        : ({ ArrowLeft: "a", ArrowRight: "b" })[event.key] || letters[event.key];
+      // In a player the arrows seek, and Shift with an arrow selects: there only letters choose.
+      var arrows = tag === "AUDIO" || tag === "VIDEO" || event.shiftKey ? {}
+        : { ArrowLeft: "a", ArrowRight: "b" };
+      var key = arrows[event.key] || letters[event.key];
       if (!key || !buttons[key]) return;
       event.preventDefault();
       if (event.repeat) return; // a held key answers once

@@ -158,6 +158,41 @@ def test_answers_wait_until_each_candidate_has_played_long_enough(live_server, p
     assert page.errors == []
 
 
+def test_a_seek_to_the_end_does_not_count_as_listening(live_server, page):
+    subject = make_subject(make_study(per_type=1, play_before_answer=True, min_listen_ms=1500))
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    wait_for_media(page)
+    play_for(page, "a", 2300)  # all of it
+    page.evaluate(
+        "const m = document.querySelector('[data-role=b]'); m.currentTime = m.duration - 0.3;"
+        "m.play()"
+    )
+    until(page, "document.querySelector('[data-role=b]').ended")
+    assert disabled(page) == [True, True]  # 0.3 s of B heard, to its end
+    assert "Keep listening: play B a little" in page.locator("[data-status]").inner_text()
+    play_for(page, "b", 2300)  # from the start again: all of it
+    answerable(page)
+    assert page.errors == []
+
+
+def test_media_that_failed_before_the_script_ran_show_retry_at_once(live_server, page):
+    """The page's script is deferred: a request refused at once can fail before it listens."""
+    subject = make_subject(make_study(per_type=1))
+    question = subject.questions.get(position=1)
+    page.route(f"**/m/{question.option_b.music_token}", lambda route: route.abort())
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    page.get_by_role("button", name="Retry").wait_for()  # the question page, in its time
+    held = []
+    page.route("**/study*.js", lambda route: held.append(route))
+    page.reload(wait_until="commit")
+    until(page, "!!document.querySelector('[data-role=b]')?.error")
+    held[0].continue_()  # the script runs now, after the failure
+    page.get_by_role("button", name="Retry").wait_for(timeout=5000)  # not after 20 s
+    assert "could not be loaded" in page.locator("[data-status]").inner_text()
+
+
 def test_a_media_failure_shows_retry_and_is_recorded_with_the_answer(live_server, page):
     study = make_study(per_type=1)
     subject = make_subject(study)
@@ -347,3 +382,14 @@ def test_with_play_before_answer_a_clip_that_cannot_load_does_not_block(live_ser
     log = Response.objects.get(subject=subject).behaviour
     assert [(e["role"], e["reason"]) for e in log["errors"]] == [("b", "error")]
     assert page.errors == []
+
+
+def test_shift_with_a_letter_chooses_and_with_an_arrow_does_not(live_server, page):
+    subject = first_question(live_server, page)
+    answerable(page)
+    page.keyboard.press("Shift+ArrowRight")  # extends a selection, as in any page
+    page.wait_for_timeout(300)
+    assert counter(page) == "Question 1 of 6"
+    page.keyboard.press("Shift+A")  # what Caps Lock or a held Shift types
+    page.locator("#counter", has_text="Question 2 of 6").wait_for()
+    assert Response.objects.get(subject=subject).choice == "a"
