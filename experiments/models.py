@@ -179,6 +179,9 @@ class Study(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.DRAFT)
     progress = models.FloatField(default=0.0)
     message = models.TextField(blank=True)
+    # Counts the preparations: a chain of tasks writes to the study only while its own is
+    # the one at work (not after "Back to draft", nor once the study is prepared again).
+    preparation = models.PositiveIntegerField(default=0, editable=False)
     # Plan configuration
     per_type = models.PositiveSmallIntegerField(
         default=20,

@@ -15,6 +15,7 @@ import numpy as np
 from celery import chain, shared_task
 from django.conf import settings
 from django.core.files.base import ContentFile
+from django.db import transaction
 
 from engine.features import MediaError
 from experiments.ingest import DEFAULT_ENCODER, process_pair
@@ -62,16 +63,18 @@ def load_features(collection_id: int, split: str):
 
 
 @shared_task
-def gpu_train_system(system_id: int, study_id: int | None = None, step=(0, 1)):
+def gpu_train_system(
+    system_id: int, study_id: int | None = None, step=(0, 1), preparation: int | None = None
+):
     """Train the system on its collection's train split (validating on val), save the
     checkpoint, embed the test pairs and evaluate on them. A saved checkpoint is reused."""
     from engine.pipeline import evaluate, load_system, train_system
 
     system = System.objects.get(pk=system_id)
-    with _failing(system, study_id):
+    with _failing(system, study_id, preparation):
         if system.kind == System.Kind.EXTERNAL:
             raise ValueError(f"{system.name}: uploaded results cannot be trained")
-        report = _reporter(system, study_id, step)
+        report = _reporter(system, study_id, step, preparation)
         test = load_features(system.collection_id, Split.TEST)
         if not test.keys:
             raise ValueError(f"{system.collection}: no ready test pairs")
@@ -119,14 +122,20 @@ def gpu_train_system(system_id: int, study_id: int | None = None, step=(0, 1)):
 
 
 @shared_task
-def gpu_search(system_id: int, k: int = 10, study_id: int | None = None, step=(0, 1)):
+def gpu_search(
+    system_id: int,
+    k: int = 10,
+    study_id: int | None = None,
+    step=(0, 1),
+    preparation: int | None = None,
+):
     """Store the system's top-k results for every test query in both directions."""
 
     system = System.objects.get(pk=system_id)
-    with _failing(system, study_id):
+    with _failing(system, study_id, preparation):
         if not system.embeddings:
             raise ValueError(f"{system.name}: no embeddings to search (train it first)")
-        _reporter(system, study_id, step)(0.0, "Searching")
+        _reporter(system, study_id, step, preparation)(0.0, "Searching")
         with system.embeddings.open("rb") as f, np.load(f) as data:
             keys, video, music = list(data["keys"]), data["video"], data["music"]
         known = set(
@@ -179,14 +188,17 @@ def prepare_study(study_id: int):
         steps.append((gpu_search, system.pk))
     if problem := _design_problem(study):  # before hours of training, not after
         return _fail_study(study_id, problem)
-    Study.objects.filter(pk=study_id).update(
-        status=Study.Status.PREPARING, progress=0.0, message=f"Queued {len(steps)} steps"
-    )
+    with transaction.atomic():
+        study = Study.objects.select_for_update().get(pk=study_id)
+        study.status, study.progress = Study.Status.PREPARING, 0.0
+        study.message, study.preparation = f"Queued {len(steps)} steps", study.preparation + 1
+        study.save(update_fields=["status", "progress", "message", "preparation"])
+    at_work = {"study_id": study_id, "preparation": study.preparation}
     signatures = [
-        task.si(system_id, study_id=study_id, step=(i, len(steps)))
+        task.si(system_id, step=(i, len(steps)), **at_work)
         for i, (task, system_id) in enumerate(steps)
     ]
-    chain(*signatures, finish_study.si(study_id)).apply_async()
+    chain(*signatures, finish_study.si(**at_work)).apply_async()
     return Study.Status.PREPARING
 
 
@@ -204,27 +216,32 @@ def _design_problem(study: Study) -> str | None:
 
 
 @shared_task
-def finish_study(study_id: int):
+def finish_study(study_id: int, preparation: int | None = None):
     """Mark the study ready once a first subject's plan can be built from its results; a
-    study that cannot be (unequal or unreadable items, no plan) is marked failed with why."""
+    study that cannot be (unequal or unreadable items, no plan) is marked failed with why.
+    A study no longer in this preparation (`preparation`, or any while it is preparing) is
+    left as it is."""
     from experiments.plans import PlanError
     from experiments.subjects import check_study_design, plan_for
 
-    study = Study.objects.get(pk=study_id)
+    at_work = _preparing(study_id, preparation)
+    study = at_work.first()
+    if study is None:
+        return Study.objects.values_list("status", flat=True).get(pk=study_id)
     try:
         lengths = served_lengths(study.collection_id)
         if problem := unequal_item_lengths(lengths):
-            return _fail_study(study_id, problem)
+            return _fail_study(study_id, problem, at_work)
         if study.attention_checks and study.catch_count:
             ensure_catch_pair(study.collection_id, lengths)
         plan = plan_for(study, ordinal=0)
         note = check_study_design(study)
     except (PlanError, MediaError) as error:
-        return _fail_study(study_id, str(error))
+        return _fail_study(study_id, str(error), at_work)
     except Exception as error:  # not left "preparing" for ever: say what broke, then raise
-        _fail_study(study_id, f"{type(error).__name__}: {error}")
+        _fail_study(study_id, f"{type(error).__name__}: {error}", at_work)
         raise
-    Study.objects.filter(pk=study_id).update(
+    at_work.update(
         status=Study.Status.READY,
         progress=1.0,
         message=f"Ready: {len(plan)} questions per subject" + (f". Note: {note}." if note else ""),
@@ -346,8 +363,8 @@ def queues_without_workers(queues, timeout: float = 1.0) -> list[str]:
 class _failing:
     """Mark the system (and the study being prepared) failed when the block raises."""
 
-    def __init__(self, system: System, study_id: int | None):
-        self.system, self.study_id = system, study_id
+    def __init__(self, system: System, study_id: int | None, preparation: int | None):
+        self.system, self.study_id, self.preparation = system, study_id, preparation
 
     def __enter__(self):
         return self
@@ -360,11 +377,11 @@ class _failing:
                 status=System.Status.FAILED, message=message
             )
             if self.study_id is not None:
-                _fail_study(self.study_id, message)
+                _fail_study(self.study_id, message, _preparing(self.study_id, self.preparation))
         return False  # re-raise: a chain stops at a failed step
 
 
-def _reporter(system: System, study_id: int | None, step):
+def _reporter(system: System, study_id: int | None, step, preparation: int | None = None):
     """progress(fraction, message) for one step, written to the system and the study."""
     index, count = step
 
@@ -373,16 +390,25 @@ def _reporter(system: System, study_id: int | None, step):
             status=System.Status.RUNNING, progress=fraction, message=message
         )
         if study_id is not None:
-            Study.objects.filter(pk=study_id).update(
+            _preparing(study_id, preparation).update(
                 progress=(index + fraction) / max(count, 1), message=f"{system.name}: {message}"
             )
 
     return report
 
 
-def _fail_study(study_id: int, message: str):
-    Study.objects.filter(pk=study_id).update(status=Study.Status.FAILED, message=message)
+def _fail_study(study_id: int, message: str, studies=None):
+    """Mark the study failed (through `studies`, a query that may no longer find it)."""
+    if studies is None:
+        studies = Study.objects.filter(pk=study_id)
+    studies.update(status=Study.Status.FAILED, message=message)
     return Study.Status.FAILED
+
+
+def _preparing(study_id: int, preparation: int | None = None):
+    """The study, as a query, while it is preparing (in preparation number `preparation`)."""
+    studies = Study.objects.filter(pk=study_id, status=Study.Status.PREPARING)
+    return studies if preparation is None else studies.filter(preparation=preparation)
 
 
 def _recall_summary(metrics: dict) -> str:

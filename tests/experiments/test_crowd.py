@@ -210,7 +210,9 @@ def test_catch_media_are_black_and_silent_and_made_once():
 
 
 def test_preparation_makes_the_catch_pair_and_plans_catch_questions():
-    study = make_study(per_type=1, attention_checks=True, catch_count=3, status=Study.Status.DRAFT)
+    study = make_study(
+        per_type=1, attention_checks=True, catch_count=3, status=Study.Status.PREPARING
+    )
     assert finish_study(study.pk) == Study.Status.READY
     study.refresh_from_db()
     assert study.message.startswith(
@@ -227,7 +229,7 @@ def test_preparation_makes_the_catch_pair_and_plans_catch_questions():
 
 @pytest.mark.parametrize("seconds", [5.0, 2.5])  # half a second apart shows on a player's clock
 def test_preparation_refuses_test_items_whose_length_gives_the_match_away(tmp_path, seconds):
-    study = make_study(per_type=1, status=Study.Status.DRAFT)
+    study = make_study(per_type=1, status=Study.Status.PREPARING)
     pair = study.collection.pairs.get(key="clip000")  # one longer music video among 2 s ones
     for field, video in ((pair.video_file, True), (pair.music_file, False)):
         path = music_video(
@@ -244,6 +246,7 @@ def test_preparation_refuses_test_items_whose_length_gives_the_match_away(tmp_pa
             tmp_path / f"{video}.mp4", 0, 2.0, (160, 96), video=video, audio=not video
         )
         field.save(f"same-{video}.mp4", ContentFile(path.read_bytes()))
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.PREPARING)  # prepared again
     assert finish_study(study.pk) == Study.Status.READY
 
 

@@ -28,7 +28,9 @@ from experiments.models import (
 from experiments.subjects import create_subject
 from experiments.tasks import (
     celery_problem,
+    finish_study,
     gpu_search,
+    gpu_train_system,
     import_pair,
     prepare_study,
     queues_without_workers,
@@ -210,6 +212,29 @@ def test_a_redelivered_import_leaves_a_ready_pair_and_its_media_alone(tmp_path):
     assert pair.status == Pair.Status.READY
     assert {f: (getattr(pair, f).name, getattr(pair, f).path) for f in before} == before
     assert {field: os.stat(path).st_mtime_ns for field, (_, path) in before.items()} == mtimes
+
+
+def test_a_chain_no_longer_at_work_leaves_its_study_alone():
+    """The steps of an earlier preparation (the study prepared again), or of one that went
+    back to draft, neither write their progress nor mark the study ready or failed."""
+    study, system = make_study(make_collection(), {"n_components": 4})
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.PREPARING, preparation=2)
+    gpu_train_system(system.pk, study_id=study.pk, step=(0, 2), preparation=1)
+    gpu_search(system.pk, study_id=study.pk, step=(1, 2), preparation=1)
+    assert finish_study(study.pk, preparation=1) == Study.Status.PREPARING
+    study.refresh_from_db()
+    assert (study.status, study.progress, study.message) == (Study.Status.PREPARING, 0.0, "")
+    assert finish_study(study.pk, preparation=2) == Study.Status.READY
+
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.DRAFT, message="Back to draft")
+    gpu_search(system.pk, study_id=study.pk, step=(1, 2))
+    assert finish_study(study.pk) == Study.Status.DRAFT
+    System.objects.filter(pk=system.pk).update(embeddings="")
+    with pytest.raises(ValueError, match="no embeddings"):
+        gpu_search(system.pk, study_id=study.pk, step=(1, 2))
+    study.refresh_from_db()
+    assert (study.status, study.message) == (Study.Status.DRAFT, "Back to draft")
+    assert System.objects.get(pk=system.pk).status == System.Status.FAILED
 
 
 def test_a_preparation_task_leaves_an_open_study_alone_and_refuses_another_collections_system():
