@@ -121,11 +121,58 @@ def load_system(path, device=None) -> TrainedSystem:
     )
 
 
+def check_config(config) -> None:
+    """ValueError saying what is wrong with a system's `config` (unknown keys, bad values),
+    so that it is refused when saved rather than when its training starts, hours later."""
+    if not isinstance(config, dict):
+        raise ValueError('a config is a JSON object, e.g. {"max_epochs": 100}')
+    fields_ = [*fields(TrainConfig), *fields(VMNetConfig)]
+    defaults = {f.name: (f.default, "None" in str(f.type)) for f in fields_}
+    defaults |= {name: (64 if name == "n_components" else 1024, False) for name in EXTRA_KEYS}
+    wrong = [
+        f"{key} must be {_kind_of(defaults[key][0])}, not {value!r}"
+        for key, value in config.items()
+        if key in defaults and not _fits(value, *defaults[key])
+    ]
+    if wrong:
+        raise ValueError("; ".join(wrong))
+    _, _, model_args, _ = _split_config(config)  # unknown keys, values out of range
+    VMNetConfig.from_dict(model_args)
+
+
+EXTRA_KEYS = ("n_components", "frame_dims", "video_dims")  # besides the two configs' fields
+
+
+def _fits(value, default, nullable: bool) -> bool:
+    """Whether a JSON value can stand for a field whose default is `default`."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if value is None:
+        return nullable
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return number
+    if isinstance(default, tuple):
+        return isinstance(value, list | tuple) and all(_fits(v, default[0], False) for v in value)
+    return isinstance(value, str)
+
+
+def _kind_of(default) -> str:
+    if isinstance(default, tuple):
+        return f"a list of numbers, like {list(default)}"
+    for kind, words in ((bool, "true or false"), (int, "a whole number"), (float, "a number")):
+        if isinstance(default, kind):
+            return words
+    return "text"
+
+
 def _split_config(config: dict) -> tuple[dict, TrainConfig, VMNetConfig | None, int]:
     config = dict(config or {})
     train_keys = {f.name for f in fields(TrainConfig)}
     model_keys = {f.name for f in fields(VMNetConfig)} - {"video_dim", "music_dim"}
-    unknown = set(config) - train_keys - model_keys - {"n_components", "frame_dims", "video_dims"}
+    unknown = set(config) - train_keys - model_keys - set(EXTRA_KEYS)
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
     tc = TrainConfig(**{k: v for k, v in config.items() if k in train_keys})
@@ -148,6 +195,7 @@ def train_system(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
+    check_config(config or {})
     config, train_config, model_args, n_components = _split_config(config)
     report = progress or (lambda fraction, message: None)
     report(0.0, "fitting feature transforms")

@@ -142,6 +142,15 @@ class System(models.Model):
     def __str__(self):
         return f"{self.name} ({self.get_kind_display()})"
 
+    def clean(self):
+        from engine.pipeline import check_config
+
+        if self.kind != self.Kind.EXTERNAL:
+            try:
+                check_config(self.config if self.config is not None else {})
+            except ValueError as error:
+                raise ValidationError({"config": str(error)}) from error
+
 
 class SearchResult(models.Model):
     """Rank `rank` (1 = best) of `system` for `query`'s item in `direction`."""

@@ -107,6 +107,10 @@ def test_features_round_trip(tmp_path):
         ({"margin": 0}, "margin must be above 0"),
         ({"lambdas": [1, 1, -0.2, 0.2]}, "lambdas must be 4 weights"),
         ({"batch_size": 1, "patience": 0}, "batch_size must be at least 2, not 1; patience"),
+        ({"max_epochs": "100"}, "max_epochs must be a whole number, not '100'"),
+        ({"max_epochs": 2.5, "cuda_graph": 1}, "a whole number, not 2.5; cuda_graph must be true"),
+        ({"video_layers": 512}, r"video_layers must be a list of numbers, like \[2048, 512\]"),
+        ({"keep_prob": None}, "keep_prob must be a number, not None"),
     ],
 )
 def test_a_config_that_cannot_train_is_refused_before_any_work(config, message):

@@ -198,6 +198,23 @@ def test_a_system_in_a_locked_study_design_cannot_change_or_go(admin_client, stu
         assert System.objects.filter(pk=system.pk).exists()
 
 
+def test_a_system_config_that_cannot_train_is_refused_when_saved(admin_client, study):
+    """Not when its training starts (hours later on a busy queue)."""
+    system = study.systems.get()
+    added = system_form(system, name="long", config='{"epochs": 400}')
+    page = admin_client.post("/admin/experiments/system/add/", added).content.decode()
+    assert "unknown config keys: [&#x27;epochs&#x27;]" in page
+    assert not System.objects.filter(name="long").exists()
+    url = f"/admin/experiments/system/{system.pk}/change/"
+    page = admin_client.post(url, system_form(system, config='{"max_epochs": "100"}'))
+    assert "max_epochs must be a whole number, not &#x27;100&#x27;" in page.content.decode()
+    system.refresh_from_db()
+    assert system.config == {}
+    # Uploaded results train nothing: their config is not the engine's.
+    external = system_form(system, name="ext", kind="external", config='{"note": 1}')
+    assert admin_client.post("/admin/experiments/system/add/", external).status_code == 302
+
+
 def test_a_system_change_sends_its_ready_study_back_to_draft(admin_client, study):
     system = study.systems.get()
     url = f"/admin/experiments/system/{system.pk}/change/"
