@@ -25,10 +25,10 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
-from django.utils.text import get_valid_filename, slugify
+from django.utils.text import slugify
 
 from .export import column_names, dictionary_rows, response_rows, spreadsheet_safe
-from .forms import CollectionUploadForm, SubjectLinksForm
+from .forms import CollectionUploadForm, SubjectLinksForm, stored_name
 from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs
 from .models import (
     EDITABLE_DESIGN,
@@ -148,7 +148,7 @@ class CollectionAdmin(admin.ModelAdmin):
         )
         folder.mkdir(parents=True)
         for upload in form.cleaned_data["files"]:
-            with open(folder / get_valid_filename(upload.name), "wb") as out:
+            with open(folder / stored_name(upload), "wb") as out:
                 for chunk in upload.chunks():
                     out.write(chunk)
         try:

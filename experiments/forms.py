@@ -2,8 +2,10 @@
 
 import json
 import os
+from collections import defaultdict
 
 from django import forms
+from django.utils.text import get_valid_filename
 from django.utils.translation import gettext_lazy as _
 
 from .media import CLIP_S
@@ -151,4 +153,18 @@ class CollectionUploadForm(forms.Form):
         for f in files:
             if os.path.splitext(f.name)[1].lower() not in self.suffixes:
                 raise forms.ValidationError(f"{f.name}: not a video file.")
+        names = defaultdict(list)
+        for f in files:
+            names[stored_name(f)].append(f.name)
+        if clashes := [(name, given) for name, given in names.items() if len(given) > 1]:
+            raise forms.ValidationError(
+                "Files that would be stored under one name (one would replace the other): "
+                + "; ".join(f"{', '.join(given)} as {name}" for name, given in clashes)
+                + ". Rename them."
+            )
         return files
+
+
+def stored_name(upload) -> str:
+    """The name an uploaded file is stored under (spaces and odd characters replaced)."""
+    return get_valid_filename(upload.name)

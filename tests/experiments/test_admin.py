@@ -590,6 +590,12 @@ def test_uploads_over_the_limit_or_not_video_are_refused(admin_client, tmp_path,
     notes = SimpleUploadedFile("notes.txt", b"not a video")
     page = admin_client.post(url, {"name": "Uploaded", "files": [notes]})
     assert "notes.txt: not a video file" in page.content.decode()
+    # Stored as a_b.mp4 both: one would replace the other.
+    clashing = [SimpleUploadedFile(name, b"video") for name in ("a b.mp4", "a_b.mp4", "c.mp4")]
+    page = admin_client.post(url, {"name": "Uploaded", "files": clashing})
+    assert "stored under one name (one would replace the other): a b.mp4, a_b.mp4 as a_b.mp4" in (
+        page.content.decode()
+    )
     assert not Collection.objects.filter(name="Uploaded").exists()
 
 
