@@ -10,6 +10,7 @@ Settings (clip length, encoder, frame size) are not stored: they apply to the pa
 in that run.
 """
 
+import contextlib
 import csv
 import io
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from django.core.files import File
 from django.core.files.base import ContentFile
-from django.db import transaction
+from django.db import OperationalError, transaction
 
 from engine.features import MediaError
 from experiments.media import CLIP_S, make_items
@@ -61,6 +62,11 @@ class ImportSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # the source's: (key, error)
     changed: list[tuple[str, str]] = field(default_factory=list)  # (key, what was kept)
     notes: list[str] = field(default_factory=list)  # about the collection (its splits)
+
+    @property
+    def pending(self) -> int:
+        """The source's pairs neither ready nor failed: their tasks did not finish."""
+        return self.total - self.ready - len(self.failures)
 
 
 @dataclass
@@ -240,6 +246,10 @@ def assign_splits(
     return {key: str(split) for key, split in zip(order, splits, strict=True)}
 
 
+BULK_ROWS = 2000  # rows a statement writes at most (the database may take fewer)
+SOURCE_FIELDS = ["title", "genre", "source_video", "source_music"]  # what a source says
+
+
 def add_pairs(
     name: str, path: str | Path, test=None, test_fraction=0.2, val_fraction=0.1, seed=0
 ) -> AddedPairs:
@@ -265,6 +275,7 @@ def add_pairs(
         unassigned = [i.key for i in items if i.key not in existing and not i.split]
         splits = assign_splits(unassigned, test, test_fraction, val_fraction, seed, placed)
         added = AddedPairs(collection, [], [item.key for item in items], assigned=splits)
+        new, again, edited = [], [], []
         for item in items:
             pair = existing.get(item.key)
             if pair is not None:
@@ -272,15 +283,26 @@ def add_pairs(
                     added.changed.append((item.key, change))
                 if pair.status == Pair.Status.READY:
                     continue
+                again.append(pair)
             else:
                 split = item.split or splits[item.key]
                 pair = Pair(collection=collection, key=item.key, split=split)
+                new.append(pair)
+            was = [getattr(pair, field) for field in SOURCE_FIELDS]
             pair.title, pair.genre = item.title or pair.title, item.genre or pair.genre
             pair.source_video = str(item.video)
             pair.source_music = str(item.music or "")
             pair.status, pair.error = Pair.Status.PENDING, ""
-            pair.save()
+            if pair.pk is not None and was != [getattr(pair, field) for field in SOURCE_FIELDS]:
+                edited.append(pair)
             added.todo.append(pair)
+        # In bulk: a row at a time, 200,000 rows held SQLite's write lock for minutes, and
+        # every other writer (a worker, a participant's answer) gave up meanwhile.
+        Pair.objects.bulk_create(new, batch_size=BULK_ROWS)
+        for start in range(0, len(again), BULK_ROWS):
+            chunk = [pair.pk for pair in again[start : start + BULK_ROWS]]
+            Pair.objects.filter(pk__in=chunk).update(status=Pair.Status.PENDING, error="")
+        Pair.objects.bulk_update(edited, SOURCE_FIELDS, batch_size=BULK_ROWS)
     have = list((placed | splits).values())
     n_test, n_val = split_targets(len(have), test, test_fraction, val_fraction)
     shares = {Split.TEST: test_fraction, Split.VAL: val_fraction}
@@ -458,7 +480,8 @@ def import_collection(
         progress(0, len(todo))
     if sync:
         for done, pair in enumerate(todo, start=1):
-            import_pair(pair.pk, clip_s, encoder, frame_size)
+            with contextlib.suppress(OperationalError):  # the pair stays pending: reported
+                import_pair(pair.pk, clip_s, encoder, frame_size)
             if progress:
                 progress(done, len(todo))
     else:

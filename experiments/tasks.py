@@ -9,13 +9,14 @@ to the rows (System/Study progress and message), where the admin shows them.
 
 import io
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 from celery import chain, shared_task
 from django.conf import settings
 from django.core.files.base import ContentFile
-from django.db import transaction
+from django.db import OperationalError, transaction
 
 from engine.features import MediaError
 from experiments.ingest import DEFAULT_ENCODER, process_pair
@@ -26,6 +27,11 @@ from experiments.uploads import neighbours, replace_search_results
 logger = logging.getLogger(__name__)
 
 
+# Seconds to wait before each new try when the database, not the pair's files, failed:
+# busy (SQLite's write lock), restarting, unreachable.
+DATABASE_RETRIES_S = (1, 2, 4, 8, 16)
+
+
 @shared_task
 def import_pair(
     pair_id: int,
@@ -33,19 +39,27 @@ def import_pair(
     encoder: str = DEFAULT_ENCODER,
     frame_size: int | None = None,
 ):
-    """Make one pair's media and features; a pair that is already ready is left alone."""
-    pair = Pair.objects.filter(pk=pair_id).first()
-    if pair is None or pair.status == Pair.Status.READY:
-        return pair and pair.status
-    try:
-        pair = process_pair(pair, clip_s, encoder, frame_size)
-    except Exception as error:  # one broken file must not stop the collection
-        logger.exception("importing pair %s failed", pair_id)
-        Pair.objects.filter(pk=pair_id).update(
-            status=Pair.Status.FAILED, error=f"{pair.source_video}: {type(error).__name__}: {error}"
-        )
-        return Pair.Status.FAILED
-    return pair.status
+    """Make one pair's media and features; a pair that is already ready is left alone.
+    A database error is tried again a few times, then raised: the pair stays pending (a
+    re-run of the import takes it up), not failed as a broken file would be."""
+    for wait in (*DATABASE_RETRIES_S, None):
+        pair = Pair.objects.filter(pk=pair_id).first()
+        if pair is None or pair.status == Pair.Status.READY:
+            return pair and pair.status
+        try:
+            return process_pair(pair, clip_s, encoder, frame_size).status
+        except OperationalError:
+            if wait is None:
+                raise
+            logger.warning("importing pair %s: database error, again in %s s", pair_id, wait)
+            time.sleep(wait)
+        except Exception as error:  # one broken file must not stop the collection
+            logger.exception("importing pair %s failed", pair_id)
+            Pair.objects.filter(pk=pair_id).update(
+                status=Pair.Status.FAILED,
+                error=f"{pair.source_video}: {type(error).__name__}: {error}",
+            )
+            return Pair.Status.FAILED
 
 
 def load_features(collection_id: int, split: str):
@@ -346,7 +360,7 @@ def celery_problem(queues, timeout: float = 1.0) -> str | None:
 def queues_without_workers(queues, timeout: float = 1.0) -> list[str]:
     """Those of `queues` that no worker consumes (none in eager mode; all without a broker):
     tasks sent there would wait for ever."""
-    from kombu.exceptions import OperationalError
+    from kombu.exceptions import OperationalError as NoBroker
 
     from study_site.celery import app
 
@@ -354,7 +368,7 @@ def queues_without_workers(queues, timeout: float = 1.0) -> list[str]:
         return []
     try:
         replies = app.control.inspect(timeout=timeout).active_queues() or {}
-    except OperationalError:  # no broker
+    except NoBroker:
         return list(queues)
     consumed = {queue["name"] for found in replies.values() for queue in found}
     return [queue for queue in queues if queue not in consumed]

@@ -3,14 +3,16 @@
 import io
 from collections import Counter
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
+from django.db import OperationalError, connection
 
 from engine.features import MediaError
-from experiments import media
+from experiments import ingest, media
 from experiments.ingest import (
     RESERVED_KEYS,
     ManifestError,
@@ -254,14 +256,14 @@ def stub_files(folder, *names):
 def instant(monkeypatch):
     """Processing without media: a pair whose video is `bad.mp4` fails, the others are ready."""
 
-    def import_pair(pair_id, *settings):
-        pair = Pair.objects.get(pk=pair_id)
+    def process_pair(pair, *settings):
         bad = pair.source_video.endswith("bad.mp4")
         pair.status = Pair.Status.FAILED if bad else Pair.Status.READY
         pair.error = "bad.mp4: broken" if bad else ""
         pair.save()
+        return pair
 
-    monkeypatch.setattr("experiments.tasks.import_pair", import_pair)
+    monkeypatch.setattr("experiments.tasks.process_pair", process_pair)
 
 
 def splits_of(name):
@@ -287,19 +289,52 @@ def test_files_with_the_same_name_but_another_extension_are_refused_naming_both(
 @pytest.mark.django_db
 def test_a_failure_while_adding_pairs_writes_nothing(tmp_path, monkeypatch):
     folder = stub_files(tmp_path / "v", "a.mp4", "b.mp4", "c.mp4")
-    save, calls = Pair.save, []
+    monkeypatch.setattr(ingest, "BULK_ROWS", 1)  # a statement a pair
+    inserts = []
 
-    def failing_save(pair, *args, **kwargs):
-        calls.append(pair.key)
-        if len(calls) == 2:
-            raise RuntimeError("disk full")
-        save(pair, *args, **kwargs)
+    def disk_full_at_the_second_pair(execute, sql, params, many, context):
+        if sql.startswith('INSERT INTO "experiments_pair"'):
+            inserts.append(params)
+            if len(inserts) == 2:
+                raise RuntimeError("disk full")
+        return execute(sql, params, many, context)
 
-    monkeypatch.setattr(Pair, "save", failing_save)
-    with pytest.raises(RuntimeError, match="disk full"):
+    full = connection.execute_wrapper(disk_full_at_the_second_pair)
+    with full, pytest.raises(RuntimeError, match="disk full"):
         add_pairs("atomic", folder, test=1)
-    assert calls == ["a", "b"]
+    assert len(inserts) == 2
     assert not Collection.objects.filter(name="atomic").exists() and not Pair.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_database_error_while_importing_is_retried_and_never_blamed_on_the_files(
+    tmp_path, monkeypatch
+):
+    folder = stub_files(tmp_path / "v", "a.mp4", "b.mp4")
+    busy = {"a": 2, "b": 99}  # times each pair's processing meets a locked database
+    calls = []
+
+    def process_pair(pair, *settings):
+        calls.append(pair.key)
+        if calls.count(pair.key) <= busy[pair.key]:
+            raise OperationalError("database is locked")
+        pair.status = Pair.Status.READY
+        pair.save()
+        return pair
+
+    monkeypatch.setattr("experiments.tasks.process_pair", process_pair)
+    monkeypatch.setattr("experiments.tasks.DATABASE_RETRIES_S", (0,) * 5)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError, match="1 of 2 pairs are still pending") as error:
+        call_command("import_collection", "busy", str(folder), "--sync", stdout=out, stderr=err)
+    assert error.value.returncode == 1
+    assert "busy: 1 of 2 pairs ready, 0 failed, 1 still pending" in out.getvalue()
+    assert calls.count("a") == 3 and calls.count("b") == 6  # retried 5 times
+    statuses = dict(Pair.objects.values_list("key", "status"))
+    assert statuses == {"a": Pair.Status.READY, "b": Pair.Status.PENDING}
+    busy["b"] = 0  # the database is back: a re-run finishes the import
+    call_command("import_collection", "busy", str(folder), "--sync", stdout=io.StringIO())
+    assert Pair.objects.get(key="b").status == Pair.Status.READY
 
 
 @pytest.mark.django_db
@@ -374,6 +409,26 @@ def test_a_reimport_reports_ready_pairs_whose_files_changed_and_keeps_them(tmp_p
         "import_collection", "C", str(m), "--sync", "--clip-seconds", "10", stdout=out, stderr=err
     )
     assert "apply to the pairs processed in this run only" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_a_failed_pair_imported_again_from_other_files_takes_them(tmp_path, monkeypatch):
+    def process_pair(pair, *settings):  # this source's videos have no sound of their own
+        pair.status = Pair.Status.READY if pair.source_music else Pair.Status.FAILED
+        pair.save()
+        return pair
+
+    monkeypatch.setattr("experiments.tasks.process_pair", process_pair)
+    stub_files(tmp_path, "v1.mp4", "v2.mp4", "a.m4a", "b.m4a")
+    m = tmp_path / "m.csv"
+    m.write_text("video,music,title\nv1.mp4,,Old\nv2.mp4,b.m4a,\n")
+    first = import_collection("F", m, sync=True)
+    assert (first.ready, [key for key, _ in first.failures]) == (1, ["v1"])
+    m.write_text("video,music,title\nv1.mp4,a.m4a,New\nv2.mp4,b.m4a,\n")
+    again = import_collection("F", m, sync=True)
+    assert (again.ready, again.failures, again.skipped) == (2, [], 1)
+    pair = Pair.objects.get(key="v1")
+    assert (Path(pair.source_music).name, pair.title, pair.status) == ("a.m4a", "New", "ready")
 
 
 def test_the_catch_split_and_key_are_refused(tmp_path):

@@ -115,9 +115,10 @@ class Command(BaseCommand):
         for note in summary.notes:
             self.stderr.write(f"note    {note}")
         changed = f", {len(summary.changed)} not updated (see above)" if summary.changed else ""
+        pending = f", {summary.pending} still pending" if summary.pending else ""
         self.stdout.write(
             f"{summary.collection.name}: {summary.ready} of {summary.total} pairs ready, "
-            f"{len(summary.failures)} failed, {summary.skipped} already imported{changed}"
+            f"{len(summary.failures)} failed{pending}, {summary.skipped} already imported{changed}"
         )
         parser = self.create_parser("manage.py", "import_collection")
         given = [name for name in SETTINGS if o[name] != parser.get_default(name)]
@@ -127,5 +128,12 @@ class Command(BaseCommand):
             raise CommandError(
                 f"{len(summary.failures)} of {summary.total} pairs failed (listed above). Fix or "
                 "remove their files and run the same command again: it retries only those.",
+                returncode=1,
+            )
+        if summary.pending:
+            raise CommandError(
+                f"{summary.pending} of {summary.total} pairs are still pending: their tasks did "
+                "not finish (a worker stopped, or the database stayed busy). Run the same "
+                "command again: it processes only those.",
                 returncode=1,
             )
