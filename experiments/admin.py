@@ -69,6 +69,11 @@ class CollectionAdmin(admin.ModelAdmin):
     search_fields = ["name", "source"]
     readonly_fields = ["created_at", "pairs_by_status", "pairs_by_split"]
 
+    def get_deleted_objects(self, objs, request):
+        deleted = super().get_deleted_objects(objs, request)
+        systems = System.objects.filter(collection__in=objs)
+        return locked_systems_as_protected(request, systems, *deleted)
+
     def get_queryset(self, request):
         counts = {
             f"n_{value}": Count("pairs", filter=Q(pairs__status=value))
@@ -292,6 +297,11 @@ class SystemAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return super().has_delete_permission(request, obj) and not self._locking(obj)
 
+    def get_deleted_objects(self, objs, request):
+        return locked_systems_as_protected(
+            request, objs, *super().get_deleted_objects(objs, request)
+        )
+
     def change_view(self, request, object_id, form_url="", extra_context=None):
         system = self.get_object(request, object_id)
         if studies := self._locking(system):
@@ -320,6 +330,22 @@ class SystemAdmin(admin.ModelAdmin):
                     messages.WARNING,
                 )
             ready.update(status=Study.Status.DRAFT, message="A system changed: prepare it again.")
+
+
+def locked_systems_as_protected(request, systems, to_delete, counts, perms_needed, protected):
+    """Django's deletion summary, where a system that a study's design holds is reported
+    as a permission the account lacks ("…doesn't have permission to delete: system"):
+    listed as protected instead, with the studies that hold it."""
+    held = [
+        f"System: {system.name}, in the fixed design of "
+        + ", ".join(f"study {study} ({study.status})" for study in studies)
+        for system in systems
+        if (studies := locking_studies(system))
+    ]
+    if held and request.user.has_perm("experiments.delete_system"):
+        perms_needed = perms_needed - {str(System._meta.verbose_name)}
+        protected = [*protected, *held]
+    return to_delete, counts, perms_needed, protected
 
 
 # --- Studies ---------------------------------------------------------------------------

@@ -198,6 +198,21 @@ def test_a_system_in_a_locked_study_design_cannot_change_or_go(admin_client, stu
         assert System.objects.filter(pk=system.pk).exists()
 
 
+def test_deleting_a_system_a_study_holds_says_why_it_cannot_go(admin_client, study):
+    """Not that the account lacks a permission (Django's words for a system that cannot go)."""
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
+    system = study.systems.get()
+    for model, obj in (("system", system), ("collection", study.collection)):
+        page = admin_client.post(
+            f"/admin/experiments/{model}/",
+            {"action": "delete_selected", "_selected_action": [obj.pk]},
+        ).content.decode()
+        assert "have permission" not in page, model
+        assert "protected related objects" in page, model
+        assert f"System: {system.name}, in the fixed design of study {study} (open)" in page
+    assert System.objects.filter(pk=system.pk).exists()
+
+
 def test_a_system_config_that_cannot_train_is_refused_when_saved(admin_client, study):
     """Not when its training starts (hours later on a busy queue)."""
     system = study.systems.get()
