@@ -24,8 +24,10 @@ from django.http import HttpResponseRedirect, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.text import slugify
+from django.utils.timesince import timesince
 
 from .export import column_names, dictionary_rows, response_rows, spreadsheet_safe
 from .forms import CollectionUploadForm, SubjectLinksForm, stored_name
@@ -258,7 +260,7 @@ class SystemAdmin(admin.ModelAdmin):
 
     @admin.display(description="progress")
     def progress_percent(self, system):
-        return f"{system.progress:.0%}"
+        return progress_with_age(system, system.status == System.Status.RUNNING)
 
     @admin.display(description="metrics")
     def metrics_summary(self, system):
@@ -330,6 +332,20 @@ class SystemAdmin(admin.ModelAdmin):
                     messages.WARNING,
                 )
             ready.update(status=Study.Status.DRAFT, message="A system changed: prepare it again.")
+
+
+QUIET_S = 120  # a preparation's reports come every epoch: longer without one is worth a note
+
+
+def progress_with_age(obj, at_work: bool) -> str:
+    """'42%', and, for work that has not reported for a while, how long ago it last did (a
+    worker that died shows nothing else until its task is delivered again, hours later)."""
+    shown = f"{obj.progress:.0%}"
+    if at_work and obj.progress_at is not None:
+        quiet = (timezone.now() - obj.progress_at).total_seconds()
+        if quiet >= QUIET_S:
+            shown += f", last news {timesince(obj.progress_at)} ago"
+    return shown
 
 
 def locked_systems_as_protected(request, systems, to_delete, counts, perms_needed, protected):
@@ -549,7 +565,7 @@ class StudyAdmin(admin.ModelAdmin):
 
     @admin.display(description="progress")
     def progress_percent(self, study):
-        return f"{study.progress:.0%}"
+        return progress_with_age(study, study.status == Study.Status.PREPARING)
 
     @admin.display(description="subjects")
     def subjects_summary(self, study):

@@ -132,6 +132,7 @@ class System(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.NEW)
     progress = models.FloatField(default=0.0)
     message = models.TextField(blank=True)
+    progress_at = models.DateTimeField(null=True, editable=False)  # its work's last report
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -188,6 +189,7 @@ class Study(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.DRAFT)
     progress = models.FloatField(default=0.0)
     message = models.TextField(blank=True)
+    progress_at = models.DateTimeField(null=True, editable=False)  # its preparation's last report
     # Counts the preparations: a chain of tasks writes to the study only while its own is
     # the one at work (not after "Back to draft", nor once the study is prepared again).
     preparation = models.PositiveIntegerField(default=0, editable=False)

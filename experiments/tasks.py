@@ -17,6 +17,7 @@ from celery import chain, shared_task
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import OperationalError, transaction
+from django.utils import timezone
 
 from engine.features import MediaError
 from experiments.ingest import DEFAULT_ENCODER, process_pair
@@ -206,7 +207,8 @@ def prepare_study(study_id: int):
         study = Study.objects.select_for_update().get(pk=study_id)
         study.status, study.progress = Study.Status.PREPARING, 0.0
         study.message, study.preparation = f"Queued {len(steps)} steps", study.preparation + 1
-        study.save(update_fields=["status", "progress", "message", "preparation"])
+        study.progress_at = timezone.now()
+        study.save(update_fields=["status", "progress", "message", "preparation", "progress_at"])
     at_work = {"study_id": study_id, "preparation": study.preparation}
     signatures = [
         task.si(system_id, step=(i, len(steps)), **at_work)
@@ -400,12 +402,15 @@ def _reporter(system: System, study_id: int | None, step, preparation: int | Non
     index, count = step
 
     def report(fraction: float, message: str):
+        now = timezone.now()
         System.objects.filter(pk=system.pk).update(
-            status=System.Status.RUNNING, progress=fraction, message=message
+            status=System.Status.RUNNING, progress=fraction, message=message, progress_at=now
         )
         if study_id is not None:
             _preparing(study_id, preparation).update(
-                progress=(index + fraction) / max(count, 1), message=f"{system.name}: {message}"
+                progress=(index + fraction) / max(count, 1),
+                message=f"{system.name}: {message}",
+                progress_at=now,
             )
 
     return report

@@ -198,6 +198,31 @@ def test_a_system_in_a_locked_study_design_cannot_change_or_go(admin_client, stu
         assert System.objects.filter(pk=system.pk).exists()
 
 
+def test_work_that_has_not_reported_for_a_while_says_since_when(admin_client, study):
+    """A worker that died leaves a preparation at its last progress, with nothing else to
+    show it until the task is delivered again (hours later)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    system = study.systems.get()
+    quiet = timezone.now() - timedelta(minutes=25)
+    Study.objects.filter(pk=study.pk).update(
+        status=Study.Status.PREPARING, progress=0.42, progress_at=quiet
+    )
+    System.objects.filter(pk=system.pk).update(
+        status=System.Status.RUNNING, progress=0.5, progress_at=quiet
+    )
+    studies = admin_client.get("/admin/experiments/study/").content.decode()
+    systems = admin_client.get("/admin/experiments/system/").content.decode()
+    assert "42%, last news 25\xa0minutes ago" in studies
+    assert "50%, last news 25\xa0minutes ago" in systems
+    Study.objects.filter(pk=study.pk).update(progress_at=timezone.now())  # it reported
+    System.objects.filter(pk=system.pk).update(status=System.Status.READY)  # done
+    assert "last news" not in admin_client.get("/admin/experiments/study/").content.decode()
+    assert "last news" not in admin_client.get("/admin/experiments/system/").content.decode()
+
+
 def test_deleting_a_system_a_study_holds_says_why_it_cannot_go(admin_client, study):
     """Not that the account lacks a permission (Django's words for a system that cannot go)."""
     Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)

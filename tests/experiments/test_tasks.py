@@ -224,6 +224,7 @@ def test_a_chain_no_longer_at_work_leaves_its_study_alone():
     assert finish_study(study.pk, preparation=1) == Study.Status.PREPARING
     study.refresh_from_db()
     assert (study.status, study.progress, study.message) == (Study.Status.PREPARING, 0.0, "")
+    assert study.progress_at is None and System.objects.get(pk=system.pk).progress_at is not None
     assert finish_study(study.pk, preparation=2) == Study.Status.READY
 
     Study.objects.filter(pk=study.pk).update(status=Study.Status.DRAFT, message="Back to draft")
