@@ -65,8 +65,39 @@ def changelist_url(model, **filters) -> str:
 # --- Collections and pairs ---------------------------------------------------------------
 
 
+LISTED = 100  # objects of one kind that a deletion's confirmation names (the rest counted)
+
+
+class SummarisedDeletion(admin.ModelAdmin):
+    """A deletion's confirmation names the first LISTED objects of each kind, not them all:
+    a system's search results (2 × 10 per test pair), a collection's 200,000 pairs made
+    pages of many MB that a browser could not show. Its summary still counts them all."""
+
+    def get_deleted_objects(self, objs, request):
+        to_delete, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        return shortened(to_delete), counts, perms_needed, protected
+
+
+def shortened(nested: list) -> list:
+    """Django's nested list of objects to delete (each object followed by the list of its
+    own), with at most LISTED objects at each level and how many more."""
+    out, kept, left = [], 0, 0
+    for entry in nested:
+        if isinstance(entry, list):  # the objects of the entry before it
+            if kept <= LISTED and not left:
+                out.append(shortened(entry))
+        elif kept < LISTED:
+            out.append(entry)
+            kept += 1
+        else:
+            left += 1
+    if left:
+        out.append(f"… and {left} more (counted in the summary)")
+    return out
+
+
 @admin.register(Collection)
-class CollectionAdmin(admin.ModelAdmin):
+class CollectionAdmin(SummarisedDeletion):
     list_display = ["name", "pairs_by_status", "pairs_by_split", "created_at"]
     search_fields = ["name", "source"]
     readonly_fields = ["created_at", "pairs_by_status", "pairs_by_split"]
@@ -198,7 +229,7 @@ class CollectionAdmin(admin.ModelAdmin):
 
 
 @admin.register(Pair)
-class PairAdmin(admin.ModelAdmin):
+class PairAdmin(SummarisedDeletion):
     list_display = ["key", "collection", "title", "genre", "split", "status", "short_error"]
     list_filter = ["collection", "status", "split"]
     search_fields = ["key", "title", "genre", "error"]
@@ -243,7 +274,7 @@ class PairAdmin(admin.ModelAdmin):
 
 
 @admin.register(System)
-class SystemAdmin(admin.ModelAdmin):
+class SystemAdmin(SummarisedDeletion):
     list_display = ["name", "collection", "kind", "status", "progress_percent", "metrics_summary"]
     list_filter = ["status", "kind", "collection"]
     search_fields = ["name"]
@@ -429,7 +460,7 @@ def with_progress(subjects):
 
 
 @admin.register(Study)
-class StudyAdmin(admin.ModelAdmin):
+class StudyAdmin(SummarisedDeletion):
     list_display = ["name", "collection", "status", "progress_percent", "subjects_summary"]
     list_filter = ["status", "collection"]
     search_fields = ["name", "slug"]
@@ -853,7 +884,7 @@ class ResponseInline(admin.TabularInline):
 
 
 @admin.register(Subject)
-class SubjectAdmin(admin.ModelAdmin):
+class SubjectAdmin(SummarisedDeletion):
     list_display = [
         "__str__",
         "external_id",

@@ -223,6 +223,24 @@ def test_work_that_has_not_reported_for_a_while_says_since_when(admin_client, st
     assert "last news" not in admin_client.get("/admin/experiments/system/").content.decode()
 
 
+def test_a_deletions_confirmation_names_a_few_objects_of_a_kind_and_counts_them_all(
+    admin_client, monkeypatch
+):
+    """A collection of 200,000 pairs made a confirmation page of 16.8 MB."""
+    monkeypatch.setattr("experiments.admin.LISTED", 2)
+    collection = make_collection(5, name="many")
+    page = admin_client.get(f"/admin/experiments/collection/{collection.pk}/delete/")
+    text = page.content.decode()
+    assert "… and 3 more (counted in the summary)" in text
+    assert "<li>Pairs: 5</li>" in text
+    listed = [
+        key for key in collection.pairs.values_list("key", flat=True) if f"many/{key}<" in text
+    ]
+    assert len(listed) == 2
+    admin_client.post(f"/admin/experiments/collection/{collection.pk}/delete/", {"post": "yes"})
+    assert not Collection.objects.filter(pk=collection.pk).exists()
+
+
 def test_deleting_a_system_a_study_holds_says_why_it_cannot_go(admin_client, study):
     """Not that the account lacks a permission (Django's words for a system that cannot go)."""
     Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
