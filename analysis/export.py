@@ -30,11 +30,28 @@ FORMATS = {
 }
 TEXT_FORMATS = ("markdown", "csv", "json", "latex")
 KAPPA_NOTE = (
-    "Over questions that at least two subjects answered (the same query and candidates); "
-    "raters 0 and no kappa where none was: each subject's plan asks other questions. "
+    "Over questions that at least two subjects answered: the same query, direction and pair "
+    "type, so the same G and S; R is drawn for each subject, so in G-R and S-R questions they "
+    "weighed the same G or S against different random items. raters 0 and no kappa where "
+    "no question was asked twice: each subject's plan asks other questions. "
     "Statistics read NaN where a test cannot be made (e.g. Wilcoxon when every subject is at "
     "exactly 50%)."
 )
+
+
+def statistics_note(n_subjects: int) -> str:
+    """What the tests assume, and what so few subjects can show."""
+    note = (
+        "binom_p and binom_ci count every answer as independent, but one subject's answers "
+        "are related: where subjects differ they overstate the evidence. wilcoxon_p (the "
+        "subjects' shares against 50%) and subject_ci (answers clustered by subject) do not."
+    )
+    if n_subjects:
+        smallest = 2.0 ** (1 - n_subjects)
+        note += f" With {n_subjects} subjects no wilcoxon_p can be below {smallest:.3g}."
+    return note
+
+
 MACHINE_NOTE = (
     "The machine's share is over the G-R questions it judged (n_judged); a system known by "
     "ranked results judges only questions with a candidate in its top-k. coverage = percent of "
@@ -154,9 +171,19 @@ def cells(report: Report) -> pd.DataFrame:
 
 
 def _records(frame: pd.DataFrame | None):
+    """Rows as JSON objects, numbers in full (p-values of 1e-9 are common) and NaN as null."""
     if frame is None:
         return None
-    return json.loads(frame.reset_index().to_json(orient="records", double_precision=6))
+    table = frame.reset_index() if frame.index.names != [None] else frame
+    rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+    return json.loads(json.dumps(rows, default=_plain))
+
+
+def _plain(value):
+    """A numpy number or a timestamp as JSON can hold it."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value.item()
 
 
 def _markdown(frame: pd.DataFrame, floatfmt: str) -> str:
@@ -181,6 +208,7 @@ def render(report: Report, fmt: str) -> str | bytes:
             ]
         parts += [
             "## Statistics (per cell; tests against 50%; `_holm`: Holm-adjusted over the table)",
+            statistics_note(report.n_subjects),
             _markdown(report.statistics, ".4g"),
         ]
         if len(report.agreement):

@@ -16,8 +16,9 @@ the items' shares), with denominator df (F1 + F2)² / (F1²/df2 + F2²/df1). It 
 with no preference and the default spreads it rejects in 1.6–3% of studies at `alpha` = 0.05
 (0.4–0.6% without spreads; 3000 simulations, 10–100 subjects, 60 items, 20 questions each),
 so the plan errs towards more subjects (a 60/40 preference, 60 items, 20 questions each, 80%
-power: 38 subjects at `alpha` 0.05, 30 at 0.10, whose real size is 4.3–7%). It is a plan for the design, not the test the report runs (exact
-binomial, Wilcoxon over subjects, the mixed model). Power at each study size is the share of
+power: 38 subjects at `alpha` 0.05, 29 at 0.10, whose real size is 4.3–7%). It is a plan for
+the design, not the test the report runs (exact binomial, Wilcoxon over subjects, the mixed
+model). Power at each study size is the share of
 simulations that reject at level `alpha`. Sizes reuse the same simulated subjects (the first
 n of them), so the power curve is smooth and cheap; the answer is the smallest size whose
 power reaches each target.

@@ -184,13 +184,16 @@ def test_report_writes_plot_and_subject_csv(tmp_path):
 def test_report_refuses_clearly_without_answers():
     collection = Collection.objects.create(name="empty")
     Study.objects.create(name="Empty", slug="empty", collection=collection)
-    with pytest.raises(CommandError, match="no answers from completed subjects"):
+    with pytest.raises(CommandError, match="no answers to analyse: nobody has answered yet"):
         run("preference_report", "empty")
     with pytest.raises(CommandError, match="No study"):
         run("preference_report", "nope")
     make_study(slug="partial", completed=False)
-    with pytest.raises(CommandError, match="--include-incomplete"):
+    with pytest.raises(CommandError, match=r"2 subject\(s\) who have not finished \(--incl"):
         run("preference_report", "partial")
+    make_study(slug="failed", outcome=Subject.Outcome.FAILED_ATTENTION)
+    with pytest.raises(CommandError, match=r"2 who failed the attention checks \(--include-f"):
+        run("preference_report", "failed")  # completed, all of them, but left out
     out, _ = run("preference_report", "partial", "--include-incomplete", "--format", "json")
     assert json.loads(out)["counts"]["subjects"] == 2
 

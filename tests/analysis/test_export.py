@@ -61,11 +61,19 @@ def test_json_markdown_latex(report):
         "Total": 80.0,
     }
     assert len(payload["statistics"]) == 9 and len(payload["subjects"]) == 18
+    # Every number in full (rounded to 6 places, p = 1e-9 read 0.0), NaN as null.
+    rows = report.statistics.reset_index().to_dict(orient="records")
+    assert payload["statistics"] == [
+        {key: None if pd.isna(value) else value for key, value in row.items()} for row in rows
+    ]
+    assert set(payload["subjects"][0]) == set(report.subjects.columns)  # no stray "index"
     markdown = render(report, "markdown")
     rows = [line.split("|")[1:-1] for line in markdown.splitlines() if line.startswith("| ")]
     assert [cell.strip() for cell in rows[0]] == ["judge", "pair_type", "V2M", "M2V", "Total"]
     assert [cell.strip() for cell in rows[2]] == ["Human", "GS", "60.00", "60.00", "60.00"]
     assert "wilcoxon_p" in markdown
+    assert "overstate the evidence" in markdown  # what the binomial test assumes
+    assert "With 3 subjects no wilcoxon_p can be below 0.25." in markdown
     latex = render(report, "latex")
     assert latex.count("\\begin{tabular}") == 3  # Table IV, the machine's coverage, statistics
     assert "n\\_answers" in latex and "80.00" in latex

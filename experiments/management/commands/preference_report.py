@@ -9,7 +9,7 @@ from analysis.load import get_study, responses_frame
 from analysis.plots import preference_boxplot
 from analysis.preference import answers
 from experiments.management.commands.export_responses import cannot_write, check_output
-from experiments.models import Study
+from experiments.models import Study, Subject
 
 
 class Command(BaseCommand):
@@ -49,13 +49,9 @@ class Command(BaseCommand):
             include_failed=options["include_failed"],
         )
         if answers(df).empty:
-            who = "subjects" if options["include_incomplete"] else "completed subjects"
-            hint = (
-                ""
-                if options["include_incomplete"]
-                else " (--include-incomplete counts partial ones)"
+            raise CommandError(
+                f"Study '{study.slug}' has no answers to analyse: {why_none(study, options)}."
             )
-            raise CommandError(f"Study '{study.slug}' has no answers from {who} yet{hint}.")
         report = build_report(df, title=study.name, mixed=options["mixed"])
         self.stdout.write(render(report, options["format"]), ending="")
         # Notes go to stderr, so that stdout stays a clean CSV / JSON document.
@@ -72,3 +68,20 @@ class Command(BaseCommand):
                 path = options["subjects_csv"]
                 raise CommandError(cannot_write(path, "--subjects-csv", error)) from None
             self.stderr.write(f"Per-subject preferences written to {options['subjects_csv']}")
+
+
+def why_none(study, options) -> str:
+    """Which subjects were left out, and the options that count them."""
+    subjects = study.subjects.filter(responses__isnull=False).distinct()
+    completed = subjects.filter(completed_at__isnull=False)
+    failed = subjects.filter(outcome=Subject.Outcome.FAILED_ATTENTION)
+    left_out = []
+    if not options["include_incomplete"] and (n := subjects.count() - completed.count()):
+        left_out.append(f"{n} subject(s) who have not finished (--include-incomplete)")
+    if not options["include_failed"] and (n := failed.count()):
+        left_out.append(f"{n} who failed the attention checks (--include-failed)")
+    if not subjects.exists():
+        return "nobody has answered yet"
+    if not left_out:  # in progress but past passing, or only catch questions answered
+        return "no answer counts yet (attention checks aside; --include-failed counts those who can no longer pass them)"
+    return "left out are " + " and ".join(left_out)
