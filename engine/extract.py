@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from concurrent.futures import as_completed
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +69,9 @@ def extract_folder(paths, workers: int | None = None, progress: bool = True, **k
             bar.update(len(step))
     elif workers > 1 and len(paths) > 1:
         warm_numba_cache()  # the workers then read numba's cache instead of racing to write it
-        with process_pool(workers, initializer=_init_worker) as pool:
-            futures = [pool.submit(_safe, p, kwargs) for p in paths]
-            for fut in as_completed(futures):
-                _collect(fut.result(), results, errors)
-                bar.update()
+        for result in in_processes(paths, workers, functools.partial(_safe, kwargs=kwargs)):
+            _collect(result, results, errors)
+            bar.update()
     else:
         for p in paths:
             _collect(_safe(p, kwargs), results, errors)
@@ -80,6 +81,40 @@ def extract_folder(paths, workers: int | None = None, progress: bool = True, **k
     frames = [results[p][0] for p in keys]
     music = np.stack([results[p][1] for p in keys]) if keys else np.zeros((0, 1140), np.float32)
     return keys, frames, music, errors
+
+
+def in_processes(paths, workers: int, work):
+    """`work(path)` of every path, as (path, value, error), in `workers` processes, each given
+    one file at a time. A worker
+    that dies (killed, the OOM killer, a crash inside FFmpeg) costs only the files in flight:
+    each is then tried alone, in a process of its own, and one that kills that too is
+    reported; the rest go on in a fresh pool."""
+    todo = deque(paths)
+    while todo:
+        suspects = []
+        with process_pool(min(workers, len(todo)), initializer=_init_worker) as pool:
+            running = {}
+            while todo or running:
+                while todo and len(running) < workers:
+                    path = todo.popleft()
+                    running[pool.submit(work, path)] = path
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                if any(isinstance(future.exception(), BrokenProcessPool) for future in done):
+                    for future, path in running.items():  # those done first still count
+                        if future.done() and future.exception() is None:
+                            yield future.result()
+                        else:
+                            suspects.append(path)
+                    break
+                for future in done:
+                    del running[future]
+                    yield future.result()
+        for path in suspects:
+            with process_pool(1, initializer=_init_worker) as alone:
+                try:
+                    yield alone.submit(work, path).result()
+                except BrokenProcessPool:
+                    yield path, None, f"{path}: the process extracting it died (killed, or a crash)"
 
 
 def _extract_batch(

@@ -1,8 +1,10 @@
 """The accelerator's extraction path (frames and music in batches), run here on the CPU."""
 
+import os
+
 import numpy as np
 
-from engine.extract import _extract_batch, extract_folder, extract_one
+from engine.extract import _extract_batch, extract_folder, extract_one, in_processes
 from tests.engine.conftest import write_audio
 
 
@@ -34,3 +36,21 @@ def test_extract_folder_on_the_cpu_leaves_bad_files_out(tmp_path, clips):
     )
     assert keys == [clips[3]] and len(frames) == 1 and music.shape == (1, 1140)
     assert [p for p, _ in errors] == [bad] and "cannot open" in errors[0][1]
+
+
+def dies_on_kill(path):
+    """A file named "kill…" kills the process working on it (as FFmpeg crashing would)."""
+    if path.startswith("kill"):
+        os._exit(1)
+    return path, path.upper(), None
+
+
+def test_a_worker_that_dies_costs_only_its_own_file():
+    paths = ["a", "b", "kill-me", "c", "d", "e", "f"]
+    results = {path: (value, error) for path, value, error in in_processes(paths, 2, dies_on_kill)}
+    assert set(results) == set(paths)
+    assert results.pop("kill-me") == (
+        None,
+        "kill-me: the process extracting it died (killed, or a crash)",
+    )
+    assert results == {path: (path.upper(), None) for path in results}
