@@ -102,7 +102,12 @@ def best_device(device=None) -> torch.device:
 def load_encoder(name: str, pretrained: bool = True, device: str = "cpu") -> FrameEncoder:
     """The named encoder in eval mode on `device`; loaded once per process."""
     spec = encoder_spec(name)
-    return FrameEncoder(spec.load(pretrained).eval().to(device), spec)
+    # Random weights (tests, benchmarks) drawn alike in every process and run: features of
+    # one file are then the same whichever worker extracts it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = spec.load(pretrained)
+    return FrameEncoder(net.eval().to(device), spec)
 
 
 def encoder_spec(name: str) -> EncoderSpec:

@@ -4,6 +4,7 @@ import av
 import numpy as np
 import pytest
 import skvideo
+import torch
 
 import engine.features.video as video
 from engine.features import MediaError
@@ -166,3 +167,18 @@ def test_batched_frame_features_equal_per_file_and_report_bad_files(tmp_path, cl
             alone = frame_features(path, image_size=64, max_seconds=4, device="cpu")
             assert got.shape == alone.shape and got.dtype == np.float32
             np.testing.assert_allclose(got, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_random_weights_are_the_same_in_every_process_and_leave_torchs_random_state_alone():
+    """Features of one file must not depend on which worker extracted it."""
+    weights = []
+    for seed in (1, 2):
+        load_encoder.cache_clear()  # as a fresh process, in another random state
+        torch.manual_seed(seed)
+        expected = torch.rand(3)
+        torch.manual_seed(seed)
+        encoder = load_encoder("efficientnet-lite0", pretrained=False)
+        assert torch.equal(torch.rand(3), expected)
+        weights.append(next(encoder.model.parameters()).detach().clone())
+    load_encoder.cache_clear()
+    assert torch.equal(weights[0], weights[1])
