@@ -62,9 +62,14 @@ def cmd_extract(args):
     rel = [str(Path(k).relative_to(args.folder)) for k in keys]
     if keys:
         Features(rel, frames, music).save(args.out)
+    written = (
+        f"-> {args.out}"
+        if keys
+        else f"nothing written (no file could be read; {args.out} unchanged)"
+    )
     print(
         f"extracted {len(keys)} of {len(paths)} files in {dt:.1f} s "
-        f"({dt / max(len(paths), 1):.2f} s/file) -> {args.out}; {len(errors)} failed"
+        f"({dt / max(len(paths), 1):.2f} s/file) {written}; {len(errors)} failed"
     )
     if errors:
         sys.exit(1)

@@ -8,6 +8,8 @@ system.save("model.pt"); load_system("model.pt")
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,10 +49,11 @@ class Features:
     def save(self, path) -> None:
         """One .npz: frames stored flat with per-video lengths."""
         lengths = np.array([len(f) for f in self.frames])
-        np.savez(
-            path, keys=np.array(self.keys), music=self.music, lengths=lengths,
-            frames=np.concatenate(self.frames).astype(np.float32),
-        )  # fmt: skip
+        with written_whole(path) as f:
+            np.savez(
+                f, keys=np.array(self.keys), music=self.music, lengths=lengths,
+                frames=np.concatenate(self.frames).astype(np.float32),
+            )  # fmt: skip
 
     @classmethod
     def load(cls, path) -> Features:
@@ -87,19 +90,34 @@ class TrainedSystem:
     def save(self, path) -> None:
         """A torch checkpoint of plain tensors and dicts (loads with weights_only=True)."""
         tensors = lambda d: {k: torch.as_tensor(np.asarray(v)) for k, v in d.items()}  # noqa: E731
-        torch.save(
-            {
-                "kind": self.kind,
-                "config": self.config,
-                "metrics": self.metrics,
-                "model_config": self.model.config.to_dict() if self.model else None,
-                "model": self.model.state_dict() if self.model else None,
-                "projection": tensors(self.projection),
-                "video_featurizer": tensors(self.video_featurizer.state_dict()),
-                "music_featurizer": tensors(self.music_featurizer.state_dict()),
-            },
-            Path(path),
-        )
+        with written_whole(path) as f:
+            torch.save(
+                {
+                    "kind": self.kind,
+                    "config": self.config,
+                    "metrics": self.metrics,
+                    "model_config": self.model.config.to_dict() if self.model else None,
+                    "model": self.model.state_dict() if self.model else None,
+                    "projection": tensors(self.projection),
+                    "video_featurizer": tensors(self.video_featurizer.state_dict()),
+                    "music_featurizer": tensors(self.music_featurizer.state_dict()),
+                },
+                f,
+            )
+
+
+@contextlib.contextmanager
+def written_whole(path):
+    """A binary file that becomes `path` (exactly that name) only once it is complete: a
+    write stopped halfway (Ctrl-C, a full disk) leaves whatever `path` held before."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as f:
+            yield f
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def load_system(path, device=None) -> TrainedSystem:

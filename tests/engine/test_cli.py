@@ -5,10 +5,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from engine.__main__ import main
-from engine.pipeline import Features
+from engine.pipeline import Features, written_whole
 
 SUBCOMMANDS = ["demo-corpus", "extract", "train", "evaluate", "baselines", "search"]
 
@@ -63,6 +64,28 @@ def test_extract_reports_bad_files_and_goes_on(corpus, tmp_path, capsys):
     features = Features.load(tmp_path / "f.npz")
     assert len(features) == 8 and features.music.shape == (8, 1140)
     assert features.frames[0].shape == (2, 1280)
+
+    # Nothing readable: the output of an earlier run stays, and the summary says so.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.mp4").write_bytes(b"not a video")
+    code, out, err = run(capsys, "extract", bad, "--out", tmp_path / "f.npz", "--workers", 1)
+    assert (
+        code == 1
+        and f"nothing written (no file could be read; {tmp_path / 'f.npz'} unchanged)" in out
+    )
+    assert len(Features.load(tmp_path / "f.npz")) == 8
+
+
+def test_an_output_is_replaced_only_once_written_whole_and_under_its_own_name(tmp_path):
+    target = tmp_path / "features"  # np.savez would have added ".npz" to a name
+    Features(["a"], [np.ones((2, 3), np.float32)], np.ones((1, 1140), np.float32)).save(target)
+    before = target.read_bytes()
+    with pytest.raises(KeyboardInterrupt), written_whole(target) as f:
+        f.write(b"half of it")
+        raise KeyboardInterrupt  # Ctrl-C, halfway
+    assert target.read_bytes() == before and list(tmp_path.iterdir()) == [target]
+    assert Features.load(target).keys == ["a"]
 
 
 def test_train_evaluate_search_baselines(corpus, tmp_path, capsys):
