@@ -366,7 +366,10 @@ def main():
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes for a CPU")
-    parser.add_argument("--only", nargs="*", default=["music", "video", "training", "search"])
+    sections = ["music", "video", "training", "search"]
+    parser.add_argument(
+        "--only", nargs="*", default=sections, choices=sections, help="the sections to run"
+    )
     parser.add_argument(
         "--tracks",
         type=int,

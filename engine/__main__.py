@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,8 +83,10 @@ def cmd_train(args):
     features = Features.load(args.features)
     split = _splits(features, _manifest_for(args), args.seed)
     config = json.loads(args.config) if args.config else {}
+    if not isinstance(config, dict):
+        raise ValueError(f'--config is a JSON object, e.g. {{"top_k": 100}}, not {args.config}')
     config.setdefault("seed", args.seed)
-    if args.kind == "vmnet" and args.epochs:
+    if args.kind == "vmnet" and args.epochs is not None:
         config["max_epochs"] = args.epochs
     system = train_system(
         args.kind, features.subset(split["train"]),
@@ -136,6 +140,10 @@ def cmd_search(args):
     system = load_system(args.model)
     video_emb, music_emb = system.embed(features.frames, features.music)
     queries, items = (video_emb, music_emb) if args.direction == "v2m" else (music_emb, video_emb)
+    if unknown := [q for q in args.query or () if q not in features.keys]:
+        raise ValueError(
+            f"no item {unknown[0]!r} in {args.features} (keys as `extract` wrote them)"
+        )
     rows = [features.keys.index(q) for q in args.query] if args.query else range(len(features))
     idx, scores = top_k(queries[list(rows)], items, args.k)
     for row, hits, sc in zip(rows, idx, scores, strict=True):
@@ -143,27 +151,38 @@ def cmd_search(args):
         print(f"{features.keys[row]} -> {found}")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help; where it is None the help says what happens."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m engine", description="VM-NET video-music retrieval engine"
     )
     sub = p.add_subparsers(dest="command", required=True)
+    parser = functools.partial(sub.add_parser, formatter_class=_Defaults)
 
-    s = sub.add_parser("demo-corpus", help="write a synthetic corpus of short music videos (MP4)")
+    s = parser("demo-corpus", help="write a synthetic corpus of short music videos (MP4)")
     s.add_argument("out", help="output folder")
-    s.add_argument("--n", type=int, default=400, help="number of clips (default 400)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=int, default=400, help="number of clips")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--duration", type=float, default=10.0, help="seconds per clip")
-    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--workers", type=_positive, default=None, help="processes (default: all cores)")
     s.set_defaults(func=cmd_demo_corpus)
 
-    s = sub.add_parser(
-        "extract", help="extract frame and music features of every video in a folder"
-    )
+    s = parser("extract", help="extract frame and music features of every video in a folder")
     s.add_argument("folder")
-    s.add_argument("--out", default="features.npz", help="output .npz (default features.npz)")
+    s.add_argument("--out", default="features.npz", help="output file (.npz)")
     s.add_argument(
-        "--encoder", default="efficientnet-lite0", choices=["efficientnet-lite0", "inception-v3"]
+        "--encoder",
+        default="efficientnet-lite0",
+        choices=["efficientnet-lite0", "inception-v3"],
+        help="frame CNN",
     )
     s.add_argument(
         "--image-size", type=int, default=None, help="CNN input size (default: the encoder's)"
@@ -172,7 +191,7 @@ def main(argv=None):
         "--random-weights", action="store_true", help="untrained CNN (no weights download)"
     )
     s.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
-    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--workers", type=_positive, default=None, help="processes (default: all cores)")
     s.set_defaults(func=cmd_extract)
 
     def data_args(s):
@@ -182,13 +201,20 @@ def main(argv=None):
             default=None,
             help="CSV with video,split columns (default: manifest.csv beside the features, else a seeded 75/12.5/12.5 split)",
         )
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=int, default=0, help="random seed (split, training)")
 
-    s = sub.add_parser("train", help="train VM-NET or a baseline; saves a checkpoint")
+    s = parser("train", help="train VM-NET or a baseline; saves a checkpoint")
     data_args(s)
-    s.add_argument("--kind", default="vmnet", choices=["vmnet", "cca", "pca", "plssvd", "pls"])
-    s.add_argument("--out", default="model.pt")
-    s.add_argument("--epochs", type=int, default=None, help="maximum epochs (vmnet)")
+    s.add_argument(
+        "--kind",
+        default="vmnet",
+        choices=["vmnet", "cca", "pca", "plssvd", "pls"],
+        help="system to train",
+    )
+    s.add_argument("--out", default="model.pt", help="checkpoint file")
+    s.add_argument(
+        "--epochs", type=_positive, default=None, help="maximum epochs (vmnet; default 300)"
+    )
     s.add_argument(
         "--config",
         default=None,
@@ -196,32 +222,52 @@ def main(argv=None):
     )
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("evaluate", help="Recall@1/10/25 of a checkpoint, both directions")
+    s = parser("evaluate", help="Recall@1/10/25 of a checkpoint, both directions")
     s.add_argument("model")
     data_args(s)
-    s.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    s.add_argument(
+        "--split", default="test", choices=["train", "val", "test", "all"], help="pairs to rank"
+    )
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser(
-        "baselines", help="compare VM-NET with PCA / PLSSVD / PLS / CCA on the test split"
-    )
+    s = parser("baselines", help="compare VM-NET with PCA / PLSSVD / PLS / CCA on the test split")
     data_args(s)
-    s.add_argument("--kinds", default="pca,plssvd,pls,cca,vmnet")
-    s.add_argument("--n-components", type=int, default=64)
+    s.add_argument("--kinds", default="pca,plssvd,pls,cca,vmnet", help="systems, comma-separated")
+    s.add_argument("--n-components", type=_positive, default=64, help="dimensions of the baselines")
     s.set_defaults(func=cmd_baselines)
 
-    s = sub.add_parser("search", help="nearest items of the other modality")
+    s = parser("search", help="nearest items of the other modality")
     s.add_argument("model")
     s.add_argument("features")
     s.add_argument(
         "--query", action="append", help="key of a query item (repeatable; default: all)"
     )
-    s.add_argument("--direction", default="v2m", choices=["v2m", "m2v"])
-    s.add_argument("--k", type=int, default=5)
+    s.add_argument(
+        "--direction",
+        default="v2m",
+        choices=["v2m", "m2v"],
+        help="v2m: music for each video; m2v: videos for each music",
+    )
+    s.add_argument("--k", type=_positive, default=5, help="results per query")
     s.set_defaults(func=cmd_search)
 
     args = p.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)  # as a shell reports Ctrl-C; outputs are written whole or not at all
+    except BrokenPipeError:  # `... | head` stopped reading: no traceback about it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except (OSError, ValueError, KeyError) as error:  # bad input: a message, not a traceback
+        sys.exit(f"python -m engine {args.command}: error: {error}")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 if __name__ == "__main__":

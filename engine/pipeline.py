@@ -158,6 +158,7 @@ def check_config(config) -> None:
     VMNetConfig.from_dict(model_args)
 
 
+MIN_TRAIN_PAIRS = 2
 EXTRA_KEYS = ("n_components", "frame_dims", "video_dims")  # besides the two configs' fields
 
 
@@ -214,6 +215,8 @@ def train_system(
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
     check_config(config or {})
+    if len(train) < MIN_TRAIN_PAIRS:  # a ranking needs others to rank below the match
+        raise ValueError(f"training needs at least {MIN_TRAIN_PAIRS} pairs, not {len(train)}")
     config, train_config, model_args, n_components = _split_config(config)
     report = progress or (lambda fraction, message: None)
     report(0.0, "fitting feature transforms")
@@ -256,4 +259,6 @@ def _recalls(video_emb, music_emb) -> dict:
 
 def evaluate(system: TrainedSystem, test: Features) -> dict:
     """Recall@1/10/25 (fractions) video->music ('V2M') and music->video ('M2V'), and chance."""
+    if not len(test):
+        raise ValueError("nothing to evaluate: no pairs")
     return _recalls(*system.embed(test.frames, test.music))

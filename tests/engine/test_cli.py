@@ -21,6 +21,8 @@ def run(capsys, *args):
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
+        if isinstance(exc.code, str):  # what the interpreter would print on its way out
+            print(exc.code, file=sys.stderr)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -138,3 +140,20 @@ def test_train_evaluate_search_baselines(corpus, tmp_path, capsys):
         capsys, "baselines", corpus / "features.npz", "--kinds", "pca,cca", "--n-components", 2
     )
     assert code == 0 and "cca" in table and "chance" in table
+
+
+def test_bad_input_gets_a_message_not_a_traceback(tmp_path, capsys):
+    features = tmp_path / "f.npz"
+    Features(
+        [f"k{i}" for i in range(4)], [np.ones((2, 8), np.float32)] * 4, np.ones((4, 1140))
+    ).save(features)
+    cases = [
+        (["train", tmp_path / "none.npz"], "train: error: [Errno 2] No such file"),
+        (["train", features, "--config", "[1, 2]"], "--config is a JSON object"),
+        (["train", features, "--config", "{bad"], "train: error: Expecting property name"),
+        (["train", features, "--epochs", "0"], "--epochs: must be at least 1, not 0"),
+        (["evaluate", tmp_path / "m.pt", features], "evaluate: error: [Errno 2]"),
+    ]
+    for args, message in cases:
+        code, _, err = run(capsys, *args)
+        assert code in (1, 2) and message in err and "Traceback" not in err, (args, err)

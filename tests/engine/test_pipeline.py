@@ -123,3 +123,11 @@ def test_a_config_that_cannot_train_is_refused_before_any_work(config, message):
     with pytest.raises(ValueError, match=message):
         train_system("vmnet", train, config=config, progress=lambda f, m: seen.append(m))
     assert seen == []  # refused before fitting anything
+
+
+def test_training_needs_two_pairs_and_evaluation_one():
+    one = Features(["a"], [np.zeros((3, 16), np.float32)], np.zeros((1, 1140), np.float32))
+    with pytest.raises(ValueError, match="training needs at least 2 pairs, not 1"):
+        train_system("cca", one)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate(None, one.subset([]))
