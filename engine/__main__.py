@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,21 @@ def _splits(features, manifest: str | None, seed: int = 0) -> dict[str, list[int
     """Row indices per split: from the manifest's `split` column, else 75/12.5/12.5."""
     if manifest:
         with open(manifest, newline="") as f:
-            split_of = {row["video"]: row.get("split", "") for row in csv.DictReader(f)}
+            reader = csv.DictReader(f)
+            if "video" not in (reader.fieldnames or ()):
+                raise ValueError(f"{manifest}: no 'video' column (and 'split': train, val, test)")
+            split_of = {row["video"]: row.get("split", "") for row in reader}
+        # A key is the video's path below the folder `extract` read; the manifest may name
+        # the file alone where no other file has that name.
+        names = Counter(Path(key).name for key in features.keys)
         out = {"train": [], "val": [], "test": []}
         for i, key in enumerate(features.keys):
-            split = split_of.get(Path(key).name)
+            name = Path(key).name
+            split = split_of.get(key, split_of.get(name) if names[name] == 1 else None)
             if split in out:
                 out[split].append(i)
+        if not any(out.values()):
+            raise ValueError(f"{manifest} gives a split to none of the {len(features)} videos")
         return out
     order = np.random.default_rng(seed).permutation(len(features))
     a, b = int(0.75 * len(order)), int(0.875 * len(order))

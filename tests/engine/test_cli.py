@@ -157,3 +157,19 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, capsys):
     for args, message in cases:
         code, _, err = run(capsys, *args)
         assert code in (1, 2) and message in err and "Traceback" not in err, (args, err)
+
+
+def test_a_manifest_splits_videos_by_their_path_or_a_name_no_other_video_has(tmp_path):
+    from engine.__main__ import _splits
+
+    keys = ["a.mp4", "sub/a.mp4", "sub/b.mp4", "c.mp4"]
+    features = Features(keys, [np.ones((1, 4), np.float32)] * 4, np.ones((4, 1140)))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video,split\na.mp4,test\nsub/a.mp4,val\nb.mp4,train\nc.mp4,train\n")
+    assert _splits(features, str(manifest)) == {"train": [2, 3], "val": [1], "test": [0]}
+    manifest.write_text("video,split\nx.mp4,train\n")
+    with pytest.raises(ValueError, match="gives a split to none of the 4 videos"):
+        _splits(features, str(manifest))
+    manifest.write_text("file,split\na.mp4,train\n")
+    with pytest.raises(ValueError, match="no 'video' column"):
+        _splits(features, str(manifest))
