@@ -121,14 +121,20 @@ def _extract_batch(
     paths, workers, encoder="efficientnet-lite0", pretrained=True, image_size=None, device=None
 ):
     """(path, (frames, music) or None, error or None) of every path, batched on `device`."""
-    frames = frame_features_batch(
-        paths, encoder, device, workers=workers, image_size=image_size, pretrained=pretrained
+
+    def frames(part):
+        found = frame_features_batch(
+            part, encoder, device, workers=workers, image_size=image_size, pretrained=pretrained
+        )
+        return [str(f) if isinstance(f, MediaError) else f for f in found]
+
+    rows = bisected(frames, paths)
+    failed = [(p, None, f) for p, f in zip(paths, rows, strict=True) if isinstance(f, str)]
+    ok = [(p, f) for p, f in zip(paths, rows, strict=True) if not isinstance(f, str)]
+    music = bisected(
+        lambda part: list(music_features_batch(part, device, workers=workers)),
+        [p for p, _ in ok],
     )
-    failed = [
-        (p, None, str(f)) for p, f in zip(paths, frames, strict=True) if isinstance(f, MediaError)
-    ]
-    ok = [(p, f) for p, f in zip(paths, frames, strict=True) if not isinstance(f, MediaError)]
-    music = _music_rows([p for p, _ in ok], device, workers)
     done = [
         (p, None, row) if isinstance(row, str) else (p, (f, row), None)
         for (p, f), row in zip(ok, music, strict=True)
@@ -136,19 +142,19 @@ def _extract_batch(
     return failed + done
 
 
-def _music_rows(paths, device, workers) -> list[np.ndarray | str]:
-    """Music vector or error message per path: one batch, or, when it fails, its halves."""
+def bisected(compute, paths) -> list:
+    """`compute(paths)` (a list with one result per path), or, where it raises (a bad file
+    that fails the batch, a decode process that died), that of each half, down to single
+    files, whose error message stands for their result. The others go on."""
     if not paths:
         return []
     try:
-        return list(music_features_batch(paths, device, workers=workers))
+        return compute(paths)
     except Exception as exc:  # noqa: BLE001 - find the bad file; the others go on
         if len(paths) == 1:
             return [_message(paths[0], exc)]
         half = len(paths) // 2
-        return _music_rows(paths[:half], device, workers) + _music_rows(
-            paths[half:], device, workers
-        )
+        return bisected(compute, paths[:half]) + bisected(compute, paths[half:])
 
 
 def _collect(result, results, errors):

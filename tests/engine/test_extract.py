@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from engine.extract import _extract_batch, extract_folder, extract_one, in_processes
+from engine.extract import _extract_batch, bisected, extract_folder, extract_one, in_processes
 from tests.engine.conftest import write_audio
 
 
@@ -54,3 +54,19 @@ def test_a_worker_that_dies_costs_only_its_own_file():
         "kill-me: the process extracting it died (killed, or a crash)",
     )
     assert results == {path: (path.upper(), None) for path in results}
+
+
+def test_a_batch_that_fails_is_halved_down_to_the_file_that_fails_it():
+    """On an accelerator a whole batch fails with one file (its decode process died)."""
+    batches = []
+
+    def compute(part):
+        batches.append(len(part))
+        if "bad" in part:
+            raise RuntimeError("a process in the pool was terminated abruptly")
+        return [path.upper() for path in part]
+
+    found = bisected(compute, ["a", "b", "bad", "c", "d", "e"])
+    error = "bad: RuntimeError: a process in the pool was terminated abruptly"
+    assert found == ["A", "B", error, "C", "D", "E"]
+    assert batches == [6, 3, 1, 2, 1, 1, 3]  # the good halves in one piece each
