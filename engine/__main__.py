@@ -69,8 +69,6 @@ def cmd_extract(args):
         image_size=args.image_size, device=args.device,
     )  # fmt: skip
     dt = time.perf_counter() - t0
-    for _path, message in errors:
-        print(f"FAILED {message}", file=sys.stderr)
     rel = [str(Path(k).relative_to(args.folder)) for k in keys]
     if keys:
         Features(rel, frames, music).save(args.out)

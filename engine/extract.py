@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -65,16 +66,16 @@ def extract_folder(paths, workers: int | None = None, progress: bool = True, **k
         for start in range(0, len(paths), DEVICE_STEP):
             step = paths[start : start + DEVICE_STEP]
             for result in _extract_batch(step, workers, **kwargs):
-                _collect(result, results, errors)
+                _collect(result, results, errors, bar)
             bar.update(len(step))
     elif workers > 1 and len(paths) > 1:
         warm_numba_cache()  # the workers then read numba's cache instead of racing to write it
         for result in in_processes(paths, workers, functools.partial(_safe, kwargs=kwargs)):
-            _collect(result, results, errors)
+            _collect(result, results, errors, bar)
             bar.update()
     else:
         for p in paths:
-            _collect(_safe(p, kwargs), results, errors)
+            _collect(_safe(p, kwargs), results, errors, bar)
             bar.update()
     bar.close()
     keys = [p for p in paths if p in results]
@@ -157,9 +158,11 @@ def bisected(compute, paths) -> list:
         return bisected(compute, paths[:half]) + bisected(compute, paths[half:])
 
 
-def _collect(result, results, errors):
+def _collect(result, results, errors, bar):
     path, value, error = result
     if error is None:
         results[path] = value
     else:
         errors.append((path, error))
+        if not bar.disable:  # as it happens, above the bar: a long run's failures show early
+            bar.write(f"FAILED {error}", file=sys.stderr)
