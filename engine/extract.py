@@ -86,10 +86,9 @@ def extract_folder(paths, workers: int | None = None, progress: bool = True, **k
 
 def in_processes(paths, workers: int, work):
     """`work(path)` of every path, as (path, value, error), in `workers` processes, each given
-    one file at a time. A worker
-    that dies (killed, the OOM killer, a crash inside FFmpeg) costs only the files in flight:
-    each is then tried alone, in a process of its own, and one that kills that too is
-    reported; the rest go on in a fresh pool."""
+    one file at a time. A worker that dies (killed, the OOM killer, a crash inside FFmpeg)
+    costs only the files in flight: each is then tried alone, in a process of its own, and
+    one that kills that too is reported; the rest go on in a fresh pool."""
     todo = deque(paths)
     while todo:
         suspects = []
