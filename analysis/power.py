@@ -18,10 +18,9 @@ with no preference and the default spreads it rejects in 1.6–3% of studies at 
 so the plan errs towards more subjects (a 60/40 preference, 60 items, 20 questions each, 80%
 power: 38 subjects at `alpha` 0.05, 29 at 0.10, whose real size is 4.3–7%). It is a plan for
 the design, not the test the report runs (exact binomial, Wilcoxon over subjects, the mixed
-model). Power at each study size is the share of
-simulations that reject at level `alpha`. Sizes reuse the same simulated subjects (the first
-n of them), so the power curve is smooth and cheap; the answer is the smallest size whose
-power reaches each target.
+model). Power at each study size is the share of simulations that reject at level `alpha`.
+Sizes reuse the same simulated subjects (the first n of them), so the power curve is smooth
+and cheap; the answer is the smallest size whose power reaches each target.
 """
 
 from dataclasses import dataclass, field

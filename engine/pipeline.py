@@ -8,8 +8,6 @@ system.save("model.pt"); load_system("model.pt")
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 from engine import baselines
 from engine.features.video import MusicFeaturizer, VideoFeaturizer, best_device
+from engine.files import written_whole
 from engine.metrics import recall_at_k
 from engine.model import VMNet, VMNetConfig
 from engine.train import TrainConfig, train_vmnet
@@ -104,20 +103,6 @@ class TrainedSystem:
                 },
                 f,
             )
-
-
-@contextlib.contextmanager
-def written_whole(path):
-    """A binary file that becomes `path` (exactly that name) only once it is complete: a
-    write stopped halfway (Ctrl-C, a full disk) leaves whatever `path` held before."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as f:
-            yield f
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def load_system(path, device=None) -> TrainedSystem:

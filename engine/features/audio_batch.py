@@ -45,6 +45,7 @@ from engine.features.audio import (
     load_excerpt,
     warm_numba_cache,
 )
+from engine.files import written_whole
 from engine.processes import batches_computed_ahead, using_shared_pool
 
 CQT_BINS_PER_OCTAVE = 36
@@ -331,9 +332,8 @@ def _generated_module(prefix: str, source: str):
     try:
         if not path.exists():  # written whole, once: numba's cache is keyed by its mtime
             path.parent.mkdir(exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(source)
-            os.replace(partial, path)
+            with written_whole(path) as f:
+                f.write(source.encode())
     except OSError:
         return None
     spec = importlib.util.spec_from_file_location(name, path)

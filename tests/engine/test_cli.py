@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from engine.__main__ import main
-from engine.pipeline import Features, written_whole
+from engine.files import written_whole
+from engine.pipeline import Features
 
 SUBCOMMANDS = ["demo-corpus", "extract", "train", "evaluate", "baselines", "search"]
 
