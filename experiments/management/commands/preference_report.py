@@ -73,6 +73,8 @@ class Command(BaseCommand):
 def why_none(study, options) -> str:
     """Which subjects were left out, and the options that count them."""
     subjects = study.subjects.filter(responses__isnull=False).distinct()
+    if not subjects.exists():
+        return "nobody has answered yet"
     completed = subjects.filter(completed_at__isnull=False)
     failed = subjects.filter(outcome=Subject.Outcome.FAILED_ATTENTION)
     left_out = []
@@ -80,8 +82,9 @@ def why_none(study, options) -> str:
         left_out.append(f"{n} subject(s) who have not finished (--include-incomplete)")
     if not options["include_failed"] and (n := failed.count()):
         left_out.append(f"{n} who failed the attention checks (--include-failed)")
-    if not subjects.exists():
-        return "nobody has answered yet"
     if not left_out:  # in progress but past passing, or only catch questions answered
-        return "no answer counts yet (attention checks aside; --include-failed counts those who can no longer pass them)"
+        return (
+            "no answer counts yet (attention checks aside; --include-failed counts those "
+            "who can no longer pass them)"
+        )
     return "left out are " + " and ".join(left_out)
