@@ -7,6 +7,7 @@ import csv
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -60,29 +61,67 @@ def cmd_extract(args):
     from engine.extract import extract_folder, find_videos
     from engine.pipeline import Features
 
-    paths = find_videos(args.folder)
+    folder = Path(args.folder)
+    paths = find_videos(folder)
     if not paths:
-        sys.exit(f"no video files under {args.folder}")
+        sys.exit(f"no video files under {folder}")
+    settings = {
+        "encoder": args.encoder, "image_size": args.image_size,
+        "pretrained": not args.random_weights,
+    }  # fmt: skip
+    partial = Path(f"{args.out}.partial")  # what a stopped run had: the next one goes on
+    done = _resumed(partial, settings, folder)
+
+    def save(keys, frames, music):
+        rel = [str(k.relative_to(folder)) for k in keys]
+        Features(rel, frames, music, settings).save(partial)
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a job killed: save, as Ctrl-C
     t0 = time.perf_counter()
-    keys, frames, music, errors = extract_folder(
-        paths, args.workers, encoder=args.encoder, pretrained=not args.random_weights,
-        image_size=args.image_size, device=args.device,
-    )  # fmt: skip
+    try:
+        keys, frames, music, errors = extract_folder(
+            paths, args.workers, encoder=args.encoder, pretrained=not args.random_weights,
+            image_size=args.image_size, device=args.device, done=done, save=save,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        if partial.exists():
+            print(f"stopped: what was extracted is in {partial}; the same command goes on "
+                  "from there", file=sys.stderr)  # fmt: skip
+        raise
     dt = time.perf_counter() - t0
-    rel = [str(Path(k).relative_to(args.folder)) for k in keys]
     if keys:
-        Features(rel, frames, music).save(args.out)
+        save(keys, frames, music)
+        os.replace(partial, args.out)
     written = (
         f"-> {args.out}"
         if keys
         else f"nothing written (no file could be read; {args.out} unchanged)"
     )
+    resumed = f", {len(done)} of them from {partial}" if done else ""
     print(
-        f"extracted {len(keys)} of {len(paths)} files in {dt:.1f} s "
-        f"({dt / max(len(paths), 1):.2f} s/file) {written}; {len(errors)} failed"
+        f"extracted {len(keys)} of {len(paths)} files{resumed} in {dt:.1f} s "
+        f"({dt / max(len(paths) - len(done), 1):.2f} s/file) {written}; {len(errors)} failed"
     )
     if errors:
         sys.exit(1)
+
+
+def _resumed(partial: Path, settings: dict, folder: Path) -> dict:
+    """The features a stopped run saved in `partial`, by path, if they were extracted as
+    `settings` asks; files no longer in `folder` are left out."""
+    from engine.pipeline import Features
+
+    if not partial.exists():
+        return {}
+    saved = Features.load(partial)
+    if saved.settings != settings:
+        raise ValueError(
+            f"{partial} (a stopped run's features) was extracted with {saved.settings}, not "
+            f"{settings}: run with its options to go on, or delete it to start afresh"
+        )
+    return {
+        folder / k: (f, m) for k, f, m in zip(saved.keys, saved.frames, saved.music, strict=True)
+    }
 
 
 def cmd_train(args):
@@ -183,7 +222,13 @@ def main(argv=None):
     s.add_argument("--workers", type=_positive, default=None, help="processes (default: all cores)")
     s.set_defaults(func=cmd_demo_corpus)
 
-    s = parser("extract", help="extract frame and music features of every video in a folder")
+    s = parser(
+        "extract",
+        help="extract frame and music features of every video in a folder",
+        description="Extract frame and music features of every video in a folder. What is "
+        "extracted is saved in OUT.partial every 10 minutes and when the run is stopped "
+        "(Ctrl-C, SIGTERM); the same command then goes on from there.",
+    )
     s.add_argument("folder")
     s.add_argument("--out", default="features.npz", help="output file (.npz)")
     s.add_argument(

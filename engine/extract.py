@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -24,6 +25,8 @@ VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".webm", ".avi"}
 # Files per step on an accelerator: the progress bar moves per step, and a step whose music
 # batch fails is split in halves until the bad files are found (each costs ~2 steps' decode).
 DEVICE_STEP = 2048
+# How often a long extraction saves what it has, to go on from there if it is stopped.
+SAVE_EVERY_S = 600
 
 
 def find_videos(folder) -> list[Path]:
@@ -51,37 +54,74 @@ def _message(path, exc: Exception) -> str:
     return str(exc) if isinstance(exc, MediaError) else f"{path}: {type(exc).__name__}: {exc}"
 
 
-def extract_folder(paths, workers: int | None = None, progress: bool = True, **kwargs):
+def extract_folder(paths, workers: int | None = None, progress: bool = True, done=None, save=None,
+                   **kwargs):  # fmt: skip
     """Features of every path. Returns (keys, frames, music, errors); failed files are
     left out and listed in `errors` as (path, message).
 
     On a CUDA device (`device`, or the default when there is one) frames and music are
     computed in large batches on the device, decoded by `workers` CPU processes; on the CPU
-    each file is one task of a pool of `workers` processes."""
+    each file is one task of a pool of `workers` processes.
+
+    `done` maps paths extracted before to their (frames, music): they are kept, not extracted
+    again. `save(keys, frames, music)`, when given, is called with everything extracted so
+    far now and then (see `SAVE_EVERY_S`) and when the run is interrupted (Ctrl-C), before
+    the interruption goes on: a long run stopped loses only the files in flight."""
     paths = [Path(p) for p in paths]
     workers = workers or os.cpu_count() or 1
-    results, errors = {}, []
-    bar = tqdm(total=len(paths), desc="extract", unit="file", disable=not progress)
+    results, errors = {p: done[p] for p in paths if p in (done or {})}, []
+    todo = [p for p in paths if p not in results]
+    bar = tqdm(total=len(paths), initial=len(results), desc="extract", unit="file",
+               disable=not progress)  # fmt: skip
+    saves = _Saves(lambda: save(*_rows(paths, results)) if save else None)
+    try:
+        for result in _extracted(todo, workers, kwargs):
+            _collect(result, results, errors, bar)
+            saves.now_and_then()
+    except KeyboardInterrupt:
+        saves.now()
+        raise
+    finally:
+        bar.close()
+    return (*_rows(paths, results), errors)
+
+
+def _extracted(paths, workers, kwargs):
+    """(path, value, error) of every path, each as soon as it is known."""
     if best_device(kwargs.get("device")).type == "cuda":
         for start in range(0, len(paths), DEVICE_STEP):
-            step = paths[start : start + DEVICE_STEP]
-            for result in _extract_batch(step, workers, **kwargs):
-                _collect(result, results, errors, bar)
-            bar.update(len(step))
+            yield from _extract_batch(paths[start : start + DEVICE_STEP], workers, **kwargs)
     elif workers > 1 and len(paths) > 1:
         warm_numba_cache()  # the workers then read numba's cache instead of racing to write it
-        for result in in_processes(paths, workers, functools.partial(_safe, kwargs=kwargs)):
-            _collect(result, results, errors, bar)
-            bar.update()
+        yield from in_processes(paths, workers, functools.partial(_safe, kwargs=kwargs))
     else:
         for p in paths:
-            _collect(_safe(p, kwargs), results, errors, bar)
-            bar.update()
-    bar.close()
+            yield _safe(p, kwargs)
+
+
+def _rows(paths, results):
     keys = [p for p in paths if p in results]
     frames = [results[p][0] for p in keys]
     music = np.stack([results[p][1] for p in keys]) if keys else np.zeros((0, 1140), np.float32)
-    return keys, frames, music, errors
+    return keys, frames, music
+
+
+class _Saves:
+    """Calls `save` every `SAVE_EVERY_S` seconds, or less often where saving is slow (each
+    save writes everything so far): saving never takes more than a tenth of the time."""
+
+    def __init__(self, save):
+        self.save, self.last, self.took = save, time.monotonic(), 0.0
+
+    def now_and_then(self):
+        if time.monotonic() - self.last > max(SAVE_EVERY_S, 10 * self.took):
+            self.now()
+
+    def now(self):
+        start = time.monotonic()
+        self.save()
+        self.last = time.monotonic()
+        self.took = self.last - start
 
 
 def in_processes(paths, workers: int, work):
@@ -159,6 +199,7 @@ def bisected(compute, paths) -> list:
 
 def _collect(result, results, errors, bar):
     path, value, error = result
+    bar.update()
     if error is None:
         results[path] = value
     else:

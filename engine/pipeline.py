@@ -8,6 +8,7 @@ system.save("model.pt"); load_system("model.pt")
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,6 +34,7 @@ class Features:
     keys: list[str]
     frames: list[np.ndarray]  # per video: (T, D) CNN frame features
     music: np.ndarray  # (n, 1140)
+    settings: dict = field(default_factory=dict)  # how they were extracted (`engine extract`)
 
     def __post_init__(self):
         self.music = np.asarray(self.music, np.float32)
@@ -43,7 +45,10 @@ class Features:
         return len(self.keys)
 
     def subset(self, idx) -> Features:
-        return Features([self.keys[i] for i in idx], [self.frames[i] for i in idx], self.music[idx])
+        return Features(
+            [self.keys[i] for i in idx], [self.frames[i] for i in idx], self.music[idx],
+            self.settings,
+        )  # fmt: skip
 
     def save(self, path) -> None:
         """One .npz: frames stored flat with per-video lengths."""
@@ -52,13 +57,15 @@ class Features:
             np.savez(
                 f, keys=np.array(self.keys), music=self.music, lengths=lengths,
                 frames=np.concatenate(self.frames).astype(np.float32),
+                settings=np.array(json.dumps(self.settings)),
             )  # fmt: skip
 
     @classmethod
     def load(cls, path) -> Features:
         with np.load(path) as z:
             frames = np.split(z["frames"], np.cumsum(z["lengths"])[:-1])
-            return cls([str(k) for k in z["keys"]], frames, z["music"])
+            settings = json.loads(str(z["settings"])) if "settings" in z else {}
+            return cls([str(k) for k in z["keys"]], frames, z["music"], settings)
 
 
 @dataclass

@@ -2,6 +2,9 @@
 point; the rest call `main(argv)` in-process (the same code, without re-importing torch)."""
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -78,6 +81,40 @@ def test_extract_reports_bad_files_and_goes_on(corpus, tmp_path, capsys):
         and f"nothing written (no file could be read; {tmp_path / 'f.npz'} unchanged)" in out
     )
     assert len(Features.load(tmp_path / "f.npz")) == 8
+
+
+def test_a_stopped_extract_goes_on_where_it_stopped(corpus, tmp_path, capsys):
+    out, partial = tmp_path / "f.npz", tmp_path / "f.npz.partial"
+    args = ["extract", corpus, "--out", out, "--image-size", 64, "--workers", 2]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "engine", *map(str, args)], stderr=subprocess.PIPE, text=True
+    )
+    progress = ""
+    while not re.search(r"\b[2-7]/8\b", progress):  # tqdm's bar: 2 or more done; kill it
+        progress += os.read(job.stderr.fileno(), 4096).decode()
+        assert job.poll() is None, progress
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 130
+    assert "stopped: what was extracted is in" in job.stderr.read()
+    assert not out.exists()
+    saved = Features.load(partial)
+    assert 2 <= len(saved) < 8
+
+    # Other options would mix features of two kinds: refused, the partial file kept.
+    code, _, err = run(capsys, *args[:-4], "--image-size", 96, "--workers", 2)
+    assert code == 1 and "run with its options to go on" in err and partial.exists()
+
+    code, stdout, _ = run(capsys, *args)
+    assert code == 0 and f"extracted 8 of 8 files, {len(saved)} of them from {partial}" in stdout
+    assert not partial.exists()
+    features = Features.load(out)
+    assert features.keys == sorted(p.name for p in corpus.glob("*.mp4"))
+    assert features.settings == {"encoder": "efficientnet-lite0", "image_size": 64,
+                                 "pretrained": True}  # fmt: skip
+    for key, frames, music in zip(saved.keys, saved.frames, saved.music, strict=True):
+        i = features.keys.index(key)  # kept as saved, not extracted again
+        assert np.array_equal(features.frames[i], frames)
+        assert np.array_equal(features.music[i], music)
 
 
 def test_an_output_is_replaced_only_once_written_whole_and_under_its_own_name(tmp_path):

@@ -38,6 +38,19 @@ def test_extract_folder_on_the_cpu_leaves_bad_files_out(tmp_path, clips):
     assert [p for p, _ in errors] == [bad] and "cannot open" in errors[0][1]
 
 
+def test_extract_folder_saves_as_it_goes_and_keeps_what_was_done(clips, monkeypatch):
+    monkeypatch.setattr("engine.extract.SAVE_EVERY_S", 0)
+    kept = (np.full((1, 1280), 7, np.float32), np.full(1140, 7, np.float32))
+    saved = []
+    keys, frames, music, errors = extract_folder(
+        clips, workers=1, progress=False, image_size=64, device="cpu",
+        done={clips[2]: kept}, save=lambda keys, *_: saved.append(keys),
+    )  # fmt: skip
+    assert keys == list(clips) and not errors
+    assert frames[2] is kept[0] and np.array_equal(music[2], kept[1])  # not extracted again
+    assert saved == [[*clips[:1], clips[2]], [*clips[:3]], list(clips)]  # each in path order
+
+
 def dies_on_kill(path):
     """A file named "kill…" kills the process working on it (as FFmpeg crashing would)."""
     if path.startswith("kill"):
