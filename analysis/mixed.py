@@ -13,6 +13,10 @@ intercepts, which makes its sd of β0 far too small (in simulations its 95% inte
 true β0 about half the time). We keep fit_vb's means and variance components, and take β0's sd
 from the inverse of the full posterior precision (Laplace) at those means:
 H = A'WA + diag(prior precisions), A = [fixed | random-effect design], W = p(1-p).
+The interval is β0 ± z·sd. With few subjects a t quantile (subjects − 1 df) looks safer but
+is not: in 200 simulations per size (tests/analysis/test_mixed.py's `simulate`, 20 answers
+each, 40 items) the 95% interval held the true β0 in 93% of them with 3 subjects, 93.5% with
+5, 96.5% with 10, 92% with 30; with t it held it in 99.5% (3) and 99% (5).
 """
 
 from dataclasses import asdict, dataclass
