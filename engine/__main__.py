@@ -59,8 +59,10 @@ def cmd_demo_corpus(args):
 
 def cmd_extract(args):
     from engine.extract import extract_folder, find_videos
+    from engine.features.video import input_size
     from engine.pipeline import Features
 
+    input_size(args.encoder, args.image_size)  # a bad size fails here, not once per file
     folder = Path(args.folder)
     paths = find_videos(folder)
     if not paths:

@@ -467,11 +467,14 @@ def import_collection(
     (and reports in `changed` those whose files or split the source now names otherwise) and
     retries the others; new pairs are split as `add_pairs` says. `clip_s`, `encoder` and
     `frame_size` are not stored: they apply to the pairs processed in this run only. The
-    summary counts the source's pairs only.
+    summary counts the source's pairs only. Raises ManifestError for a bad source and
+    ValueError for an unknown encoder or a frame size it cannot take.
     """
+    from engine.features.video import input_size
     from experiments.tasks import import_pair
     from study_site.celery import app
 
+    input_size(encoder, frame_size)  # ValueError for an unknown encoder or too small a size
     # Tasks that run in-process run where they are sent: one by one, so progress shows.
     sync = sync or app.conf.task_always_eager
     added = add_pairs(name, path, test, test_fraction, val_fraction, seed)

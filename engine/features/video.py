@@ -43,6 +43,7 @@ class EncoderSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     dim: int
+    min_size: int  # the smallest input it takes (its pooling needs that much)
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,11 @@ def _inception_v3(pretrained: bool) -> nn.Module:
 
 ENCODERS: dict[str, EncoderSpec] = {
     # The lite models were trained on inputs scaled as (x - 127) / 128.
-    "efficientnet-lite0": EncoderSpec(_efficientnet_lite0, 224, (0.498,) * 3, (0.502,) * 3, 1280),
+    "efficientnet-lite0": EncoderSpec(
+        _efficientnet_lite0, 224, (0.498,) * 3, (0.502,) * 3, 1280, min_size=32
+    ),
     "inception-v3": EncoderSpec(
-        _inception_v3, 299, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 2048
+        _inception_v3, 299, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 2048, min_size=75
     ),
 }
 
@@ -114,6 +117,16 @@ def encoder_spec(name: str) -> EncoderSpec:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
     return ENCODERS[name]
+
+
+def input_size(encoder: str, image_size: int | None = None) -> int:
+    """The CNN's input size in pixels: `image_size`, checked, else the encoder's own."""
+    spec = encoder_spec(encoder)
+    if image_size is not None and image_size < spec.min_size:
+        raise ValueError(
+            f"{encoder} needs images of at least {spec.min_size} pixels, not {image_size}"
+        )
+    return image_size or spec.image_size
 
 
 def decode_frames(path, max_seconds: float = 360, fps: float = 1.0) -> np.ndarray:
@@ -198,8 +211,8 @@ def encode_frames(
 ) -> np.ndarray:
     """(T, H, W, 3) uint8 RGB frames -> (T, D) float32 features."""
     device = best_device(device)
+    size = input_size(encoder, image_size)
     enc = load_encoder(encoder, pretrained, str(device))
-    size = image_size or enc.spec.image_size
     out = [
         _encode(enc, _fit(torch.from_numpy(frames[start : start + batch_size]).to(device), size))
         for start in range(0, len(frames), batch_size)
@@ -248,7 +261,7 @@ def frame_features_batch(
     device = best_device(device)
     workers = (os.cpu_count() or 1) if workers is None else workers
     batch_size = batch_size or (32 if device.type == "cpu" else 256)
-    size = image_size or encoder_spec(encoder).image_size
+    size = input_size(encoder, image_size)
     if device.type == "cpu" and workers and len(paths) > 1:
         job = functools.partial(
             _encoded_video, size=size, max_seconds=max_seconds, batch_size=batch_size,

@@ -117,6 +117,13 @@ def test_a_stopped_extract_goes_on_where_it_stopped(corpus, tmp_path, capsys):
         assert np.array_equal(features.music[i], music)
 
 
+def test_extract_refuses_an_image_size_its_cnn_cannot_take(corpus, tmp_path, capsys):
+    code, _, err = run(capsys, "extract", corpus, "--out", tmp_path / "f.npz",
+                       "--encoder", "inception-v3", "--image-size", 64)  # fmt: skip
+    assert code == 1 and "inception-v3 needs images of at least 75 pixels, not 64" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_an_output_is_replaced_only_once_written_whole_and_under_its_own_name(tmp_path):
     target = tmp_path / "features"  # np.savez would have added ".npz" to a name
     Features(["a"], [np.ones((2, 3), np.float32)], np.ones((1, 1140), np.float32)).save(target)

@@ -10,7 +10,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from experiments import subjects, tasks
-from experiments.models import Response, Study
+from experiments.models import Collection, Response, Study
 from experiments.power import LIMITS, PowerForm
 from study_site.celery import app
 from tests.analysis.test_commands import make_study as make_answered_study
@@ -52,6 +52,21 @@ def test_import_collection_rejects_a_bad_manifest(tmp_path):
     (tmp_path / "m.csv").write_text("video,music\n../../etc/x.mp4,\n")
     with pytest.raises(CommandError, match="lies outside the manifest's folder"):
         run("import_collection", "bad", str(tmp_path / "m.csv"))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "option, says",
+    [
+        (("--encoder", "resnet"), "unknown encoder 'resnet'"),
+        (("--encoder", "inception-v3", "--frame-size", "64"), "at least 75 pixels, not 64"),
+    ],
+)
+def test_import_collection_refuses_an_encoder_it_cannot_run(tmp_path, option, says):
+    music_video(tmp_path / "song.mp4", 1, seconds=2.0)
+    with pytest.raises(CommandError, match=says):
+        run("import_collection", "enc", str(tmp_path), "--sync", *option)
+    assert not Collection.objects.filter(name="enc").exists()  # refused before anything
 
 
 @pytest.mark.django_db

@@ -104,7 +104,7 @@ class Command(BaseCommand):
                 sync=o["sync"],
                 progress=progress,
             )
-        except ManifestError as error:
+        except (ManifestError, ValueError) as error:
             raise CommandError(str(error)) from None
         finally:
             bar.close()
