@@ -179,20 +179,27 @@ def broken_items(
     music_out: str | os.PathLike,
     seconds: float,
     size: tuple[int, int] = (320, 180),
-    fps: int = 10,
+    fps: float = 10,
+    sizes: tuple[int, int] = (0, 0),
 ):
     """The media of a catch question's broken candidate: a black, frozen muted video and a
-    silent audio clip, `seconds` long, in the same formats as every other item."""
+    silent audio clip, `seconds` long, in the same formats as every other item. `sizes`:
+    the bytes each file (video, music) is padded to, where it is smaller (black and silence
+    compress to almost nothing), with an ISO 'free' box that players skip."""
     width, height = size
-    rate = Fraction(fps)
+    rate = Fraction(fps).limit_denominator(1001)
     with _h264_output(video_out, rate, width, height) as (out, encoder):
         black = np.zeros((height, width, 3), np.uint8)
-        for n in range(max(1, round(seconds * fps))):
+        for n in range(max(1, round(seconds * rate))):
             frame = av.VideoFrame.from_ndarray(black, format="rgb24").reformat(format="yuv420p")
             frame.pts, frame.time_base = n, 1 / rate
             out.mux(encoder.encode(frame))
         out.mux(encoder.encode(None))
     _write_aac(np.zeros((2, round(seconds * AUDIO_RATE)), np.float32), music_out)
+    for path, padded in zip((video_out, music_out), sizes, strict=True):
+        if (missing := padded - os.path.getsize(path)) >= 8:  # a box: 4-byte size, 4-byte type
+            with open(path, "ab") as f:
+                f.write(missing.to_bytes(4, "big") + b"free" + bytes(missing - 8))
 
 
 @contextlib.contextmanager

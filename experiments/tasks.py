@@ -9,7 +9,10 @@ to the rows (System/Study progress and message), where the admin shows them.
 
 import io
 import logging
+import os
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from django.utils import timezone
 
 from engine.features import MediaError
 from experiments.ingest import DEFAULT_ENCODER, process_pair
-from experiments.media import CLIP_S, broken_items, probe
+from experiments.media import CLIP_S, MediaInfo, broken_items, probe
 from experiments.models import Pair, Split, Study, StudySystem, System
 from experiments.uploads import neighbours, replace_search_results
 
@@ -226,7 +229,7 @@ def _design_problem(study: Study) -> str | None:
 
     try:
         check_study_design(study)
-        return unequal_item_lengths(served_lengths(study.collection_id))
+        return unequal_item_lengths(served_items(study.collection_id))
     except (PlanError, MediaError) as error:
         return str(error)
 
@@ -245,11 +248,11 @@ def finish_study(study_id: int, preparation: int | None = None):
     if study is None:
         return Study.objects.values_list("status", flat=True).get(pk=study_id)
     try:
-        lengths = served_lengths(study.collection_id)
-        if problem := unequal_item_lengths(lengths):
+        served = served_items(study.collection_id)
+        if problem := unequal_item_lengths(served):
             return _fail_study(study_id, problem, at_work)
         if study.attention_checks and study.catch_count:
-            ensure_catch_pair(study.collection_id, lengths)
+            ensure_catch_pair(study.collection_id, served)
         plan = plan_for(study, ordinal=0)
         note = check_study_design(study)
     except (PlanError, MediaError) as error:
@@ -272,29 +275,37 @@ CATCH_KEY = "__catch__"
 ITEM_LENGTH_SPREAD_S = 0.1
 
 
-def served_lengths(collection_id: int) -> list[float]:
-    """How long the collection's ready test items last (s), videos and music, as served;
+@dataclass(frozen=True)
+class ServedItem:
+    kind: str  # "video" or "music"
+    info: MediaInfo
+    size: int  # bytes
+
+
+def served_items(collection_id: int) -> list[ServedItem]:
+    """The collection's ready test items, videos and music, as served (probed, sized);
     MediaError names a pair whose file is missing or unreadable."""
-    lengths = []
+    items = []
     pairs = Pair.objects.filter(collection_id=collection_id, split=Split.TEST, status="ready")
     for pair in pairs.only("key", "video_file", "music_file"):
-        for item in (pair.video_file, pair.music_file):
+        for kind, item in (("video", pair.video_file), ("music", pair.music_file)):
             if not item:
                 continue
             try:
-                lengths.append(probe(item.path).duration_s)
+                items.append(ServedItem(kind, probe(item.path), os.path.getsize(item.path)))
             except (MediaError, OSError) as error:
                 raise MediaError(f"test pair {pair.key}: {error}") from error
-    return lengths
+    return items
 
 
-def unequal_item_lengths(lengths: list[float]) -> str | None:
+def unequal_item_lengths(served: list[ServedItem]) -> str | None:
     """Why the test items' lengths would give answers away, or None when they do not.
 
     An item is the centred clip of its music video, or the whole file when that is shorter:
     then a query and its ground truth (cut from the same file) last equally long, and a
     player's clock shows it beside an unrelated candidate of another length.
     """
+    lengths = [item.info.duration_s for item in served]
     if not lengths or max(lengths) - min(lengths) <= ITEM_LENGTH_SPREAD_S:
         return None
     return (
@@ -305,12 +316,13 @@ def unequal_item_lengths(lengths: list[float]) -> str | None:
     )
 
 
-def ensure_catch_pair(collection_id: int, lengths: list[float] | None = None) -> Pair:
+def ensure_catch_pair(collection_id: int, served: list[ServedItem] | None = None) -> Pair:
     """The collection's broken pair (split 'catch') for attention checks, made once.
 
-    Its video is black and frozen and its music silent, as long as the collection's test
-    items as served (their median), so neither its look nor its length tells it apart before
-    it plays, and its wrong answer is plain to anyone who plays it.
+    Its video is black and frozen and its music silent, so its wrong answer is plain to
+    anyone who plays it; nothing else tells it apart before it plays: it lasts as long as the
+    collection's test items as served (their median), its video has their frame size and
+    rate, and each file is as large as theirs (a bot skipped the tiny catch files, unplayed).
     """
     pair, _ = Pair.objects.get_or_create(
         collection_id=collection_id,
@@ -319,15 +331,23 @@ def ensure_catch_pair(collection_id: int, lengths: list[float] | None = None) ->
     )
     if pair.status == Pair.Status.READY and pair.video_file and pair.music_file:
         return pair
-    if lengths is None:  # not probed by the caller yet
-        lengths = served_lengths(collection_id)
+    if served is None:  # not probed by the caller yet
+        served = served_items(collection_id)
+    videos = [item for item in served if item.kind == "video"]
+    music = [item for item in served if item.kind == "music"]
+    lengths = [item.info.duration_s for item in served]
     seconds = float(np.clip(np.median(lengths), 1.0, CLIP_S)) if lengths else CLIP_S
+    look = Counter((v.info.width, v.info.height, round(v.info.fps or 25, 3)) for v in videos)
+    width, height, fps = look.most_common(1)[0][0] if look else (320, 180, 10)
     folder = Path(settings.MEDIA_ROOT) / "items"
     folder.mkdir(parents=True, exist_ok=True)
-    video, music = folder / f"catch-{collection_id}.mp4", folder / f"catch-{collection_id}.m4a"
-    broken_items(video, music, seconds)
+    video, audio = folder / f"catch-{collection_id}.mp4", folder / f"catch-{collection_id}.m4a"
+    broken_items(video, audio, seconds, (width, height), fps, sizes=(
+        int(np.median([v.size for v in videos])) if videos else 0,
+        int(np.median([m.size for m in music])) if music else 0,
+    ))  # fmt: skip
     pair.video_file.name = str(video.relative_to(settings.MEDIA_ROOT))
-    pair.music_file.name = str(music.relative_to(settings.MEDIA_ROOT))
+    pair.music_file.name = str(audio.relative_to(settings.MEDIA_ROOT))
     pair.split, pair.status, pair.duration_s, pair.error = (
         Split.CATCH,
         Pair.Status.READY,

@@ -5,6 +5,7 @@ behaviour log, exports and languages."""
 import csv
 import io
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import replace
@@ -28,7 +29,7 @@ from experiments.media import probe
 from experiments.models import Pair, Response, Split, Study, Subject, System
 from experiments.plans import PlannedQuestion, with_catch_questions
 from experiments.subjects import plan_for
-from experiments.tasks import ensure_catch_pair, finish_study, prepare_study
+from experiments.tasks import ensure_catch_pair, finish_study, prepare_study, served_items
 
 from .clips import music_video
 from .factories import make_study, make_subject, without_random_tokens
@@ -205,6 +206,14 @@ def test_catch_media_are_black_and_silent_and_made_once():
         peak = max(float(np.abs(f.to_ndarray()).max()) for f in music.decode(audio=0))
     assert peak < 1e-4  # silent
     assert pair.duration_s == pytest.approx(2.0)  # as long as the test items
+    # Nor do its frame size, frame rate or file sizes tell it apart before it plays.
+    served = served_items(study.collection_id)
+    looks = {(i.info.width, i.info.height, i.info.fps) for i in served if i.kind == "video"}
+    catch = probe(pair.video_file.path)
+    assert looks == {(catch.width, catch.height, catch.fps)}
+    for kind, item in (("video", pair.video_file), ("music", pair.music_file)):
+        sizes = [i.size for i in served if i.kind == kind]
+        assert os.path.getsize(item.path) == int(np.median(sizes)), kind
     assert ensure_catch_pair(study.collection_id).pk == pair.pk
     assert Pair.objects.filter(collection=study.collection, split=Split.CATCH).count() == 1
 
