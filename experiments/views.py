@@ -388,17 +388,30 @@ def _storable(value: str) -> str:
 
 
 def _capture_external_id(request, subject: Subject) -> None:
-    """Keep the platform's ids from the link (the first visit's values stand)."""
+    """Keep the platform's ids from the link: the first visit's values stand, except an MTurk
+    assignment's, which the latest visit's replace (a worker back through another assignment
+    of the HIT must submit that one: MTurk refuses a returned or expired assignment)."""
     value = external_id_from(request, subject.study)
     entry = entry_params(request)
-    if (not value or subject.external_id) and set(entry) <= set(subject.meta.get("entry", {})):
+    stored = subject.meta.get("entry", {})
+    if (not value or subject.external_id) and _merged_entry(stored, entry) == stored:
         return
     with transaction.atomic():
         locked = Subject.objects.select_for_update().get(pk=subject.pk)
         locked.external_id = locked.external_id or value
-        locked.meta["entry"] = {**entry, **locked.meta.get("entry", {})}
+        locked.meta["entry"] = _merged_entry(locked.meta.get("entry", {}), entry)
         locked.save(update_fields=["external_id", "meta"])
     subject.external_id, subject.meta = locked.external_id, locked.meta
+
+
+MTURK_ASSIGNMENT = ("assignmentId", "hitId", "turkSubmitTo")
+
+
+def _merged_entry(stored: dict, entry: dict) -> dict:
+    merged = {**entry, **stored}
+    if entry.get("assignmentId", checks.MTURK_PREVIEW) != checks.MTURK_PREVIEW:
+        merged.update({k: entry[k] for k in MTURK_ASSIGNMENT if k in entry})
+    return merged
 
 
 def _render_step(
@@ -494,6 +507,7 @@ def join(request, join_token):
             except PlanError:  # cannot happen to a prepared study; a participant sees "closed"
                 logger.exception("join: no plan for a subject of %s", study.slug)
                 return _study_page(request, study, "closed", status=503)
+    _capture_external_id(request, subject)  # a returning worker's new assignment
     request.session[session_key] = subject.token
     return redirect(subject_path(subject))
 

@@ -572,6 +572,12 @@ def test_an_mturk_hit_ends_by_submitting_its_assignment_to_mturk(client):
     assert form and form[1] == "https://workersandbox.mturk.com/mturk/externalSubmit"
     assert 'name="assignmentId" value="a1"' in form[2]
     assert 'name="completion_code" value="DONE-7"' in form[2]
+    # Back through another assignment of the HIT (returned, or expired): that one is submitted.
+    other = type(client)()
+    other.get(join_url(study, hit.replace("a1", "a2")))
+    assert (
+        'name="assignmentId" value="a2"' in other.get(url(Subject.objects.get())).content.decode()
+    )
     assert "csrfmiddlewaretoken" not in form[2]  # nothing of this site's goes to MTurk
     assert 'http-equiv="refresh"' not in html  # no redirect away before the HIT is submitted
     assert "You may close this page" not in html  # it is not finished until submitted
