@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -47,6 +48,7 @@ EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "workerId")  # who the participant is, whe
 JOINED = "joined"  # marks, in a subject's meta, one made by the join link (its cap counts them)
 LOAD_TIMEOUT_MS = 20_000  # media not loaded by then: the page offers a retry
 ENDED = (Subject.Outcome.FAILED_SOUND, Subject.Outcome.NO_CONSENT)
+JOIN_HOLD = timedelta(minutes=30)  # a joined subject holds a place this long before starting
 LAST_SEEN_EVERY_S = 60  # a GET refreshes `last_seen` at most this often (no write per view)
 STALE = ()  # what `_apply` changed for a POST that is not for the current step: nothing
 
@@ -497,8 +499,16 @@ def join(request, join_token):
             if study.status != Study.Status.OPEN:
                 return _study_page(request, study, "closed", status=403)
             # Not those of made links, nor those screened out before any question (declined
-            # consent, failed the sound check): a platform sends someone else in their place.
-            joined = study.subjects.filter(meta__has_key=JOINED).exclude(outcome__in=ENDED)
+            # consent, failed the sound check): a platform sends someone else in their place;
+            # nor those who never started within JOIN_HOLD (a link preview, a mail scanner,
+            # someone who closed the tab): they would fill a study nobody takes part in.
+            joined = (
+                study.subjects.filter(meta__has_key=JOINED)
+                .exclude(outcome__in=ENDED)
+                .filter(
+                    Q(consented_at__isnull=False) | Q(created_at__gte=timezone.now() - JOIN_HOLD)
+                )
+            )
             if study.join_cap is not None and joined.count() >= study.join_cap:
                 return _study_page(request, study, "full", status=403)
             try:

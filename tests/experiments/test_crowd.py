@@ -17,6 +17,7 @@ import pytest
 from django.core.files.base import ContentFile
 from django.core.management import call_command
 from django.urls import reverse
+from django.utils import timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.io import wavfile
@@ -30,6 +31,7 @@ from experiments.models import Pair, Response, Split, Study, Subject, System
 from experiments.plans import PlannedQuestion, with_catch_questions
 from experiments.subjects import plan_for
 from experiments.tasks import ensure_catch_pair, finish_study, prepare_study, served_items
+from experiments.views import JOIN_HOLD
 
 from .clips import music_video
 from .factories import make_study, make_subject, without_random_tokens
@@ -609,6 +611,14 @@ def test_full_and_closed_studies_give_clear_pages(client):
     assert "This study is full" in full.content.decode()
     # The one who got in still resumes while the study is full.
     assert client.get(join_url(study, "?PROLIFIC_PID=a")).status_code == 302
+    # One who never started (a link preview, a closed tab) frees the place after a while;
+    # one who started holds it.
+    joined = Subject.objects.get(external_id="a")
+    Subject.objects.filter(pk=joined.pk).update(created_at=timezone.now() - JOIN_HOLD)
+    assert client.get(join_url(study, "?PROLIFIC_PID=b")).status_code == 302
+    client.post(url(Subject.objects.get(external_id="b")), {"step": "start"})
+    Subject.objects.filter(external_id="b").update(created_at=timezone.now() - JOIN_HOLD)
+    assert "This study is full" in client.get(join_url(study, "?PROLIFIC_PID=c")).content.decode()
     Study.objects.filter(pk=study.pk).update(status=Study.Status.CLOSED)
     closed = client.get(join_url(study, "?PROLIFIC_PID=c"))
     assert "This study is not open" in closed.content.decode()
