@@ -72,6 +72,8 @@ class Report:
     mixed: pd.DataFrame | None  # mixed-model preference per comparison (optional)
     n_subjects: int
     n_answers: int
+    systems: dict = field(default_factory=dict)  # label (S1, …) -> the system's name
+    left_out: dict = field(default_factory=dict)  # reason (LEFT_OUT) -> subjects
 
     @property
     def counts(self) -> dict:
@@ -109,8 +111,30 @@ def machine_coverage(df: pd.DataFrame) -> pd.DataFrame:
     return counts
 
 
-def build_report(df: pd.DataFrame, title="Human preference test", mixed=False) -> Report:
-    """Everything the exports show. `mixed=True` also fits the mixed model per comparison."""
+LEFT_OUT = {
+    "not_finished": "who have not finished",
+    "failed_attention": "who failed the attention checks",
+    "cannot_pass": "who can no longer pass the attention checks",
+}
+
+
+def sample_notes(systems: dict, left_out: dict) -> list[str]:
+    """What the system labels stand for and who is not counted (`Report`), as sentences."""
+    notes = []
+    if systems:
+        named = ", ".join(f"{label} = {name}" for label, name in systems.items())
+        notes.append(f"Systems: {named}.")
+    if left_out:
+        parts = [f"{n} subject{'s' * (n != 1)} {LEFT_OUT[r]}" for r, n in left_out.items()]
+        notes.append(f"Left out: {' and '.join(parts)}.")
+    return notes
+
+
+def build_report(
+    df: pd.DataFrame, title="Human preference test", mixed=False, systems=None, left_out=None
+) -> Report:
+    """Everything the exports show. `mixed=True` also fits the mixed model per comparison.
+    `systems` (label -> name) and `left_out` (reason -> subjects) are told in the notes."""
     d = answers(df)
     has_items = "item" in d.columns and d["item"].notna().all() and len(d) > 0
     fits = None
@@ -134,6 +158,8 @@ def build_report(df: pd.DataFrame, title="Human preference test", mixed=False) -
         mixed=fits,
         n_subjects=int(d["subject"].nunique()),
         n_answers=len(d),
+        systems=dict(systems or {}),
+        left_out=dict(left_out or {}),
     )
 
 
@@ -197,6 +223,7 @@ def render(report: Report, fmt: str) -> str | bytes:
         parts = [
             f"# {report.title}",
             f"Subjects: {report.n_subjects}, answers: {report.n_answers}",
+            *sample_notes(report.systems, report.left_out),
             "## Preference (%, Table IV)",
             _markdown(report.table, ".2f"),
         ]
@@ -234,6 +261,8 @@ def render(report: Report, fmt: str) -> str | bytes:
         payload = {
             "title": report.title,
             "counts": report.counts,
+            "systems": report.systems,
+            "left_out": report.left_out,
             "table": _records(report.table),
             "machine": _records(report.machine),
             "statistics": _records(report.statistics),
@@ -248,7 +277,12 @@ def render(report: Report, fmt: str) -> str | bytes:
             float_format="%.2f",
             na_rep="--",
             escape=True,
-            caption=f"{report.title}: percent of answers preferring the first-named item.",
+            caption=" ".join(
+                [
+                    f"{report.title}: percent of answers preferring the first-named item.",
+                    *sample_notes(report.systems, report.left_out),
+                ]
+            ),  # fmt: skip
             label="tab:preference",
         )
         statistics = report.statistics.to_latex(
@@ -275,6 +309,8 @@ def render(report: Report, fmt: str) -> str | bytes:
                 report.machine.reset_index().to_excel(writer, sheet_name="Machine G-R", index=False)
             report.statistics.to_excel(writer, sheet_name="Statistics")
             report.subjects.to_excel(writer, sheet_name="Subjects", index=False)
+            if notes := sample_notes(report.systems, report.left_out):
+                pd.DataFrame({"note": notes}).to_excel(writer, sheet_name="Notes", index=False)
             report.agreement.to_excel(writer, sheet_name="Human-machine")
             if report.kappa is not None:
                 report.kappa.to_excel(writer, sheet_name="Fleiss kappa")

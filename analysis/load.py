@@ -6,7 +6,7 @@ The only module of `analysis` that imports Django; everything else works on the 
 import pandas as pd
 from django.db.models import Count, F, Q
 
-from experiments.models import Response, Study, Subject
+from experiments.models import Response, Study, StudySystem, Subject
 
 from .machine import MACHINE_PREFIX
 from .preference import split_pair_type
@@ -40,6 +40,41 @@ def get_study(ref: "Study | int | str") -> Study:
         if found is not None:
             return found
     return Study.objects.get(slug=str(ref))
+
+
+def system_names(study: "Study | int | str") -> dict[str, str]:
+    """The system each of the study's labels (S, or S1, S2, …) stands for, by name."""
+    links = StudySystem.objects.filter(study=get_study(study)).select_related("system")
+    return {link.label: link.system.name for link in links.order_by("label")}
+
+
+# Why `responses_frame` leaves a subject who answered out (analysis.export.LEFT_OUT words
+# it), and the option that counts them.
+LEFT_OUT_OPTION = {
+    "not_finished": "include_incomplete",
+    "failed_attention": "include_failed",
+    "cannot_pass": "include_failed",
+}
+
+
+def left_out(
+    study: "Study | int | str", include_incomplete: bool = False, include_failed: bool = False
+) -> dict[str, int]:
+    """How many subjects who answered `responses_frame` leaves out, by reason
+    (`LEFT_OUT_OPTION`); reasons with none are not named."""
+    study = get_study(study)
+    answered = Subject.objects.filter(study=study, responses__isnull=False).distinct()
+    counts = {}
+    if not include_incomplete:
+        counts["not_finished"] = answered.filter(completed_at__isnull=True).count()
+    if not include_failed:
+        counts["failed_attention"] = answered.filter(
+            outcome=Subject.Outcome.FAILED_ATTENTION
+        ).count()
+        threshold = study.catch_pass_threshold
+        if include_incomplete and study.attention_checks and threshold is not None:
+            counts["cannot_pass"] = answered.filter(pk__in=_cannot_pass(study, threshold)).count()
+    return {reason: n for reason, n in counts.items() if n}
 
 
 def _cannot_pass(study, threshold: float) -> list[int]:

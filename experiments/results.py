@@ -18,8 +18,8 @@ from django.utils.html import escape
 from django.utils.safestring import mark_safe
 
 from analysis.agreement import disagreements
-from analysis.export import FORMATS, build_report, render
-from analysis.load import responses_frame
+from analysis.export import FORMATS, build_report, render, sample_notes
+from analysis.load import left_out, responses_frame, system_names
 from analysis.preference import COLUMNS, answers
 
 from .models import Study
@@ -40,7 +40,12 @@ def study_results(request, study_id):
         raise PermissionDenied
     study = get_object_or_404(Study, pk=study_id)
     include_incomplete = request.GET.get("incomplete") == "1"
-    df = responses_frame(study, include_incomplete=include_incomplete)
+    include_failed = request.GET.get("failed") == "1"
+    df = responses_frame(study, include_incomplete, include_failed)
+    sample = {
+        "systems": system_names(study),
+        "left_out": left_out(study, include_incomplete, include_failed),
+    }
     fmt = request.GET.get("download")
     if fmt is not None and fmt not in FORMATS:
         return HttpResponseBadRequest(f"unknown download format; one of {', '.join(FORMATS)}")
@@ -48,10 +53,10 @@ def study_results(request, study_id):
     if fmt is not None:
         if not has_answers:
             return HttpResponseBadRequest("this study has no answers to export yet")
-        report = build_report(df, title=study.name)
+        report = build_report(df, title=study.name, **sample)
         extension, content_type = FORMATS[fmt]
         response = HttpResponse(render(report, fmt), content_type=content_type)
-        suffix = "-incomplete" if include_incomplete else ""
+        suffix = "-incomplete" * include_incomplete + "-with-failed" * include_failed
         filename = f"{study.slug}-preference{suffix}.{extension}"
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
@@ -62,13 +67,16 @@ def study_results(request, study_id):
         "study": study,
         "opts": Study._meta,
         "include_incomplete": include_incomplete,
+        "include_failed": include_failed,
+        "has_attention_checks": study.attention_checks,
+        "notes": sample_notes(**sample),
         "has_answers": has_answers,
         "columns": COLUMNS,
         "formats": [f for f in FORMATS if f != "markdown"] + ["markdown"],
-        "incomplete_query": "&incomplete=1" if include_incomplete else "",
+        "sample_query": "&incomplete=1" * include_incomplete + "&failed=1" * include_failed,
     }
     if has_answers:
-        report = build_report(df, title=study.name)
+        report = build_report(df, title=study.name, **sample)
         context.update(
             report=report,
             table_rows=_rows(report.table),

@@ -10,10 +10,20 @@ import pytest
 from django.contrib.auth.models import AnonymousUser, Permission, User
 from django.core.management import CommandError, call_command
 from django.test import RequestFactory
+from django.urls import reverse
 from django.utils import timezone
 
 from analysis.load import responses_frame
-from experiments.models import Collection, Pair, Question, Response, Study, Subject
+from experiments.models import (
+    Collection,
+    Pair,
+    Question,
+    Response,
+    Study,
+    StudySystem,
+    Subject,
+    System,
+)
 from experiments.results import study_results
 
 pytestmark = pytest.mark.django_db
@@ -192,10 +202,41 @@ def test_report_refuses_clearly_without_answers():
     with pytest.raises(CommandError, match=r"2 subject\(s\) who have not finished \(--incl"):
         run("preference_report", "partial")
     make_study(slug="failed", outcome=Subject.Outcome.FAILED_ATTENTION)
-    with pytest.raises(CommandError, match=r"2 who failed the attention checks \(--include-f"):
+    with pytest.raises(
+        CommandError, match=r"2 subject\(s\) who failed the attention checks \(--include-f"
+    ):
         run("preference_report", "failed")  # completed, all of them, but left out
     out, _ = run("preference_report", "partial", "--include-incomplete", "--format", "json")
     assert json.loads(out)["counts"]["subjects"] == 2
+
+
+def test_report_names_its_systems_and_who_it_leaves_out(admin_client):
+    study = make_study(slug="told")
+    system = System.objects.create(name="VM-NET v2", collection=study.collection)
+    StudySystem.objects.create(study=study, system=system, label="S")
+    Subject.objects.filter(study=study, ordinal=1).update(outcome=Subject.Outcome.FAILED_ATTENTION)
+    out, _ = run("preference_report", "told")
+    assert "Systems: S = VM-NET v2." in out
+    assert "Left out: 1 subject who failed the attention checks." in out
+    assert json.loads(run("preference_report", "told", "--format", "json")[0])["left_out"] == {
+        "failed_attention": 1
+    }
+    out, _ = run("preference_report", "told", "--include-failed")
+    assert "Left out" not in out and "Subjects: 2," in out
+
+    # The admin's results page says the same, and counts them on request.
+    Study.objects.filter(pk=study.pk).update(attention_checks=True)
+    page = reverse("admin:experiments_study_results", args=[study.pk])
+    html = admin_client.get(page).content.decode()
+    assert "Systems: S = VM-NET v2." in html
+    assert "Left out: 1 subject who failed the attention checks." in html
+    assert re.search(r"<strong>1</strong> subject,", html)
+    html = admin_client.get(page, {"failed": "1"}).content.decode()
+    assert "Left out" not in html and re.search(r"<strong>2</strong> subjects,", html)
+    assert "including those who failed the attention checks" in html
+    download = admin_client.get(page, {"failed": "1", "download": "json"})
+    assert json.loads(download.content)["counts"]["subjects"] == 2
+    assert "-with-failed.json" in download["Content-Disposition"]
 
 
 def test_plan_power_command_prints_both_targets():
@@ -266,7 +307,8 @@ def test_results_downloads(staff_request):
 def test_results_page_without_answers_and_for_non_staff(staff_request):
     study = make_study(completed=False)
     page = staff_request(study).content.decode()
-    assert "No answers yet" in page
+    assert "No answers to analyse yet from the subjects counted." in page
+    assert "Left out: 2 subjects who have not finished." in page
     assert staff_request(study, incomplete="1").content.decode().count("75.0<") >= 1
     assert staff_request(study, download="csv").status_code == 400
     request = RequestFactory().get("/")

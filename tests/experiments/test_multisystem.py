@@ -191,6 +191,7 @@ def test_a_two_system_study_end_to_end(two_system_study, admin_client):
     call_command("preference_report", study.slug, "--mixed", stdout=out)
     report, mixed = out.getvalue().split("## Mixed-effects logistic model")
     assert "Human–machine agreement" in report
+    assert "Systems: S1 = theirs, S2 = ours." in report  # which system each label is
     # Unanimous answers (S1-R, S2-R) leave the model nothing to fit: counts only, no crash.
     unanimous = [line for line in mixed.splitlines() if re.match(r"\| S\d-R ", line)]
     assert len(unanimous) == 2 and all("nan" in line for line in unanimous)
@@ -211,7 +212,7 @@ def test_a_two_system_study_end_to_end(two_system_study, admin_client):
         assert f'<th scope="row">{pair_type}</th>' in html
         for label in ("S1", "S2"):
             assert re.search(rf"<th[^>]*>{label}</th>\s*<th[^>]*>{pair_type}</th>", agreement_html)
-    assert 'id="disagreements"' in html
+    assert 'id="disagreements"' in html and "Systems: S1 = theirs, S2 = ours." in html
 
 
 def power_answer(admin_client, url, effect):

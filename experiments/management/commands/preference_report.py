@@ -4,12 +4,12 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from analysis.export import TEXT_FORMATS, build_report, render
-from analysis.load import get_study, responses_frame
+from analysis.export import LEFT_OUT, TEXT_FORMATS, build_report, render
+from analysis.load import LEFT_OUT_OPTION, get_study, left_out, responses_frame, system_names
 from analysis.plots import preference_boxplot
 from analysis.preference import answers
 from experiments.management.commands.export_responses import cannot_write, check_output
-from experiments.models import Study, Subject
+from experiments.models import Study
 
 
 class Command(BaseCommand):
@@ -52,7 +52,10 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Study '{study.slug}' has no answers to analyse: {why_none(study, options)}."
             )
-        report = build_report(df, title=study.name, mixed=options["mixed"])
+        report = build_report(
+            df, title=study.name, mixed=options["mixed"], systems=system_names(study),
+            left_out=left_out(study, options["include_incomplete"], options["include_failed"]),
+        )  # fmt: skip
         self.stdout.write(render(report, options["format"]), ending="")
         # Notes go to stderr, so that stdout stays a clean CSV / JSON document.
         if options["plot"]:
@@ -72,19 +75,12 @@ class Command(BaseCommand):
 
 def why_none(study, options) -> str:
     """Which subjects were left out, and the options that count them."""
-    subjects = study.subjects.filter(responses__isnull=False).distinct()
-    if not subjects.exists():
+    if not study.subjects.filter(responses__isnull=False).exists():
         return "nobody has answered yet"
-    completed = subjects.filter(completed_at__isnull=False)
-    failed = subjects.filter(outcome=Subject.Outcome.FAILED_ATTENTION)
-    left_out = []
-    if not options["include_incomplete"] and (n := subjects.count() - completed.count()):
-        left_out.append(f"{n} subject(s) who have not finished (--include-incomplete)")
-    if not options["include_failed"] and (n := failed.count()):
-        left_out.append(f"{n} who failed the attention checks (--include-failed)")
-    if not left_out:  # in progress but past passing, or only catch questions answered
-        return (
-            "no answer counts yet (attention checks aside; --include-failed counts those "
-            "who can no longer pass them)"
-        )
-    return "left out are " + " and ".join(left_out)
+    left = left_out(study, options["include_incomplete"], options["include_failed"])
+    if not left:  # only catch questions answered
+        return "no answer counts yet (catch questions aside)"
+    return "left out are " + " and ".join(
+        f"{n} subject(s) {LEFT_OUT[reason]} (--{LEFT_OUT_OPTION[reason].replace('_', '-')})"
+        for reason, n in left.items()
+    )
