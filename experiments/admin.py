@@ -29,6 +29,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.text import slugify
 from django.utils.timesince import timesince
 
+from . import checks
 from .export import column_names, dictionary_rows, response_rows, spreadsheet_safe
 from .forms import CollectionUploadForm, SubjectLinksForm, stored_name
 from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs
@@ -783,7 +784,8 @@ class StudyAdmin(SummarisedDeletion):
         return TemplateResponse(request, "admin/experiments/study/links.html", context)
 
     def links_csv_view(self, request, study_id):
-        """Every subject's link with its progress."""
+        """Every subject's link with its progress and outcome: what a researcher needs to
+        pay or reject crowd workers (their ids, end code, attention score, time taken)."""
         study = self._study(request, study_id)
         base = request.build_absolute_uri("/")
         subjects = with_progress(study.subjects.order_by("ordinal"))
@@ -791,15 +793,24 @@ class StudyAdmin(SummarisedDeletion):
             {
                 "ordinal": s.ordinal,
                 "external_id": s.external_id,
+                **{name: s.meta.get("entry", {}).get(name, "") for name in PLATFORM_IDS},
                 "url": subject_url(s, base),
                 "answered": s.answered,
                 "total": s.total,
+                "outcome": s.outcome or "in_progress",
+                "end_code": checks.end_code(s) if s.outcome else "",
+                "catch_score": s.catch_score,
+                "created_at": s.created_at.isoformat(),
+                "started_at": s.consented_at.isoformat() if s.consented_at else "",
                 "last_seen": s.last_seen.isoformat() if s.last_seen else "",
                 "completed_at": s.completed_at.isoformat() if s.completed_at else "",
+                "minutes": round((s.completed_at - s.consented_at).total_seconds() / 60, 1)
+                if s.completed_at and s.consented_at
+                else "",
             }
             for s in subjects
         )
-        return csv_response(f"{study.slug}-links.csv", rows)
+        return csv_response(f"{study.slug}-links.csv", rows, LINK_COLUMNS)
 
     def responses_view(self, request, study_id):
         """The answers as CSV; `?anonymise=1`: pseudonyms; `?dictionary=1`: the columns."""
@@ -810,6 +821,14 @@ class StudyAdmin(SummarisedDeletion):
         anonymise = bool(request.GET.get("anonymise"))
         name = f"{study.slug}-responses{'-anonymised' if anonymise else ''}.csv"
         return csv_response(name, response_rows(study, anonymise), column_names(study))
+
+
+# The platforms' ids of a visit that identify a submission (besides the external id).
+PLATFORM_IDS = ("SESSION_ID", "assignmentId", "hitId")
+LINK_COLUMNS = [
+    "ordinal", "external_id", *PLATFORM_IDS, "url", "answered", "total", "outcome", "end_code",
+    "catch_score", "created_at", "started_at", "last_seen", "completed_at", "minutes",
+]  # fmt: skip
 
 
 def join_url(request, study) -> str:

@@ -330,9 +330,10 @@ def test_links_cannot_be_made_before_the_study_is_prepared(admin_client):
 
 
 def test_progress_per_subject(admin_client, study):
-    study.status = Study.Status.OPEN
+    study.status, study.completion_code = Study.Status.OPEN, "DONE-1"
     study.save()
     done, halfway, fresh = (make_subject(study) for _ in range(3))
+    Subject.objects.filter(pk=done.pk).update(meta={"entry": {"SESSION_ID": "se1"}})
     answer_all(done, 6)
     answer_all(halfway, 2)
     page = admin_client.get(f"/admin/experiments/subject/?study__id__exact={study.pk}")
@@ -349,6 +350,14 @@ def test_progress_per_subject(admin_client, study):
         progress[halfway.token]["answered"] == "2" and not progress[halfway.token]["completed_at"]
     )
     assert progress[fresh.token]["last_seen"] == ""
+    # What paying crowd workers takes: outcome, the code they were given, time taken.
+    assert {k: progress[done.token][k] for k in ("SESSION_ID", "outcome", "end_code")} == {
+        "SESSION_ID": "se1", "outcome": "completed", "end_code": "DONE-1"
+    }  # fmt: skip
+    assert float(progress[done.token]["minutes"]) >= 0 and progress[done.token]["started_at"]
+    assert (progress[halfway.token]["outcome"], progress[halfway.token]["end_code"]) == (
+        "in_progress", ""
+    )  # fmt: skip
     summary = admin_client.get(f"{CHANGELIST}{study.pk}/change/").content.decode()
     assert "3 subjects, 1 completed" in summary
 
