@@ -375,7 +375,10 @@ def celery_problem(queues, timeout: float = 1.0) -> str | None:
             "sends them"
         )
     if queues and (missing := queues_without_workers(queues, timeout)):
-        return f"No Celery worker consumes the {' and '.join(missing)} queue: start one (`make worker`)"
+        return (
+            f"No Celery worker consumes the {' and '.join(missing)} queue: start one (`make "
+            "worker`; one just started takes up to a minute to say it is ready)"
+        )
     return None
 
 

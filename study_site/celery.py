@@ -5,7 +5,9 @@ runs `celery -A study_site worker -Q gpu --concurrency 1` against the shared dat
 Redis; everything else goes to `default`.
 """
 
+import logging
 import os
+import time
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
@@ -15,6 +17,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "study_site.settings")
 app = Celery("study_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+logger = logging.getLogger(__name__)
 
 
 @worker_init.connect
@@ -27,7 +30,11 @@ def _compile_before_forking(**_):
     """Pool processes inherit the compiled music features instead of compiling them at once."""
     from engine.features.audio import warm_numba_cache
 
+    start = time.monotonic()
+    # Up to a minute on a first start; until "ready" the worker takes no task.
+    logger.warning("Compiling the music features before taking tasks (a first start: ~1 min)")
     warm_numba_cache()
+    logger.warning("Music features compiled in %.0f s", time.monotonic() - start)
 
 
 @worker_process_init.connect
