@@ -354,7 +354,12 @@ class SystemAdmin(SummarisedDeletion):
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
-        if change and {"collection", "kind", "config"} & set(form.changed_data):
+        design = {"collection", "kind"} | (
+            {"config"} if obj.kind != System.Kind.EXTERNAL else set()
+        )
+        if change and design & set(form.changed_data):
+            # Kept, the old checkpoint or results would serve the new settings' study.
+            obj.forget_training()
             ready = Study.objects.filter(systems=obj, status=Study.Status.READY)
             for study in ready:
                 self.message_user(
@@ -634,9 +639,12 @@ class StudyAdmin(SummarisedDeletion):
         queued = False
         for study in queryset:
             # One conditional update: two clicks (or two researchers) queue it once.
+            # Its progress starts now: a preparation lost before a worker took it (the broker
+            # restarted) shows "last news … ago" as one that stopped later does.
             if not Study.objects.filter(pk=study.pk, status__in=EDITABLE_DESIGN).update(
-                status=Study.Status.PREPARING, message="Queued"
-            ):
+                status=Study.Status.PREPARING, message="Queued", progress=0.0,
+                progress_at=timezone.now(),
+            ):  # fmt: skip
                 self.message_user(
                     request, f"{study}: {study.status}, not prepared again.", messages.WARNING
                 )
@@ -644,7 +652,10 @@ class StudyAdmin(SummarisedDeletion):
             try:
                 prepare_study.delay(study.pk)
             except Exception as error:  # the broker is unreachable: say so, change nothing
-                Study.objects.filter(pk=study.pk).update(status=study.status, message=study.message)
+                Study.objects.filter(pk=study.pk).update(
+                    status=study.status, message=study.message, progress=study.progress,
+                    progress_at=study.progress_at,
+                )  # fmt: skip
                 self.message_user(request, f"{study}: could not queue: {error}", messages.ERROR)
                 continue
             self.message_user(request, f"{study}: preparation queued.", messages.SUCCESS)
@@ -661,7 +672,7 @@ class StudyAdmin(SummarisedDeletion):
         )
         movable = movable.filter(subjects__isnull=True).values("pk")
         moved = Study.objects.filter(pk__in=movable).update(
-            status=Study.Status.DRAFT, message="Back to draft: prepare it again."
+            status=Study.Status.DRAFT, message="Back to draft: prepare it again.", progress=0.0
         )
         if moved:
             self.message_user(request, f"{moved} study(ies) now draft.", messages.SUCCESS)

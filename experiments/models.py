@@ -143,6 +143,17 @@ class System(models.Model):
     def __str__(self):
         return f"{self.name} ({self.get_kind_display()})"
 
+    def forget_training(self) -> None:
+        """Drop what was trained and searched for its earlier kind, settings or collection
+        (checkpoint, embeddings, results, metrics): the next preparation trains it afresh.
+        An upload's source file stays, for the record; its results go with the rest."""
+        _delete_files_on_commit([self.checkpoint, self.embeddings])
+        self.results.all().delete()
+        self.checkpoint.name = self.embeddings.name = ""
+        self.metrics, self.status, self.progress = {}, self.Status.NEW, 0.0
+        self.message, self.progress_at = "", None
+        self.save()
+
     def clean(self):
         from engine.pipeline import check_config
 

@@ -386,6 +386,7 @@ def queues_without_workers(queues, timeout: float = 1.0) -> list[str]:
     """Those of `queues` that no worker consumes (none in eager mode; all without a broker):
     tasks sent there would wait for ever."""
     from kombu.exceptions import OperationalError as NoBroker
+    from redis.exceptions import RedisError
 
     from study_site.celery import app
 
@@ -393,7 +394,7 @@ def queues_without_workers(queues, timeout: float = 1.0) -> list[str]:
         return []
     try:
         replies = app.control.inspect(timeout=timeout).active_queues() or {}
-    except NoBroker:
+    except (NoBroker, RedisError):  # no broker, or one that restarted under the connection
         return list(queues)
     consumed = {queue["name"] for found in replies.values() for queue in found}
     return [queue for queue in queues if queue not in consumed]

@@ -5,6 +5,7 @@ import io
 import re
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from django.contrib.auth.models import Permission, User
 from django.core.files.base import ContentFile
 from django.test import Client, override_settings
 from django.urls import reverse
+from django.utils import timezone
 
 from experiments.ingest import add_pairs
 from experiments.media import probe
@@ -201,9 +203,6 @@ def test_a_system_in_a_locked_study_design_cannot_change_or_go(admin_client, stu
 def test_work_that_has_not_reported_for_a_while_says_since_when(admin_client, study):
     """A worker that died leaves a preparation at its last progress, with nothing else to
     show it until the task is delivered again (hours later)."""
-    from datetime import timedelta
-
-    from django.utils import timezone
 
     system = study.systems.get()
     quiet = timezone.now() - timedelta(minutes=25)
@@ -280,11 +279,16 @@ def test_a_system_change_sends_its_ready_study_back_to_draft(admin_client, study
     assert admin_client.post(url, system_form(system, name="renamed")).status_code == 302
     study.refresh_from_db()
     assert study.status == Study.Status.READY  # a new name is no design change
+    assert system.results.exists() and system.status == System.Status.READY
+    system.checkpoint.save("old.pt", ContentFile(b"trained as vmnet"))
     page = admin_client.post(url, system_form(system, kind="cca"), follow=True).content.decode()
     assert "draft again: prepare it again" in page
     study.refresh_from_db()
     system.refresh_from_db()
     assert (study.status, system.kind) == (Study.Status.DRAFT, "cca")
+    # What the old kind trained and found goes: preparing trains the new one.
+    assert not system.checkpoint and not system.results.exists()
+    assert (system.status, system.metrics) == (System.Status.NEW, {})
 
 
 def test_open_and_close_follow_the_study_states(admin_client, study):
@@ -452,6 +456,21 @@ def test_a_study_being_prepared_is_not_queued_again(admin_client, study):
     assert "preparing, not prepared again" in page
     study.refresh_from_db()
     assert (study.status, study.message) == (Study.Status.PREPARING, "Step 1 of 2")
+
+
+def test_a_preparation_lost_before_a_worker_took_it_shows_its_age(admin_client, study, monkeypatch):
+    monkeypatch.setattr("experiments.admin.celery_problem", lambda queues: None)
+    monkeypatch.setattr("experiments.admin.prepare_study.delay", lambda pk: None)  # lost
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.DRAFT, progress=0.4)
+    assert "preparation queued" in act(admin_client, "prepare_studies", study).content.decode()
+    study.refresh_from_db()
+    assert (study.status, study.progress, study.message) == (Study.Status.PREPARING, 0, "Queued")
+    assert timezone.now() - study.progress_at < timedelta(minutes=1)  # its clock starts
+    Study.objects.filter(pk=study.pk).update(progress_at=timezone.now() - timedelta(minutes=25))
+    studies = admin_client.get("/admin/experiments/study/").content.decode()
+    assert "0%, last news 25\xa0minutes ago" in studies
+    act(admin_client, "draft_studies", study)
+    assert Study.objects.get(pk=study.pk).progress == 0  # a draft shows no old progress
 
 
 def test_without_redis_prepare_and_upload_say_so_and_change_nothing(
