@@ -429,23 +429,36 @@ def process_pair(
                 music=music_features(music or video),
                 frames=frame_features(video, encoder=encoder, image_size=frame_size),
             )
-            for field_file, name, source in (
-                (pair.video_file, f"{pair.video_token}.mp4", web),
-                (pair.music_file, f"{pair.music_token}.m4a", clip),
-            ):
-                field_file.delete(save=False)
-                with source.open("rb") as f:
-                    field_file.save(name, File(f), save=False)
-            pair.features_file.delete(save=False)
-            pair.features_file.save(
-                f"{pair.collection_id}/{pair.pk}.npz", ContentFile(features.getvalue()), save=False
-            )
+            _store(pair, [
+                (pair.video_file, f"{pair.video_token}.mp4", File(web.open("rb"))),
+                (pair.music_file, f"{pair.music_token}.m4a", File(clip.open("rb"))),
+                (pair.features_file, f"{pair.collection_id}/{pair.pk}.npz",
+                 ContentFile(features.getvalue())),
+            ])  # fmt: skip
     except MediaError as error:
         pair.status, pair.error = Pair.Status.FAILED, str(error)
     else:
         pair.status, pair.error, pair.duration_s = Pair.Status.READY, "", info.duration_s
     pair.save()
     return pair
+
+
+def _store(pair: Pair, files) -> None:
+    """Save (field, name, content) files under exactly their names, or none of them: a save
+    stopped halfway (a full disk) leaves no partial file, and a retry no suffixed copy."""
+    stored = []
+    try:
+        for field_file, name, content in files:
+            with content:
+                field_file.delete(save=False)
+                target = field_file.field.generate_filename(pair, name)
+                field_file.storage.delete(target)  # an earlier attempt's leftover, if any
+                stored.append((field_file.storage, target))
+                field_file.save(name, content, save=False)
+    except BaseException:
+        for storage, target in stored:
+            storage.delete(target)
+        raise
 
 
 def import_collection(

@@ -7,6 +7,7 @@ again, and search results are replaced in one transaction. Progress and errors a
 to the rows (System/Study progress and message), where the admin shows them.
 """
 
+import errno
 import io
 import logging
 import os
@@ -45,7 +46,8 @@ def import_pair(
 ):
     """Make one pair's media and features; a pair that is already ready is left alone.
     A database error is tried again a few times, then raised: the pair stays pending (a
-    re-run of the import takes it up), not failed as a broken file would be."""
+    re-run of the import takes it up), not failed as a broken file would be; so does a full
+    disk, at once."""
     for wait in (*DATABASE_RETRIES_S, None):
         pair = Pair.objects.filter(pk=pair_id).first()
         if pair is None or pair.status == Pair.Status.READY:
@@ -58,6 +60,12 @@ def import_pair(
             logger.warning("importing pair %s: database error, again in %s s", pair_id, wait)
             time.sleep(wait)
         except Exception as error:  # one broken file must not stop the collection
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The disk, not the file: the pair stays pending (a re-run takes it up) and
+                # keeps its test place; its error says why.
+                logger.error("importing pair %s: %s", pair_id, error)
+                Pair.objects.filter(pk=pair_id).update(error=f"not imported yet: {error}")
+                return Pair.Status.PENDING
             logger.exception("importing pair %s failed", pair_id)
             Pair.objects.filter(pk=pair_id).update(
                 status=Pair.Status.FAILED,

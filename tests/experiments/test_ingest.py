@@ -1,6 +1,7 @@
 """Importing real (generated) music videos: study media, features, per-file errors, re-runs."""
 
 import io
+import subprocess
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -479,3 +480,53 @@ def test_manifest_paths_may_go_through_a_symlinked_folder(tmp_path):
         read_source(project / "bad.csv")
     for row, escape in enumerate(escapes, start=2):
         assert f"row {row}: video {escape!r} lies outside the manifest's folder" in str(error.value)
+
+
+@pytest.fixture
+def small_disk(tmp_path, settings):
+    """MEDIA_ROOT on a real filesystem of 48 KiB, which a pair's files overflow."""
+    media_root = tmp_path / "media"
+    media_root.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(media_root)],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("mounting a tmpfs needs root")
+    settings.MEDIA_ROOT = str(media_root)
+    try:
+        yield media_root
+    finally:
+        subprocess.run(["umount", "-l", str(media_root)], check=True)
+
+
+@pytest.mark.django_db
+def test_a_full_disk_leaves_pairs_pending_with_their_test_places_and_no_partial_files(
+    tmp_path, small_disk
+):
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for i in range(2):
+        music_video(sources / f"good{i}.mp4", i, seconds=3.0, size=(320, 240))
+    with pytest.raises(CommandError, match="still pending"):
+        call_command("import_collection", "full", str(sources), "--test", "1", "--sync",
+                     stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    pairs = Collection.objects.get(name="full").pairs
+    pending = pairs.filter(status=Pair.Status.PENDING)
+    assert pending.exists() and not pairs.filter(status=Pair.Status.FAILED).exists()
+    assert all("No space left on device" in p.error for p in pending)
+    splits = dict(pairs.values_list("key", "split"))
+    stored = {
+        f.name for p in pairs.all() for f in (p.video_file, p.music_file, p.features_file) if f
+    }
+    on_disk = {str(p.relative_to(small_disk)) for p in small_disk.rglob("*") if p.is_file()}
+    assert on_disk == stored  # the failed saves left nothing behind
+
+    # Room again: the same command imports the rest, under the files' own names.
+    subprocess.run(["umount", "-l", str(small_disk)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small_disk)], check=True)
+    for pair in pairs.filter(status=Pair.Status.READY):  # what the small disk held is gone
+        Pair.objects.filter(pk=pair.pk).update(status=Pair.Status.PENDING)
+    call_command("import_collection", "full", str(sources), "--test", "1", "--sync",
+                 stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    assert dict(pairs.values_list("key", "split")) == splits
+    for pair in pairs.all():
+        assert pair.status == Pair.Status.READY and not pair.error
+        assert Path(pair.video_file.name).name == f"{pair.video_token}.mp4"
