@@ -21,6 +21,7 @@ from celery import chain, shared_task
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import OperationalError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from engine.features import MediaError
@@ -97,6 +98,8 @@ def gpu_train_system(
     from engine.pipeline import evaluate, load_system, train_system
 
     system = System.objects.get(pk=system_id)
+    if _in_fixed_design(system):
+        return
     with _failing(system, study_id, preparation):
         if system.kind == System.Kind.EXTERNAL:
             raise ValueError(f"{system.name}: uploaded results cannot be trained")
@@ -158,6 +161,8 @@ def gpu_search(
     """Store the system's top-k results for every test query in both directions."""
 
     system = System.objects.get(pk=system_id)
+    if _in_fixed_design(system):
+        return None
     with _failing(system, study_id, preparation):
         if not system.embeddings:
             raise ValueError(f"{system.name}: no embeddings to search (train it first)")
@@ -454,6 +459,19 @@ def _fail_study(study_id: int, message: str, studies=None):
         studies = Study.objects.filter(pk=study_id)
     studies.update(status=Study.Status.FAILED, message=message)
     return Study.Status.FAILED
+
+
+def _in_fixed_design(system: System) -> bool:
+    """Whether a study's fixed design holds the system: then a task sent before it opened, or
+    delivered again after a worker died, leaves its checkpoint and results alone (new
+    subjects' plans are drawn from them)."""
+    serving = Q(status__in=[Study.Status.OPEN, Study.Status.CLOSED]) | Q(subjects__isnull=False)
+    if locked := list(system.studies.filter(serving).distinct()):
+        logger.warning(
+            "%s: not trained or searched again, it is in the fixed design of %s",
+            system.name, ", ".join(map(str, locked)),
+        )  # fmt: skip
+    return bool(locked)
 
 
 def _preparing(study_id: int, preparation: int | None = None):

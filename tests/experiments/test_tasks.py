@@ -249,6 +249,16 @@ def test_a_preparation_task_leaves_an_open_study_alone_and_refuses_another_colle
         study.refresh_from_db()
         assert (study.status, study.message) == (status, "as it was")
         assert System.objects.get(pk=system.pk).status == System.Status.NEW
+    # Its training and search, sent again (a worker died), leave its results alone.
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.DRAFT)
+    gpu_train_system(system.pk)
+    gpu_search(system.pk)
+    before = list(system.results.values_list("pk", "result_id"))
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
+    gpu_train_system(system.pk, study_id=study.pk, step=(0, 2), preparation=1)
+    assert gpu_search(system.pk, study_id=study.pk, step=(1, 2), preparation=1) is None
+    assert list(system.results.values_list("pk", "result_id")) == before
+    assert System.objects.get(pk=system.pk).status == System.Status.READY
     # A system of another collection cannot be searched among this one's pairs.
     elsewhere = System.objects.create(
         collection=make_collection("elsewhere"), name="elsewhere", kind="cca", config={}
