@@ -217,12 +217,20 @@ class Study(models.Model):
     )
     seed = models.PositiveIntegerField(default=0)
     # Participant pages
-    language = models.CharField(max_length=10, default="en")
+    language = models.CharField(
+        max_length=10,
+        default="en",
+        choices=settings.LANGUAGES,
+        help_text="Of the participant pages",
+    )
     instructions = models.TextField(blank=True)
     consent_text = models.TextField(blank=True)
     require_consent = models.BooleanField(default=False)
     play_before_answer = models.BooleanField(default=False)
-    completion_code = models.CharField(max_length=100, blank=True)
+    completion_code = models.CharField(
+        max_length=100, blank=True,
+        help_text="Shown to those who finish (and put in the redirect URL's {code})",
+    )  # fmt: skip
     redirect_url = models.URLField(max_length=500, blank=True)
     external_id_param = models.CharField(max_length=50, default="PROLIFIC_PID", blank=True)
     min_listen_ms = models.PositiveIntegerField(
@@ -240,15 +248,25 @@ class Study(models.Model):
     sound_check = models.BooleanField(
         default=False, help_text="Headphone/sound check before the first question"
     )
-    failed_attention_code = models.CharField(max_length=100, blank=True)
-    failed_sound_code = models.CharField(max_length=100, blank=True)
-    no_consent_code = models.CharField(max_length=100, blank=True)
+    failed_attention_code = models.CharField(
+        max_length=100, blank=True,
+        help_text="For those who finish but fail the attention checks; empty: they get the "
+        "completion code, and a platform that checks codes would approve them",
+    )  # fmt: skip
+    failed_sound_code = models.CharField(
+        max_length=100, blank=True,
+        help_text="For those who fail the sound check; empty: no code (tell them in the "
+        "instructions what to do, e.g. return the study on Prolific)",
+    )  # fmt: skip
+    no_consent_code = models.CharField(
+        max_length=100, blank=True, help_text="For those who decline consent; empty: no code"
+    )
     join_token = models.CharField(max_length=64, unique=True, default=new_token)
     join_cap = models.PositiveIntegerField(
         null=True,
         blank=True,
-        help_text="Max subjects from the join link; those who declined consent or failed the "
-        "sound check do not count",
+        help_text="Max subjects from the join link; those who declined consent, failed the "
+        "sound check or have not started 30 minutes after joining do not count",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -764,3 +764,11 @@ def test_media_a_participant_could_not_judge_are_refused_with_the_reason(
     source = music_video(tmp_path / "bad.mp4", 1, **options)
     with pytest.raises(MediaError, match=re.escape(f"bad.mp4: {message}")):
         make_items(source, tmp_path / "v.mp4", tmp_path / "m.m4a")
+
+
+def test_the_welcome_page_asks_for_headphones_where_the_sound_check_needs_them(client):
+    speakers = make_study(per_type=1, slug="any", collection_name="any")
+    assert "headphones or speakers" in client.get(url(make_subject(speakers))).content.decode()
+    checked = make_study(per_type=1, sound_check=True, language="de")
+    page = client.get(url(make_subject(checked))).content.decode()
+    assert "Bitte verwenden Sie Kopfhörer (zuerst kommt eine Prüfung" in page
