@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Q
 from django.http import (
@@ -29,6 +30,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone, translation
 from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import checks
@@ -227,9 +229,16 @@ def subject_path(subject: Subject) -> str:
 
 
 @never_cache
+@csrf_exempt  # the link's secret token is the credential; a cross-site POST is refused below
 @require_http_methods(["GET", "HEAD", "POST"])
 def subject_page(request, token):
+    """A subject's current step, and its answers. Needs no cookie: inside MTurk's frame, a
+    browser that blocks third-party cookies (Safari, private windows) takes part too. A
+    cookie would add nothing against forged requests here: whoever can forge one knows the
+    token, and with it can answer anyway; posts from other sites are refused by `Origin`."""
     if request.method == "POST":
+        if not _same_origin(request):
+            raise PermissionDenied("a POST from another site")
         return _subject_post(request, token)
     subject = subject_with_study(token)
     _capture_external_id(request, subject)
@@ -237,6 +246,15 @@ def subject_page(request, token):
     if _stale(subject.last_seen, now):
         Subject.objects.filter(pk=subject.pk).update(last_seen=now)
     return _render_step(request, subject, current_step(subject))
+
+
+def _same_origin(request) -> bool:
+    """Whether the POST comes from this site's pages (browsers send `Origin` with every POST;
+    a client that sends none, a script, is no browser another site could drive)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    return origin in {f"{request.scheme}://{request.get_host()}", *settings.CSRF_TRUSTED_ORIGINS}
 
 
 def _stale(last_seen, now) -> bool:

@@ -267,11 +267,8 @@ if PRODUCTION:
     SECURE_HSTS_PRELOAD = True
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
-    # In MTurk's frame this site is third-party: a SameSite=Lax cookie is neither set nor sent
-    # there, and without the CSRF cookie no answer can be posted. The CSRF cookie is no
-    # credential (a cross-site POST still needs the page's token and passes the Origin check),
-    # so it may be sent cross-site; the session cookie, the admin's login, stays Lax. Browsers
-    # that block third-party cookies altogether still get the "please allow cookies" page.
-    CSRF_COOKIE_SAMESITE = "None" if PARTICIPANT_FRAME_ANCESTORS else "Lax"
+    # Participant pages need no cookie (their link's token is the credential), so MTurk's
+    # frame, where this site is third-party, needs none sent cross-site: both stay Lax.
+    CSRF_COOKIE_SAMESITE = "Lax"
     SESSION_COOKIE_SAMESITE = "Lax"
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]

@@ -3,8 +3,10 @@ unlocking audio, one video at a time, play-before-answer with a minimum listenin
 media failure with Retry, and the Prolific round trip ending on the completion URL only after
 every answer is stored. Skipped without Chromium unless REQUIRE_BROWSER=1."""
 
+import http.server
 import json
 import os
+import threading
 
 import pytest
 
@@ -393,3 +395,44 @@ def test_shift_with_a_letter_chooses_and_with_an_arrow_does_not(live_server, pag
     page.keyboard.press("Shift+A")  # what Caps Lock or a held Shift types
     page.locator("#counter", has_text="Question 2 of 6").wait_for()
     assert Response.objects.get(subject=subject).choice == "a"
+
+
+def test_inside_mturks_frame_a_browser_that_keeps_no_third_party_cookie_takes_part(
+    live_server, browser, settings
+):
+    """MTurk shows the study in a frame on its own site; there this site is third-party, and
+    Chromium's fresh (incognito-like) profile keeps none of its cookies, as Safari does."""
+    study = make_study(per_type=1, completion_code="MT-1")
+    hit = "workerId=w9&assignmentId=a9&hitId=h9&turkSubmitTo=https://workersandbox.mturk.com"
+    framed = f"{live_server.url}/join/{study.join_token}/?{hit}"
+    html = f'<iframe src="{framed}" width="900" height="700"></iframe>'.encode()
+
+    class MTurk(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args):
+            pass
+
+    # Another site on this machine (Chromium lets only local pages frame local ones): the
+    # live server is localhost, this 127.0.0.1.
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), MTurk) as mturk:
+        threading.Thread(target=mturk.serve_forever, daemon=True).start()
+        origin = f"http://127.0.0.1:{mturk.server_address[1]}"
+        settings.PARTICIPANT_FRAME_ANCESTORS = [origin]
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{origin}/hit")
+        frame = page.frame_locator("iframe")
+        frame.get_by_role("button", name="Start").click()
+        for n in range(2, 4):
+            frame.get_by_role("button", name="Choose A").click()
+            frame.get_by_text(f"Question {n} of 6").wait_for()
+        assert context.cookies(live_server.url) == []  # it took part without any
+        context.close()
+        mturk.shutdown()
+    subject = Subject.objects.get(study=study)
+    assert (subject.external_id, Response.objects.filter(subject=subject).count()) == ("w9", 2)
