@@ -49,6 +49,8 @@
     var SETTLE_MS = 500; // a new question's buttons wait this long: longer than a double tap
     var SLOW_MS = 3000; // no reply to an answer by then: say that it is being saved
     var SEND_TIMEOUT_MS = 30000; // no reply by then: the plain form submission instead
+    var RETRY_MS = [500, 1000, 2000, 4000, 8000]; // a server restarting: 15 s of tries
+    var GATEWAY_ERRORS = [502, 503, 504];
     // Per question (reset when the next one is shown in place): the behaviour log sent
     // with the answer (exported with it), what has been heard enough, what failed to load.
     var shownAt, log, enough, failed, sent, choice, heard, settled, shown = 0;
@@ -282,7 +284,8 @@
     // an error, no reply) is left to the plain form submission and the server's page. The
     // browser offline, the answer waits here and is sent again once it is back (sending
     // twice is harmless: the server keeps the first answer to a position).
-    function send(letter) {
+    function send(letter, attempt) {
+      attempt = attempt || 0;
       var body = new URLSearchParams(new FormData(form));
       body.set("choice", letter);
       var controller = window.AbortController ? new window.AbortController() : null;
@@ -299,16 +302,22 @@
         signal: controller ? controller.signal : undefined
       }).then(function (response) {
         var json = (response.headers.get("Content-Type") || "").indexOf("application/json") === 0;
+        if (GATEWAY_ERRORS.indexOf(response.status) >= 0) throw new TypeError("HTTP " + response.status);
         if (!response.ok || !json) throw new Error("HTTP " + response.status);
         return response.json();
       }).then(function (next) {
         stopTimers();
         if (next.step === "question" && next.direction === form.dataset.direction) showNext(next);
         else window.location.assign(next.location);
-      }).catch(function () {
+      }).catch(function (error) {
         stopTimers();
         if (navigator.onLine === false) waitForConnection(letter);
-        else submitPlainly(letter);
+        // No reply (TypeError), or a proxy's while the server restarts: the same answer
+        // again (the server takes it once), then the plain form, which shows what is wrong.
+        else if (error instanceof TypeError && attempt < RETRY_MS.length) {
+          say(form.dataset.savingMessage || "Saving your answer…");
+          window.setTimeout(function () { send(letter, attempt + 1); }, RETRY_MS[attempt]);
+        } else submitPlainly(letter);
       });
     }
 

@@ -241,12 +241,37 @@ def test_answers_go_in_place_and_fall_back_to_the_form_without_a_connection(live
             route.continue_()
 
     page.route("**/s/*/", no_connection_for_the_script)
-    answer(page, "Choose B", "Question 3 of 6")
+    answer(page, "Choose B", "Question 3 of 6")  # tried again for 15 s, then the form
     assert loads and loads[-1] == link  # the form went plainly: a page load
     first, again = Response.objects.filter(subject=subject).order_by("question__position")
     assert (first.choice, again.choice) == ("a", "b")
     assert first.behaviour["plays"] == {"a": 1}
     assert again.behaviour["plays"] == {} and again.response_ms > 0  # its own log
+    assert page.errors == []
+
+
+def test_an_answer_the_server_could_not_take_is_sent_again_in_place(live_server, page):
+    """A server restarting (no reply, then a proxy's 503): the script sends the answer again
+    and shows the next question in place; the server takes it once."""
+    subject = first_question(live_server, page)
+    failures = ["abort", 503]
+
+    def restarting(route):
+        if "application/json" in route.request.headers.get("accept", "") and failures:
+            failure = failures.pop(0)
+            if failure == "abort":
+                route.abort()
+            else:
+                route.fulfill(status=failure, body="Service Unavailable")
+        else:
+            route.continue_()
+
+    page.route("**/s/*/", restarting)
+    loads = []
+    page.on("framenavigated", lambda frame: loads.append(frame.url))
+    answer(page, "Choose A", "Question 2 of 6")
+    assert failures == [] and loads == []  # both failures met, and no page load
+    assert Response.objects.filter(subject=subject).count() == 1
     assert page.errors == []
 
 
