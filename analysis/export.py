@@ -74,10 +74,14 @@ class Report:
     n_answers: int
     systems: dict = field(default_factory=dict)  # label (S1, …) -> the system's name
     left_out: dict = field(default_factory=dict)  # reason (LEFT_OUT) -> subjects
+    unheard: int = 0  # answers given while a candidate (or the query) could not be loaded
 
     @property
     def counts(self) -> dict:
-        return {"subjects": self.n_subjects, "answers": self.n_answers}
+        return {
+            "subjects": self.n_subjects, "answers": self.n_answers,
+            "answers_with_media_errors": self.unheard,
+        }  # fmt: skip
 
 
 # Counts in the long form (`cells`): pandas' nullable integers, blank where they do not apply.
@@ -118,8 +122,9 @@ LEFT_OUT = {
 }
 
 
-def sample_notes(systems: dict, left_out: dict) -> list[str]:
-    """What the system labels stand for and who is not counted (`Report`), as sentences."""
+def sample_notes(systems: dict, left_out: dict, unheard: int = 0) -> list[str]:
+    """What the system labels stand for, who is not counted and which answers were given
+    without all their media (`Report`), as sentences."""
     notes = []
     if systems:
         named = ", ".join(f"{label} = {name}" for label, name in systems.items())
@@ -127,7 +132,16 @@ def sample_notes(systems: dict, left_out: dict) -> list[str]:
     if left_out:
         parts = [f"{n} subject{'s' * (n != 1)} {LEFT_OUT[r]}" for r, n in left_out.items()]
         notes.append(f"Left out: {' and '.join(parts)}.")
+    if unheard:
+        notes.append(
+            f"{unheard} answer{'s were' if unheard != 1 else ' was'} given while a medium could "
+            "not be loaded (`media_errors` in the export); they are counted."
+        )
     return notes
+
+
+def _notes(report: Report) -> list[str]:
+    return sample_notes(report.systems, report.left_out, report.unheard)
 
 
 def build_report(
@@ -160,6 +174,7 @@ def build_report(
         n_answers=len(d),
         systems=dict(systems or {}),
         left_out=dict(left_out or {}),
+        unheard=int((d["media_errors"] > 0).sum()) if "media_errors" in d.columns else 0,
     )
 
 
@@ -223,7 +238,7 @@ def render(report: Report, fmt: str) -> str | bytes:
         parts = [
             f"# {report.title}",
             f"Subjects: {report.n_subjects}, answers: {report.n_answers}",
-            *sample_notes(report.systems, report.left_out),
+            *_notes(report),
             "## Preference (%, Table IV)",
             _markdown(report.table, ".2f"),
         ]
@@ -280,7 +295,7 @@ def render(report: Report, fmt: str) -> str | bytes:
             caption=" ".join(
                 [
                     f"{report.title}: percent of answers preferring the first-named item.",
-                    *sample_notes(report.systems, report.left_out),
+                    *_notes(report),
                 ]
             ),  # fmt: skip
             label="tab:preference",
@@ -309,7 +324,7 @@ def render(report: Report, fmt: str) -> str | bytes:
                 report.machine.reset_index().to_excel(writer, sheet_name="Machine G-R", index=False)
             report.statistics.to_excel(writer, sheet_name="Statistics")
             report.subjects.to_excel(writer, sheet_name="Subjects", index=False)
-            if notes := sample_notes(report.systems, report.left_out):
+            if notes := _notes(report):
                 pd.DataFrame({"note": notes}).to_excel(writer, sheet_name="Notes", index=False)
             report.agreement.to_excel(writer, sheet_name="Human-machine")
             if report.kappa is not None:

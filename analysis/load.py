@@ -28,6 +28,7 @@ FRAME_COLUMNS = [
     "is_catch",
     "external_id",
     "answered_at",
+    "media_errors",  # media that failed to load while the question was shown
 ]
 
 
@@ -121,6 +122,7 @@ def responses_frame(
     rows = responses.order_by("subject__ordinal", "question__position").values(
         "response_ms",
         "answered_at",
+        "behaviour",
         subject_ordinal=F("subject__ordinal"),
         external_id=F("subject__external_id"),
         position=F("question__position"),
@@ -140,6 +142,10 @@ def responses_frame(
     if df.empty:
         return pd.DataFrame(columns=FRAME_COLUMNS)
     df["study"] = study.slug
+    errors = df.pop("behaviour").map(
+        lambda log: (log or {}).get("errors") if isinstance(log, dict) else None
+    )
+    df["media_errors"] = errors.map(lambda found: len(found) if isinstance(found, list) else 0)
     df["subject"] = df.pop("subject_ordinal")
     kinds = df["pair_type"].map(split_pair_type)
     df["first"], df["second"] = kinds.str[0], kinds.str[1]

@@ -173,7 +173,11 @@ def test_report_csv_json_latex_formats():
     gs = table[(table.judge == "Human") & (table.pair_type == "GS") & (table.direction == "V2M")]
     assert gs.iloc[0][["percent", "n_answers", "n_subjects"]].tolist() == [50.0, 8, 2]
     out, _ = run("preference_report", "known", "--format", "json")
-    assert json.loads(out)["counts"] == {"subjects": 2, "answers": 32}
+    assert json.loads(out)["counts"] == {
+        "subjects": 2,
+        "answers": 32,
+        "answers_with_media_errors": 0,
+    }
     out, _ = run("preference_report", "known", "--format", "latex")
     assert "\\begin{tabular}" in out and "87.50" in out
 

@@ -35,7 +35,7 @@ def test_table_has_human_rows_and_machine_gr_row(report):
     assert report.table.loc[("Human", "GR")].tolist() == [80.0, 80.0, 80.0]
     assert report.table.loc[("Human", "GS")].tolist() == [60.0, 60.0, 60.0]
     assert report.table.loc[("Machine", "GR")].tolist() == [80.0, 80.0, 80.0]
-    assert report.counts == {"subjects": 3, "answers": 180}
+    assert report.counts == {"subjects": 3, "answers": 180, "answers_with_media_errors": 0}
 
 
 def test_csv_is_one_row_per_judge_pair_type_direction(report):
@@ -52,7 +52,7 @@ def test_csv_is_one_row_per_judge_pair_type_direction(report):
 
 def test_json_markdown_latex(report):
     payload = json.loads(render(report, "json"))
-    assert payload["counts"] == {"subjects": 3, "answers": 180}
+    assert payload["counts"] == {"subjects": 3, "answers": 180, "answers_with_media_errors": 0}
     assert payload["table"][3] == {
         "judge": "Machine",
         "pair_type": "GR",

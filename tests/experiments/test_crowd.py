@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.io import wavfile
 
+from analysis.export import build_report, render
 from analysis.load import responses_frame
 from analysis.preference import preference_table
 from experiments import checks
@@ -659,6 +660,13 @@ def test_the_behaviour_log_is_stored_and_exported(client):
     assert (row["blur"], row["focus"], row["hidden"]) == (1, 1, 2)
     assert (row["media_errors"], row["media_retries"]) == ("b:timeout", 1)
     assert set(row) == set(COLUMNS) | {"machine_S"}
+    # The report says how many answers were given without all their media.
+    client.post(url(subject), {"choice": "a", "position": 2})
+    frame = responses_frame(study, include_incomplete=True)
+    assert frame["media_errors"].tolist() == [1, 0]
+    report = build_report(frame)
+    assert report.counts["answers_with_media_errors"] == 1
+    assert "1 answer was given while a medium could not be loaded" in render(report, "markdown")
 
 
 def test_dictionary_and_anonymised_export(client, tmp_path):
