@@ -406,6 +406,14 @@ def locked_systems_as_protected(request, systems, to_delete, counts, perms_neede
 
 class StudySystemFormSet(forms.BaseInlineFormSet):
     def clean(self):
+        kept = [
+            form for form in self.forms
+            if getattr(form, "cleaned_data", None) and form.cleaned_data.get("system")
+            and not form.cleaned_data.get("DELETE")
+        ]  # fmt: skip
+        if len(kept) > 1 and all(form.cleaned_data.get("label") == "S" for form in kept):
+            for number, form in enumerate(kept, start=1):  # left at 'S': numbered in order
+                form.cleaned_data["label"] = form.instance.label = f"S{number}"
         super().clean()
         if design_locked(self.instance):  # shown read-only, nothing of it is saved
             return

@@ -156,6 +156,13 @@ def test_a_study_is_created_from_a_collection_and_its_systems(admin_client):
     assert created.status_code == 302
     study = Study.objects.get(slug="pilot")
     assert study.status == Study.Status.DRAFT and list(study.systems.all()) == [system]
+    # Two systems both left at the default label are numbered S1, S2 in the form's order.
+    second = make_system(collection, name="cca-fresh")
+    two = {**form, "slug": "pair", "name": "Pair", "studysystem_set-TOTAL_FORMS": 2,
+           "studysystem_set-1-system": second.pk, "studysystem_set-1-label": "S"}  # fmt: skip
+    assert admin_client.post("/admin/experiments/study/add/", two).status_code == 302
+    labels = Study.objects.get(slug="pair").studysystem_set.values_list("system", "label")
+    assert sorted(labels) == sorted([(system.pk, "S1"), (second.pk, "S2")])
 
 
 def test_the_study_forms_systems_name_their_collections(admin_client, study):
