@@ -109,3 +109,28 @@ def test_demo_prepares_a_study_that_a_subject_can_finish(demo_env):
     # The ground-truth bot always picks G, so G-R and G-S read 100 %.
     report = _manage(demo_env, "preference_report", "demo", "--format", "json")
     assert '"GR"' in report and "V2M" in report, report
+
+
+def test_the_demo_says_why_the_redis_it_started_did_not_run(tmp_path, settings, monkeypatch):
+    """A port taken by something else: redis-server exits at once, and its reason is shown."""
+    import io
+    import shutil
+
+    from experiments.management.commands.demo import Command
+    from study_site.celery import app
+
+    if not shutil.which("redis-server"):
+        pytest.skip("no redis-server binary")
+    monkeypatch.setitem(app.conf, "task_always_eager", app.conf.task_always_eager)
+    monkeypatch.setenv("CELERY_ALWAYS_EAGER", os.environ.get("CELERY_ALWAYS_EAGER", "0"))
+    with socket.socket() as taken:  # listens, never answers PING
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{taken.getsockname()[1]}/0"
+        settings.VAR_DIR = tmp_path
+        command = Command(stdout=io.StringIO())
+        command.children = []
+        assert command._ensure_redis() is None  # tasks run in-process
+    said = command.stdout.getvalue()
+    assert "did not start" in said and "Address already in use" in said
+    assert str(tmp_path / "redis.log") in said

@@ -81,27 +81,32 @@ class Command(BaseCommand):
             return url
         binary = shutil.which("redis-server")
         parsed = urlparse(url)
+        why = "install it with `apt-get install redis-server`, or set REDIS_URL"
         if binary and parsed.hostname in {"localhost", "127.0.0.1", "::1"}:
             port = parsed.port or 6379
             log = Path(settings.VAR_DIR) / "redis.log"
-            self.children.append(
-                subprocess.Popen(
-                    [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no", "--dir", str(settings.VAR_DIR)],
-                    stdout=log.open("w"), stderr=subprocess.STDOUT,
-                )
+            server = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(settings.VAR_DIR)],
+                stdout=log.open("w"), stderr=subprocess.STDOUT,
             )  # fmt: skip
+            self.children.append(server)
             for _ in range(100):
                 if redis_answers(url):
                     self.stdout.write(
                         f"Redis: none was running; started redis-server on port {port}"
                     )
                     return url
+                if server.poll() is not None:  # it ended: its log says why (a port taken…)
+                    break
                 time.sleep(0.1)
+            # Its last lines, less the pid and time stamp: "… bind: Address already in use",
+            # "Failed listening on port 6379 (TCP), aborting."
+            said = [line.split(" # ", 1)[-1] for line in log.read_text().splitlines()[-2:]]
+            why = f"redis-server on port {port} did not start: {' '.join(said) or 'no output'} (all of it: {log})"
         self.stdout.write(
             self.style.WARNING(
-                f"Redis: nothing answers at {url} and no redis-server could be started "
-                "(install it with `apt-get install redis-server`, or set REDIS_URL). "
+                f"Redis: nothing answers at {url} and no redis-server could be started ({why}). "
                 "Tasks run in-process instead of on a Celery worker."
             )
         )
