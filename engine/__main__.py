@@ -1,4 +1,4 @@
-"""Command line: python -m engine {demo-corpus,extract,train,evaluate,baselines,search} --help"""
+"""Command line: python -m engine {demo-corpus,extract,train,evaluate,baselines,embed,search} --help"""
 
 from __future__ import annotations
 
@@ -200,6 +200,23 @@ def cmd_search(args):
         print(f"{features.keys[row]} -> {found}")
 
 
+def cmd_embed(args):
+    from engine.files import written_whole
+    from engine.pipeline import Features, load_system
+
+    features = Features.load(args.features)
+    video, music = load_system(args.model).embed(features.frames, features.music)
+    keys = [str(Path(key).with_suffix("")) for key in features.keys]  # as the platform names pairs
+    if twice := [key for key, n in Counter(keys).items() if n > 1]:
+        raise ValueError(f"files differ only by their suffix: {twice[:3]}")
+    with written_whole(args.out) as f:
+        np.savez(f, keys=np.array(keys), video=video, music=music)
+    print(
+        f"embedded {len(keys)} pairs -> {args.out} (into a study: "
+        f"`python manage.py import_results COLLECTION SYSTEM {args.out}`)"
+    )
+
+
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's default in its help; where it is None the help says what happens."""
 
@@ -290,6 +307,18 @@ def main(argv=None):
     s.add_argument("--kinds", default="pca,plssvd,pls,cca,vmnet", help="systems, comma-separated")
     s.add_argument("--n-components", type=_positive, default=64, help="dimensions of the baselines")
     s.set_defaults(func=cmd_baselines)
+
+    s = parser(
+        "embed",
+        help="every pair's embeddings, as the platform's import_results takes them",
+        description="Write the video and music embeddings of every pair as an .npz (keys, "
+        "video, music) named by the platform's pair keys (a file's path without its suffix), "
+        "for `python manage.py import_results COLLECTION SYSTEM FILE`.",
+    )
+    s.add_argument("model")
+    s.add_argument("features")
+    s.add_argument("--out", default="embeddings.npz", help="output file (.npz)")
+    s.set_defaults(func=cmd_embed)
 
     s = parser("search", help="nearest items of the other modality")
     s.add_argument("model")

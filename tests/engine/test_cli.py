@@ -13,9 +13,9 @@ import pytest
 
 from engine.__main__ import main
 from engine.files import written_whole
-from engine.pipeline import Features
+from engine.pipeline import Features, load_system
 
-SUBCOMMANDS = ["demo-corpus", "extract", "train", "evaluate", "baselines", "search"]
+SUBCOMMANDS = ["demo-corpus", "extract", "train", "evaluate", "baselines", "embed", "search"]
 
 
 def run(capsys, *args):
@@ -181,6 +181,16 @@ def test_train_evaluate_search_baselines(corpus, tmp_path, capsys):
         3,
     )
     assert found.startswith("clip_0000.mp4 -> ") and found.count("(") == 3
+    # The embeddings, named as the platform names pairs, for its import_results.
+    code, out, _ = run(capsys, "embed", tmp_path / "m.pt", corpus / "features.npz",
+                       "--out", tmp_path / "emb.npz")  # fmt: skip
+    assert code == 0 and "embedded 8 pairs" in out
+    features = Features.load(corpus / "features.npz")
+    video, music = load_system(tmp_path / "m.pt").embed(features.frames, features.music)
+    with np.load(tmp_path / "emb.npz") as written:
+        assert list(written["keys"]) == [k.removesuffix(".mp4") for k in features.keys]
+        np.testing.assert_allclose(written["video"], video, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(written["music"], music, rtol=1e-5, atol=1e-6)
     code, table, _ = run(
         capsys, "baselines", corpus / "features.npz", "--kinds", "pca,cca", "--n-components", 2
     )
