@@ -507,6 +507,9 @@ class StudyAdmin(SummarisedDeletion):
         "catch_pass_threshold",
         "sound_check",
     ]
+    # How answers are given: fixed with the design (answers under other rules would mix in
+    # one table), though a change needs no new preparation.
+    ANSWER_RULES = ["play_before_answer", "min_listen_ms"]
     fieldsets = [
         (None, {"fields": ["name", "slug", "collection"]}),
         (
@@ -580,7 +583,7 @@ class StudyAdmin(SummarisedDeletion):
 
     def get_readonly_fields(self, request, obj=None):
         if design_locked(obj):
-            return [*self.readonly_fields, *self.DESIGN_FIELDS]
+            return [*self.readonly_fields, *self.DESIGN_FIELDS, *self.ANSWER_RULES]
         return self.readonly_fields
 
     def design(self, study: Study) -> tuple:

@@ -376,6 +376,7 @@ def test_progress_per_subject(admin_client, study):
 DESIGN_INPUTS = (
     'name="per_type"', 'name="seed"', 'name="attention_checks"', 'name="catch_count"',
     'name="catch_pass_threshold"', 'name="sound_check"', 'name="studysystem_set-0-label"',
+    'name="play_before_answer"', 'name="min_listen_ms"',
 )  # fmt: skip
 
 
@@ -404,9 +405,11 @@ def test_the_design_locks_once_open_or_with_subjects(admin_client, study):
     Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
     assert design_inputs(admin_client, study) == []
     # A post cannot change it either (a stale page, a crafted request).
-    admin_client.post(f"{CHANGELIST}{study.pk}/change/", change_form(study, per_type=3, seed=9))
+    crafted = change_form(study, per_type=3, seed=9, play_before_answer="on", min_listen_ms=900)
+    admin_client.post(f"{CHANGELIST}{study.pk}/change/", crafted)
     study.refresh_from_db()
     assert (study.per_type, study.seed, study.status) == (1, 0, Study.Status.OPEN)
+    assert (study.play_before_answer, study.min_listen_ms) == (False, 0)  # how answers are given
     Study.objects.filter(pk=study.pk).update(status=Study.Status.READY)
     make_subject(study)
     assert design_inputs(admin_client, study) == []
