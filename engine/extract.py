@@ -73,7 +73,12 @@ def extract_folder(paths, workers: int | None = None, progress: bool = True, don
     todo = [p for p in paths if p not in results]
     bar = tqdm(total=len(paths), initial=len(results), desc="extract", unit="file",
                disable=not progress)  # fmt: skip
-    saves = _Saves(lambda: save(*_rows(paths, results)) if save else None)
+
+    def save_all():
+        if save and results:  # nothing yet (every file so far failed): nothing to write
+            save(*_rows(paths, results))
+
+    saves = _Saves(save_all)
     try:
         for result in _extracted(todo, workers, kwargs):
             _collect(result, results, errors, bar)

@@ -38,7 +38,7 @@ def test_extract_folder_on_the_cpu_leaves_bad_files_out(tmp_path, clips):
     assert [p for p, _ in errors] == [bad] and "cannot open" in errors[0][1]
 
 
-def test_extract_folder_saves_as_it_goes_and_keeps_what_was_done(clips, monkeypatch):
+def test_extract_folder_saves_as_it_goes_and_keeps_what_was_done(clips, monkeypatch, tmp_path):
     monkeypatch.setattr("engine.extract.SAVE_EVERY_S", 0)
     kept = (np.full((1, 1280), 7, np.float32), np.full(1140, 7, np.float32))
     saved = []
@@ -49,6 +49,14 @@ def test_extract_folder_saves_as_it_goes_and_keeps_what_was_done(clips, monkeypa
     assert keys == list(clips) and not errors
     assert frames[2] is kept[0] and np.array_equal(music[2], kept[1])  # not extracted again
     assert saved == [[*clips[:1], clips[2]], [*clips[:3]], list(clips)]  # each in path order
+    # Files that all fail leave nothing to save (an empty save would fail the run).
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    saved.clear()
+    *_, errors = extract_folder(
+        [bad], workers=1, progress=False, save=lambda *rows: saved.append(rows)
+    )
+    assert errors and saved == []
 
 
 def dies_on_kill(path):
