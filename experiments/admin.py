@@ -32,7 +32,7 @@ from django.utils.timesince import timesince
 from . import checks
 from .export import column_names, dictionary_rows, response_rows, spreadsheet_safe
 from .forms import CollectionUploadForm, SubjectLinksForm, stored_name
-from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs
+from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs, import_settings
 from .models import (
     EDITABLE_DESIGN,
     UPLOADS,
@@ -101,12 +101,36 @@ def shortened(nested: list) -> list:
 class CollectionAdmin(SummarisedDeletion):
     list_display = ["name", "pairs_by_status", "pairs_by_split", "created_at"]
     search_fields = ["name", "source"]
-    readonly_fields = ["created_at", "pairs_by_status", "pairs_by_split"]
+    readonly_fields = ["created_at", "pairs_by_status", "pairs_by_split", "import_settings"]
+    actions = ["import_again"]
 
     def get_deleted_objects(self, objs, request):
         deleted = super().get_deleted_objects(objs, request)
         systems = System.objects.filter(collection__in=objs)
         return locked_systems_as_protected(request, systems, *deleted)
+
+    @admin.action(description="Import the pairs not ready again (pending: their task was lost)")
+    def import_again(self, request, queryset):
+        """Each pair not ready (pending: its task lost with a broker's queue; failed: its file
+        fixed since) is queued again, with its collection's settings."""
+        if problem := celery_problem(["gpu"]):
+            self.message_user(request, f"Nothing queued: {problem}.", messages.ERROR)
+            return
+        for collection in queryset:
+            if not collection.import_settings:  # imported before they were stored
+                self.message_user(
+                    request, f"{collection}: its import settings are not known; run "
+                    "import_collection again with its first run's options.", messages.WARNING,
+                )  # fmt: skip
+                continue
+            made = import_settings(collection)
+            again = collection.pairs.exclude(status=Pair.Status.READY).exclude(split=Split.CATCH)
+            ids = list(again.values_list("pk", flat=True))
+            for pk in ids:
+                import_pair.delay(pk, made["clip_s"], made["encoder"], made["frame_size"])
+            self.message_user(
+                request, f"{collection}: {len(ids)} pairs queued again.", messages.SUCCESS
+            )
 
     def get_queryset(self, request):
         counts = {
@@ -193,7 +217,8 @@ class CollectionAdmin(SummarisedDeletion):
         try:
             with transaction.atomic():  # refused: no collection, no pairs, and no files
                 added = add_pairs(name, folder, test=form.cleaned_data["test"])
-        except ManifestError as error:
+                made = import_settings(added.collection, form.cleaned_data["clip_seconds"])
+        except (ManifestError, ValueError) as error:
             shutil.rmtree(folder, ignore_errors=True)
             form.add_error(None, str(error))
             return None
@@ -204,7 +229,7 @@ class CollectionAdmin(SummarisedDeletion):
             self.message_user(request, note, messages.WARNING)
         try:
             for pair in added.todo:
-                import_pair.delay(pair.pk, form.cleaned_data["clip_seconds"])
+                import_pair.delay(pair.pk, made["clip_s"], made["encoder"], made["frame_size"])
         except Exception as error:  # the broker is unreachable: the pairs wait, pending
             self.message_user(
                 request, f"{collection}: could not queue the import: {error}", messages.ERROR

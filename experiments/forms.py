@@ -129,19 +129,16 @@ class CollectionUploadForm(forms.Form):
     clip_seconds = forms.FloatField(
         min_value=1.0,
         required=False,
-        initial=CLIP_S,
         label="Clip length (s)",
-        help_text="Each item is the centred clip of this length (a shorter video whole). "
-        "Music videos shorter than this: give the shortest one's length, so that every item "
-        "lasts as long as the others.",
+        help_text=f"Each item is the centred clip of this length (a shorter video whole); "
+        f"empty: {CLIP_S} s, or the collection's when it has pairs already. Music videos "
+        "shorter than this: give the shortest one's length, so that every item lasts as long "
+        "as the others.",
     )
 
     def __init__(self, *args, max_bytes: int, suffixes: set[str], **kwargs):
         super().__init__(*args, **kwargs)
         self.max_bytes, self.suffixes = max_bytes, suffixes
-
-    def clean_clip_seconds(self):
-        return self.cleaned_data["clip_seconds"] or CLIP_S
 
     def clean_files(self):
         files = self.cleaned_data["files"]

@@ -6,8 +6,8 @@ and retries the others), assigns train/val/test splits (seeded, see `assign_spli
 processes every pair as its own Celery task (`experiments.tasks.import_pair`), or in-process
 with `sync=True`. Processing a pair (`process_pair`) makes its study media and its features;
 a file that cannot be used marks that pair failed with the reason, and the rest goes on.
-Settings (clip length, encoder, frame size) are not stored: they apply to the pairs processed
-in that run.
+The clip length, encoder and frame size are the collection's, stored at its first import
+(`import_settings`): every pair of a collection is made alike.
 """
 
 import contextlib
@@ -461,6 +461,35 @@ def _store(pair: Pair, files) -> None:
         raise
 
 
+def import_settings(
+    collection: Collection,
+    clip_s: float | None = None,
+    encoder: str | None = None,
+    frame_size: int | None = None,
+) -> dict:
+    """The collection's clip length, encoder and frame size, {"clip_s", "encoder",
+    "frame_size"}: stored at its first import (from those given, else the defaults); later,
+    any given must agree (ValueError: other clips or features would not compare with its
+    pairs'). An unknown encoder or a frame size it cannot take is a ValueError too."""
+    from engine.features.video import input_size
+
+    asked = {"clip_s": clip_s, "encoder": encoder, "frame_size": frame_size}
+    stored = collection.import_settings
+    if not stored:
+        defaults = {"clip_s": CLIP_S, "encoder": DEFAULT_ENCODER, "frame_size": None}
+        stored = {k: v if v is not None else defaults[k] for k, v in asked.items()}
+        input_size(stored["encoder"], stored["frame_size"])
+        collection.import_settings = stored
+        Collection.objects.filter(pk=collection.pk).update(import_settings=stored)
+    elif differ := [f"{k} {stored[k]!r}, not {v!r}" for k, v in asked.items()
+                    if v is not None and v != stored[k]]:  # fmt: skip
+        raise ValueError(
+            f"{collection} was imported with {', '.join(differ)}: its pairs are made alike; "
+            "import into a new collection to use other settings"
+        )
+    return stored
+
+
 def import_collection(
     name: str,
     path: str | Path,
@@ -468,8 +497,8 @@ def import_collection(
     test_fraction: float = 0.2,
     val_fraction: float = 0.1,
     seed: int = 0,
-    clip_s: float | None = CLIP_S,
-    encoder: str = DEFAULT_ENCODER,
+    clip_s: float | None = None,
+    encoder: str | None = None,
     frame_size: int | None = None,
     sync: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -479,18 +508,19 @@ def import_collection(
     `progress(done, total)` is called as pairs finish. A re-run skips the pairs that are ready
     (and reports in `changed` those whose files or split the source now names otherwise) and
     retries the others; new pairs are split as `add_pairs` says. `clip_s`, `encoder` and
-    `frame_size` are not stored: they apply to the pairs processed in this run only. The
-    summary counts the source's pairs only. Raises ManifestError for a bad source and
-    ValueError for an unknown encoder or a frame size it cannot take.
+    `frame_size` are the collection's (`import_settings`). The summary counts the source's
+    pairs only. Raises ManifestError for a bad source and ValueError for settings that are
+    not the collection's, an unknown encoder or a frame size it cannot take (nothing written).
     """
-    from engine.features.video import input_size
     from experiments.tasks import import_pair
     from study_site.celery import app
 
-    input_size(encoder, frame_size)  # ValueError for an unknown encoder or too small a size
     # Tasks that run in-process run where they are sent: one by one, so progress shows.
     sync = sync or app.conf.task_always_eager
-    added = add_pairs(name, path, test, test_fraction, val_fraction, seed)
+    with transaction.atomic():  # settings refused: no collection, no pairs
+        added = add_pairs(name, path, test, test_fraction, val_fraction, seed)
+        made = import_settings(added.collection, clip_s, encoder, frame_size)
+    clip_s, encoder, frame_size = made["clip_s"], made["encoder"], made["frame_size"]
     collection, todo, total = added.collection, added.todo, len(added.keys)
     if progress:
         progress(0, len(todo))

@@ -60,6 +60,9 @@ class Collection(models.Model):
     source = models.CharField(
         max_length=1000, blank=True, help_text="Folder or manifest imported from"
     )
+    # Its first import's clip length, encoder and frame size (`ingest.import_settings`):
+    # every pair is made alike, so that its items and features compare.
+    import_settings = models.JSONField(default=dict, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self):

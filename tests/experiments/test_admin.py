@@ -855,3 +855,27 @@ def test_an_upload_folder_another_collection_reads_is_kept(
     with django_capture_on_commit_callbacks(execute=True):
         Collection.objects.get(name="A split anew").delete()
     assert not folder.exists()  # the last one gone: nothing reads it
+
+
+def test_pairs_whose_import_task_was_lost_are_imported_again(admin_client, tmp_path, monkeypatch):
+    """A broker restarted without its queue leaves pairs pending for ever: the action queues
+    them again, made as the collection's first import made its pairs."""
+    from experiments.ingest import import_settings
+    from study_site.celery import app
+
+    from .clips import music_video
+
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    for i in range(2):
+        music_video(tmp_path / f"song{i}.mp4", i, seconds=4.0)
+    collection = add_pairs("lost", tmp_path, test=1).collection  # queued, then lost
+    import_settings(collection, clip_s=2.5)
+    page = admin_client.post(
+        "/admin/experiments/collection/",
+        {"action": "import_again", "_selected_action": [collection.pk]},
+        follow=True,
+    ).content.decode()
+    assert "Lost: 2 pairs queued again." in page
+    for pair in collection.pairs.all():
+        assert pair.status == Pair.Status.READY
+        assert probe(pair.music_file.path).duration_s == pytest.approx(2.5, abs=0.05)

@@ -404,12 +404,16 @@ def test_a_reimport_reports_ready_pairs_whose_files_changed_and_keeps_them(tmp_p
         "C: 3 of 3 pairs ready, 0 failed, 3 already imported, 2 not updated (see above)"
         in out.getvalue()
     )
-    assert "apply to the pairs processed in this run only" not in out.getvalue()  # none given
+    assert "apply to new pairs only" not in out.getvalue()  # none given
     out = io.StringIO()
-    call_command(
-        "import_collection", "C", str(m), "--sync", "--clip-seconds", "10", stdout=out, stderr=err
-    )
-    assert "apply to the pairs processed in this run only" in out.getvalue()
+    call_command("import_collection", "C", str(m), "--sync", "--seed", "3", stdout=out, stderr=err)
+    assert "apply to new pairs only: the 3 already imported keep their split" in out.getvalue()
+    # Its pairs are made alike: other clips or features are refused, naming the collection's.
+    with pytest.raises(CommandError, match=r"C was imported with clip_s 29.12, not 10.0"):
+        call_command("import_collection", "C", str(m), "--sync", "--clip-seconds", "10", stdout=out)
+    assert Collection.objects.get(name="C").import_settings == {
+        "clip_s": 29.12, "encoder": "efficientnet-lite0", "frame_size": None
+    }  # fmt: skip
 
 
 @pytest.mark.django_db

@@ -9,19 +9,10 @@ from experiments.media import CLIP_S
 from experiments.tasks import celery_problem
 from study_site.celery import app
 
-SETTINGS = (
-    "clip_seconds",
-    "encoder",
-    "frame_size",
-    "test",
-    "test_fraction",
-    "val_fraction",
-    "seed",
-)
-SETTINGS_NOTE = (
-    "--clip-seconds, --encoder and --frame-size apply to the pairs processed in this run only "
-    "(they are not stored); --test, --*-fraction and --seed to new pairs only: the {n} already "
-    "imported keep their media, features and split. To change them, import into a new collection."
+SPLIT_SETTINGS = ("test", "test_fraction", "val_fraction", "seed")
+SPLIT_NOTE = (
+    "--test, --*-fraction and --seed apply to new pairs only: the {n} already imported keep "
+    "their split. To change it, import into a new collection."
 )
 
 
@@ -32,8 +23,9 @@ class Command(BaseCommand):
         "transcoded and its features extracted by a Celery task (in-process with --sync). "
         "Re-running skips pairs that are ready (a pair whose files or split the source now "
         "names otherwise is reported, not re-imported: import into a new collection to use "
-        "them) and retries the others. Settings apply to the pairs processed in that run: "
-        "new pairs take only the test and validation places still missing."
+        "them) and retries the others, with the collection's clip length, encoder and frame "
+        "size (those of its first import); new pairs take only the test and validation places "
+        "still missing."
     )
 
     def add_arguments(self, parser):
@@ -52,20 +44,17 @@ class Command(BaseCommand):
         parser.add_argument(
             "--clip-seconds",
             type=float,
-            default=CLIP_S,
-            help=f"length of the centred clips (default {CLIP_S}); not stored: applies to the "
-            "pairs processed in this run, ready pairs keep theirs",
+            help=f"length of the centred clips (default: the collection's, {CLIP_S} for a new one)",
         )
         parser.add_argument(
             "--encoder",
-            default=DEFAULT_ENCODER,
-            help="the frame CNN (not stored: applies to the pairs processed in this run)",
+            help=f"the frame CNN (default: the collection's, {DEFAULT_ENCODER} for a new one)",
         )
         parser.add_argument(
             "--frame-size",
             type=int,
-            help="CNN input size in pixels (default: the encoder's; not stored: applies to "
-            "the pairs processed in this run)",
+            help="CNN input size in pixels (default: the collection's, the encoder's own for "
+            "a new one)",
         )
         parser.add_argument("--sync", action="store_true", help="work in this process")
 
@@ -121,9 +110,9 @@ class Command(BaseCommand):
             f"{len(summary.failures)} failed{pending}, {summary.skipped} already imported{changed}"
         )
         parser = self.create_parser("manage.py", "import_collection")
-        given = [name for name in SETTINGS if o[name] != parser.get_default(name)]
+        given = [name for name in SPLIT_SETTINGS if o[name] != parser.get_default(name)]
         if summary.skipped and given:  # settings asked for that the ready pairs do not take
-            self.stdout.write(SETTINGS_NOTE.format(n=summary.skipped))
+            self.stdout.write(SPLIT_NOTE.format(n=summary.skipped))
         if summary.failures:  # a non-zero exit, so that scripts notice; the rest is imported
             raise CommandError(
                 f"{len(summary.failures)} of {summary.total} pairs failed (listed above). Fix or "
