@@ -565,7 +565,7 @@ def media_url(pair: Pair, video: bool) -> str:
 
 
 CONTENT_TYPES = {".mp4": "video/mp4", ".m4a": "audio/mp4", ".mp3": "audio/mpeg"}
-RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # longer: not a size, ignored
 CHUNK = 64 * 1024
 
 

@@ -48,6 +48,7 @@ PARTICIPANT_CASES: requests to the participant pages (subject at question 3 of 6
   start-again                 POST step=start after starting                   302 to question 3
   media-tampered              GET /m/<media token with one character changed>  404
   media-bad-range             GET /m/<token> with Range beyond the end         416
+  media-huge-range            GET /m/<token> with a 5000-digit Range           200 whole file
 
 JOIN_CASES: the public join link
   join-past-cap               the cap reached: a new participant                403 "full" page
@@ -219,6 +220,10 @@ PARTICIPANT_CASES = {
     "media-bad-range": (
         lambda c, w: c.get(f"/m/{w['media']}", HTTP_RANGE="bytes=99999999-"),
         416,
+    ),
+    "media-huge-range": (  # int() of 5000 digits raised: a server error
+        lambda c, w: c.get(f"/m/{w['media']}", HTTP_RANGE=f"bytes={'9' * 5000}-"),
+        200,
     ),
 }
 
