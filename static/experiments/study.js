@@ -239,9 +239,11 @@
       var tag = event.target && event.target.tagName;
       if (tag === "INPUT" || tag === "TEXTAREA") return;
       var letters = { a: "a", A: "a", b: "b", B: "b" };
-      // In a player the arrows seek, and Shift with an arrow selects: there only letters choose.
-      var arrows = tag === "AUDIO" || tag === "VIDEO" || event.shiftKey ? {}
-        : { ArrowLeft: "a", ArrowRight: "b" };
+      // The arrows choose only where nothing else takes them: on a button they move a keyboard
+      // or screen-reader user between controls (an audit's → on "Choose A" answered B), in a
+      // player they seek, and Shift with an arrow selects. Letters choose anywhere.
+      var taken = ["BUTTON", "A", "AUDIO", "VIDEO", "SELECT"].indexOf(tag) >= 0;
+      var arrows = taken || event.shiftKey ? {} : { ArrowLeft: "a", ArrowRight: "b" };
       var key = arrows[event.key] || letters[event.key];
       if (!key || !buttons[key]) return;
       event.preventDefault();
