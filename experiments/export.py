@@ -12,6 +12,7 @@ spreadsheet would run one starting with `=` as a formula.
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterator
 
 from django.conf import settings
@@ -76,14 +77,17 @@ def dictionary_rows(study: Study) -> list[dict]:
     ]
 
 
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# A formula's first character, at the cell's start, after leading blanks, or after a ";" or
+# "," where a spreadsheet splits cells on them (German and other locales split on ";").
+FORMULA = re.compile(r"(?:^|[;,])\s*[=+\-@\t\r]|^[\t\r]")
 
 
 def spreadsheet_safe(value):
     """A CSV cell that no spreadsheet runs as a formula (OWASP's CSV injection advice): a
-    string starting with =, +, -, @, tab or carriage return gets a leading single quote;
-    anything else, numbers (negative ones too) included, is returned unchanged."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    string with =, +, -, @, tab or carriage return at its start, after leading blanks or
+    after a ";" or "," (where a spreadsheet splits the cell there) gets a leading single
+    quote; anything else, numbers (negative ones too) included, is returned unchanged."""
+    if isinstance(value, str) and FORMULA.search(value):
         return "'" + value
     return value
 
@@ -159,12 +163,21 @@ def behaviour_columns(log: dict) -> dict:
         "blur": number(log.get("blur")),
         "focus": number(log.get("focus")),
         "hidden": number(log.get("hidden")),
-        "media_errors": ";".join(
-            f"{e.get('role', '?')}:{e.get('reason', 'error')}" if isinstance(e, dict) else str(e)
+        "media_errors": ";".join(  # only the page's own words: the log is the browser's
+            f"{_known(e.get('role'), MEDIA_ROLES)}:{_known(e.get('reason'), LOAD_FAILURES)}"
             for e in errors
+            if isinstance(e, dict)
         ),
         "media_retries": number(log.get("retries")),
     }
+
+
+MEDIA_ROLES = ("query", "a", "b")
+LOAD_FAILURES = ("error", "timeout")
+
+
+def _known(value, words) -> str:
+    return value if value in words else "?"
 
 
 def _labels(study: Study) -> list[str]:

