@@ -749,7 +749,9 @@ class StudyAdmin(SummarisedDeletion):
             reverse("admin:experiments_study_links", args=[queryset.get().pk])
         )
 
-    @admin.action(description="Export responses (CSV)")
+    # Links and raw responses hold subjects' tokens, which open their questions: for those
+    # who may change a study, not those who may only view it.
+    @admin.action(description="Export responses (CSV)", permissions=["change"])
     def export_responses(self, request, queryset):
         studies = queryset.order_by("pk")
         # Studies' systems differ: every study's machine columns, in one header.
@@ -833,7 +835,7 @@ class StudyAdmin(SummarisedDeletion):
     def links_csv_view(self, request, study_id):
         """Every subject's link with its progress and outcome: what a researcher needs to
         pay or reject crowd workers (their ids, end code, attention score, time taken)."""
-        study = self._study(request, study_id)
+        study = self._study(request, study_id, "change")
         base = request.build_absolute_uri("/")
         subjects = with_progress(study.subjects.order_by("ordinal"))
         rows = (
@@ -861,11 +863,11 @@ class StudyAdmin(SummarisedDeletion):
 
     def responses_view(self, request, study_id):
         """The answers as CSV; `?anonymise=1`: pseudonyms; `?dictionary=1`: the columns."""
-        study = self._study(request, study_id)
+        anonymise = bool(request.GET.get("anonymise"))
+        study = self._study(request, study_id, "view" if anonymise else "change")
         if request.GET.get("dictionary"):
             rows = dictionary_rows(study)
             return csv_response(f"{study.slug}-dictionary.csv", rows, ["column", "meaning"])
-        anonymise = bool(request.GET.get("anonymise"))
         name = f"{study.slug}-responses{'-anonymised' if anonymise else ''}.csv"
         return csv_response(name, response_rows(study, anonymise), column_names(study))
 

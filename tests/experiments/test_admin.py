@@ -567,6 +567,25 @@ def test_results_and_their_downloads_need_the_permission_to_view_studies(study):
         assert client.get(url).status_code == 200, url
 
 
+def test_subjects_tokens_are_for_those_who_may_change_the_study(study):
+    """The links and the raw answers hold subjects' tokens, which open their questions."""
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.OPEN)
+    answer_all(make_subject(study), 6)
+    links = reverse("admin:experiments_study_links_csv", args=[study.pk])
+    raw = reverse("admin:experiments_study_responses", args=[study.pk])
+    staff = User.objects.create_user("viewer", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_study"))
+    client = Client()
+    client.force_login(staff)
+    assert client.get(links).status_code == 403 and client.get(raw).status_code == 403
+    assert client.get(raw, {"anonymise": "1"}).status_code == 200  # pseudonyms: fine to view
+    actions = client.get(CHANGELIST).content.decode()
+    assert 'value="export_responses"' not in actions
+    staff.user_permissions.add(Permission.objects.get(codename="change_study"))
+    client.force_login(User.objects.get(pk=staff.pk))
+    assert client.get(links).status_code == 200 and client.get(raw).status_code == 200
+
+
 @pytest.mark.django_db(transaction=True)
 def test_prepare_runs_on_a_real_worker(celery_worker, admin_client):
     draft = make_study(per_type=1, status=Study.Status.DRAFT)
