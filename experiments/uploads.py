@@ -294,6 +294,31 @@ def _missing_queries(test_keys, answered) -> list[RowError]:
     return errors
 
 
+MAX_WIDTH = 16384  # of an embedding: wider is no retrieval system's
+
+
+def _check_sizes(loaded, filename: str, n_pairs: int) -> None:
+    """Refuse, from their headers, arrays larger than the collection's embeddings can be:
+    compressed, a few MB can unpack to gigabytes (an audit's 4 MB file took 4.2 GB)."""
+    for name in ("keys", "video", "music"):
+        if name not in loaded.files:
+            continue
+        with loaded.zip.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape = read(f)[0]
+        rows, width = (shape + (1, 1))[:2] if shape else (1, 1)
+        if rows > n_pairs or width > MAX_WIDTH or len(shape) > 2:
+            raise UploadError(
+                [f"{filename}: {name} has shape {shape}: more rows than the collection's "
+                 f"{n_pairs} pairs, or wider than {MAX_WIDTH}"]
+            )  # fmt: skip
+
+
 def read_embeddings(data: bytes, filename: str, known: set[str], test_keys: Iterable[str]):
     """(keys, video, music) from an .npz or a structured .npy, checked; UploadError if bad."""
     try:
@@ -320,6 +345,7 @@ def read_embeddings(data: bytes, filename: str, known: set[str], test_keys: Iter
     else:
         try:
             with loaded:
+                _check_sizes(loaded, filename, len(known))
                 arrays = {n: loaded[n] for n in ("keys", "video", "music") if n in loaded}
         except ValueError as error:  # object arrays need pickle, which is not allowed
             problem = NOT_PLAIN if "pickle" in str(error) else str(error)

@@ -4,6 +4,7 @@ at all, from the command line and from the admin."""
 import io
 import pickle
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -283,6 +284,22 @@ def test_files_that_are_not_embeddings_are_refused(collection, data, expected):
     with pytest.raises(UploadError, match=re.escape(expected)) as caught:
         import_results(collection, "emb", SimpleUploadedFile("e.npz", data))
     assert "allow_pickle" not in str(caught.value)  # numpy's unsafe suggestion is not passed on
+
+
+def test_embeddings_larger_than_the_collection_are_refused_before_they_unpack(collection):
+    """A few compressed MB can declare gigabytes: the headers are read first."""
+    names, video, music = embeddings()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as npz:
+        for name, array in (("keys", names), ("music", music)):
+            with npz.open(f"{name}.npy", "w") as f:
+                np.save(f, array)
+        with npz.open("video.npy", "w") as f:  # its header only: a million rows, no data
+            header = {"descr": "<f4", "fortran_order": False, "shape": (1_000_000, 512)}
+            np.lib.format.write_array_header_1_0(f, header)
+    with pytest.raises(UploadError, match=r"video has shape \(1000000, 512\): more rows than"):
+        import_results(collection, "bomb", SimpleUploadedFile("e.npz", buffer.getvalue()))
+    assert not System.objects.exists()
 
 
 def object_npy() -> bytes:
