@@ -8,6 +8,7 @@
 //   after a moment (a double tap must not answer a question not yet seen); an answer sent
 //   without a connection waits on the page and goes when the connection is back.
 // - Sound check: one tone playing at a time.
+// - End pages: back to the recruiting platform after a few seconds, unless one stays.
 "use strict";
 
 (function () {
@@ -23,6 +24,23 @@
 
   var form = document.querySelector("form[data-question]");
   if (form) question(form);
+
+  var onward = document.getElementById("continue");
+  if (onward && onward.dataset.afterS) goOnwardSoon(onward);
+
+  // End pages: back to the recruiting platform after a few seconds, unless the participant
+  // stays (WCAG 2.2.1: a time limit they can turn off).
+  function goOnwardSoon(link) {
+    var timer = window.setTimeout(function () {
+      window.location.assign(link.href);
+    }, Number(link.dataset.afterS) * 1000);
+    document.getElementById("stay").addEventListener("click", function (event) {
+      window.clearTimeout(timer);
+      event.target.remove();
+      document.getElementById("onward-note").remove();
+      link.focus();
+    });
+  }
 
   function unlockAudio() {
     var Context = window.AudioContext || window.webkitAudioContext;

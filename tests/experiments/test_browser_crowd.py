@@ -464,3 +464,19 @@ def test_inside_mturks_frame_a_browser_that_keeps_no_third_party_cookie_takes_pa
         mturk.shutdown()
     subject = Subject.objects.get(study=study)
     assert (subject.external_id, Response.objects.filter(subject=subject).count()) == ("w9", 2)
+
+
+def test_the_end_page_goes_back_to_the_platform_unless_one_stays(live_server, page):
+    """A time limit the participant can turn off (WCAG 2.2.1): reading or copying the code."""
+    from .test_admin import answer_all
+
+    study = make_study(per_type=1, completion_code="STAY-1", redirect_url=PROLIFIC + "?cc={code}")
+    subject = make_subject(study)
+    answer_all(subject, 6)  # through the pages, without a browser
+    page.route(f"{PROLIFIC}**", lambda route: route.fulfill(body="<h1>Prolific</h1>"))
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Stay on this page").click()
+    page.wait_for_timeout(6000)  # past the 5 s
+    assert page.url.endswith(f"/s/{subject.token}/")  # still here
+    assert page.locator("#completion-code").inner_text() == "STAY-1"
+    assert page.evaluate("document.activeElement.id") == "continue"

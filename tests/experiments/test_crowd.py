@@ -335,7 +335,7 @@ def test_catch_score_and_threshold_set_the_outcome_and_its_code(client):
     assert (bad.outcome, bad.catch_score) == ("failed_attention", 0.0)
     html = client.get(url(bad)).content.decode()
     assert "ATT-0" in html and "OK-1" not in html
-    assert "url=https://app.prolific.com/submissions/complete?cc=ATT-0" in html
+    assert 'href="https://app.prolific.com/submissions/complete?cc=ATT-0"' in html
     assert "cc=OK-1" in client.get(url(good)).content.decode()
     # The export shows both; the analysis leaves the failed subject out unless asked.
     rows = list(response_rows(study))
