@@ -112,6 +112,14 @@
       status.classList.toggle("is-error", !!isError);
     }
 
+    // A live region announces a change only: the same words, cleared and set again.
+    function sayAgain() {
+      var text = status && status.textContent;
+      if (!text) return;
+      say("");
+      window.setTimeout(function () { say(text, status.classList.contains("is-error")); }, 100);
+    }
+
     function hasFailed(role) {
       return failed.some(function (element) { return element.dataset.role === role; });
     }
@@ -126,7 +134,8 @@
         buttons[k].disabled = sent || !settled || waiting.length > 0;
       });
       if (!gated || sent || failed.length) return; // a failure's message stays
-      if (!waiting.length) say("");
+      // The gate lifting is said too: a screen reader gives no other sign of it.
+      if (!waiting.length) say(settled ? form.dataset.readyMessage || "You can choose now." : "");
       else if (waiting.length === 1) { // name the one that needs more
         var letter = waiting[0].toUpperCase();
         say((form.dataset.listenOneMessage || "Keep listening to {letter}.").replace("{letter}", letter));
@@ -266,6 +275,7 @@
       if (!key || !buttons[key]) return;
       event.preventDefault();
       if (event.repeat) return; // a held key answers once
+      if (buttons[key].disabled && gated && !sent) sayAgain(); // why it waits, said again
       buttons[key].click(); // a disabled button ignores the click
     });
 
