@@ -511,6 +511,8 @@ def join(request, join_token):
         study = Study.objects.select_for_update().get(pk=study.pk)
         if external_id:
             subject = study.subjects.filter(external_id=external_id).order_by("pk").first()
+            if subject is not None and not _same_submission(request, subject, session_key):
+                return _study_page(request, study, "taken", status=403)
         else:
             subject = study.subjects.filter(token=request.session.get(session_key, "")).first()
         if subject is None:
@@ -538,6 +540,17 @@ def join(request, join_token):
     _capture_external_id(request, subject)  # a returning worker's new assignment
     request.session[session_key] = subject.token
     return redirect(subject_path(subject))
+
+
+def _same_submission(request, subject: Subject, session_key: str) -> bool:
+    """Whether a join link naming `subject`'s id comes from that participant: their own
+    browser (the session), or the platform's submission they joined with (Prolific's
+    SESSION_ID, which only they know; an id alone is no secret, and would hand their questions
+    to anyone who knows it). Without a submission to compare, the id is taken at its word."""
+    if request.session.get(session_key) == subject.token:
+        return True
+    joined_as = subject.meta.get("entry", {}).get("SESSION_ID")
+    return not joined_as or request.GET.get("SESSION_ID") == joined_as
 
 
 def _study_page(request, study: Study, name: str, status: int):

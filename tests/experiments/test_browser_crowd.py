@@ -300,10 +300,10 @@ def test_the_prolific_round_trip(live_server, browser):
     answer(page, "Choose A", "Question 3 of 6")
     first.close()  # the participant closes the browser
 
-    second = browser.new_context()  # later, another browser: same Prolific id
+    second = browser.new_context()  # later, another browser: the same Prolific submission
     page = second.new_page()
     page.route(f"{PROLIFIC}**", prolific)
-    page.goto(join + "&SESSION_ID=se-2")
+    page.goto(join + "&SESSION_ID=se-1")
     assert counter(page) == "Question 3 of 6"
     answer(page, "Choose B", "Time for a short break")
     answer(page, "Continue", "Question 4 of 6")

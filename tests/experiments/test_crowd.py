@@ -539,11 +539,16 @@ def test_prolific_ids_are_kept_and_the_same_participant_resumes(client):
     assert subject.meta["entry"] == {"PROLIFIC_PID": "pp1", "STUDY_ID": "st1", "SESSION_ID": "se1"}
     client.post(url(subject), {"step": "start"})
     client.post(url(subject), {"choice": "a", "position": 1})
-    # Another browser, same Prolific id, a new session: the same subject, at question 2.
+    # Another browser (a phone), the same Prolific submission: the same subject, question 2.
     other = type(client)()
-    again = other.get(join_url(study, "?PROLIFIC_PID=pp1&STUDY_ID=st1&SESSION_ID=se2"))
+    again = other.get(join_url(study, query))
     assert again["Location"] == url(subject) and Subject.objects.count() == 1
     assert "Question 2 of 6" in other.get(url(subject)).content.decode()
+    # The id alone is no secret: without that submission's SESSION_ID, no one gets in.
+    for forged in ("?PROLIFIC_PID=pp1", "?PROLIFIC_PID=pp1&STUDY_ID=st1&SESSION_ID=se2"):
+        refused = type(client)().get(join_url(study, forged))
+        assert refused.status_code == 403 and "Already taking part" in refused.content.decode()
+    assert client.get(join_url(study, "?PROLIFIC_PID=pp1"))["Location"] == url(subject)  # its own
 
 
 def test_mturk_ids_are_kept_and_the_preview_creates_nobody(client):

@@ -407,7 +407,7 @@ def test_the_same_external_id_resumes_the_same_subject(study):
     browser = Client()
     start(browser, subject)
     answer(browser, subject, 1)
-    again = Client().get(join_url(study, PROLIFIC_PID="p-1"))
+    again = Client().get(join_url(study, PROLIFIC_PID="p-1", SESSION_ID="x"))  # another browser
     assert again["Location"] == first["Location"] == url(subject)
     assert Subject.objects.count() == 1
     assert shown_position(Client(), subject) == 2
