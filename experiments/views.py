@@ -447,11 +447,15 @@ def _render_step(
         trials = _sound_trials(subject)
         if not drawn:  # keep the trials this page plays for scoring its answers
             Subject.objects.filter(pk=subject.pk).update(meta=subject.meta)
-        context["form"] = sound_form or SoundCheckForm(trials=len(trials))
+        form = context["form"] = sound_form or SoundCheckForm(trials=len(trials))
+        # Per trial: its tones, the answer already given (kept when the form comes back), and
+        # whether it is the one missing.
         context["trials"] = [
-            (t, [(s, reverse("tone", args=[subject.token, t, s])) for s in (1, 2, 3)])
+            (t, [(s, reverse("tone", args=[subject.token, t, s])) for s in (1, 2, 3)],
+             form.data.get(f"t{t}", ""), f"t{t}" in form.errors)
             for t in range(1, len(trials) + 1)
-        ]
+        ]  # fmt: skip
+        context["missing"] = [t for t, *_, missing in context["trials"] if missing]
     elif step.name in ("done", "ended"):
         context["code"] = checks.end_code(subject)
         context["mturk"] = checks.mturk_submit(subject)

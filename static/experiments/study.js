@@ -416,5 +416,7 @@
         tones.forEach(function (other) { if (other !== tone) other.pause(); });
       });
     });
+    var missing = document.getElementById("sound-error"); // back with rows unanswered: say which
+    if (missing) missing.focus();
   }
 })();

@@ -456,10 +456,12 @@ def test_passing_the_sound_check_leads_to_the_questions(client):
     assert client.get(reverse("tone", args=[subject.token, 7, 1])).status_code == 404
     # An incomplete answer is asked again, with nothing stored.
     incomplete = client.post(url(subject), {"step": "sound", "t1": "1"})
-    assert (
-        incomplete.status_code == 200
-        and "Please answer every question" in incomplete.content.decode()
-    )
+    html = incomplete.content.decode()
+    assert incomplete.status_code == 200 and "Please answer every question" in html
+    # It says which, marks them for screen readers, and keeps the answer given.
+    assert "Not answered: questions 2, 3, 4, 5, 6." in html
+    assert html.count('aria-describedby="sound-error"') == checks.SOUND_TRIALS - 1
+    assert re.search(r'name="t1" value="1" required checked', html)
     client.post(url(subject), sound_answers(subject, right=lambda t: t != 3))  # 5 of 6
     subject.refresh_from_db()
     assert subject.meta["sound_check"]["passed"] and subject.meta["sound_check"]["correct"] == 5
