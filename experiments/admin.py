@@ -123,7 +123,7 @@ class CollectionAdmin(SummarisedDeletion):
                     "import_collection again with its first run's options.", messages.WARNING,
                 )  # fmt: skip
                 continue
-            made = import_settings(collection)
+            made = collection.import_settings
             again = collection.pairs.exclude(status=Pair.Status.READY).exclude(split=Split.CATCH)
             ids = list(again.values_list("pk", flat=True))
             for pk in ids:
