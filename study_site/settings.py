@@ -224,6 +224,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "7200"))
 }
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# A preparation's next step is sent by the worker as a step ends: with Redis restarting just
+# then, Celery's default (3 tries within a second) lost it and the preparation stalled. Tried
+# for ~40 s instead; web requests check that Redis answers before they send anything.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 12, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 5,
+}  # fmt: skip
 # Engine work on the accelerator's workers: training, search and a pair's features (CNN).
 CELERY_TASK_ROUTES = {
     "experiments.tasks.gpu_*": {"queue": "gpu"},

@@ -8,7 +8,10 @@ a minute here and is covered, pair by pair, by test_ingest.
 
 import io
 import os
+import shutil
 import socket
+import subprocess
+import threading
 import time
 
 import numpy as np
@@ -268,3 +271,37 @@ def test_a_preparation_task_leaves_an_open_study_alone_and_refuses_another_colle
     assert prepare_study(study.pk) == Study.Status.FAILED
     study.refresh_from_db()
     assert study.message == "elsewhere belongs to another collection."
+
+
+def test_a_task_sent_while_redis_restarts_waits_for_it(tmp_path):
+    """A preparation's next step is sent by the worker as a step ends: Celery's default (3
+    tries within a second) lost it when Redis was restarting, and the preparation stalled."""
+    import redis
+
+    from study_site.celery import ping
+
+    if not shutil.which("redis-server"):
+        pytest.skip("no redis-server binary")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = []
+
+    def restarted():
+        time.sleep(2)  # down for 2 s, then back (empty: no persistence)
+        started.append(subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+        ))  # fmt: skip
+
+    thread = threading.Thread(target=restarted)
+    thread.start()
+    try:
+        with app.connection_for_write(f"redis://127.0.0.1:{port}/0") as connection:
+            ping.apply_async(("after a restart",), connection=connection)
+        assert redis.Redis(port=port).llen("default") == 1  # sent, not lost
+    finally:
+        thread.join()
+        for server in started:
+            server.terminate()
+            server.wait()
