@@ -15,6 +15,7 @@ import csv
 import io
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,6 +491,32 @@ def import_settings(
     return stored
 
 
+# Waiting this long with no pair done, an import asks whether its tasks still exist.
+QUIET_S = 120
+
+
+def waited_for(results, queue: str, progress=None) -> list:
+    """Wait for each result of tasks sent to `queue` in turn; the results left when their
+    tasks were lost (`tasks_lost` after QUIET_S without one done), else none."""
+    from celery.exceptions import TimeoutError as NotYet
+
+    from experiments.tasks import tasks_lost
+
+    last = time.monotonic()
+    for done, result in enumerate(results, start=1):
+        while True:
+            try:
+                result.get(propagate=False, timeout=5)
+                break
+            except NotYet:
+                if time.monotonic() - last > QUIET_S and tasks_lost(results[done - 1 :], queue):
+                    return results[done - 1 :]
+        last = time.monotonic()
+        if progress:
+            progress(done, len(results))
+    return []
+
+
 def import_collection(
     name: str,
     path: str | Path,
@@ -530,13 +557,17 @@ def import_collection(
                 import_pair(pair.pk, clip_s, encoder, frame_size)
             if progress:
                 progress(done, len(todo))
-    else:
+    lost = []
+    if not sync:
         results = [import_pair.delay(pair.pk, clip_s, encoder, frame_size) for pair in todo]
-        for done, result in enumerate(results, start=1):
-            result.get(propagate=False)
-            if progress:
-                progress(done, len(todo))
+        queue = app.amqp.router.route({}, "experiments.tasks.import_pair")["queue"].name
+        lost = waited_for(results, queue, progress)
     notes = added.notes + refill_places(collection, added.assigned, seed)
+    if lost:
+        notes.append(
+            f"{len(lost)} pairs' tasks were lost (the broker restarted without its queue?): "
+            "no worker has them and no queue holds them; they stay pending"
+        )
     keys = set(added.keys)  # not the collection's other pairs, nor its attention-check pair
     rows = [row for row in collection.pairs.values_list("key", "status", "error") if row[0] in keys]
     return ImportSummary(

@@ -413,6 +413,23 @@ def queues_without_workers(queues, timeout: float = 1.0) -> list[str]:
     return [queue for queue in queues if queue not in consumed]
 
 
+def tasks_lost(results, queue: str) -> bool:
+    """Whether none of these tasks, sent to `queue`, can run any more: none has a result, no
+    worker holds one (running or reserved) and the queue is empty (a broker restarted
+    without it)."""
+    from study_site.celery import app
+
+    if any(result.ready() for result in results):
+        return False
+    inspect = app.control.inspect(timeout=1)
+    found = [inspect.active() or {}, inspect.reserved() or {}]
+    held = {task["id"] for replies in found for tasks in replies.values() for task in tasks}
+    if held & {result.id for result in results}:
+        return False
+    with app.connection_for_write() as connection:
+        return connection.default_channel.queue_declare(queue).message_count == 0
+
+
 class _failing:
     """Mark the system (and the study being prepared) failed when the block raises."""
 

@@ -305,3 +305,28 @@ def test_a_task_sent_while_redis_restarts_waits_for_it(tmp_path):
         for server in started:
             server.terminate()
             server.wait()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_import_stops_waiting_for_tasks_that_were_lost(celery_worker, monkeypatch):
+    """A broker restarted without its queue loses the tasks sent to it: waiting for them
+    would never end. Lost: no result, no worker holds them, their queue is empty."""
+    from celery.result import AsyncResult
+    from kombu.utils.uuid import uuid
+
+    from experiments.ingest import waited_for
+    from experiments.tasks import tasks_lost
+    from study_site.celery import ping
+
+    queue = f"nobody-{uuid()}"  # a queue no worker reads: what is sent there stays
+    never_sent = AsyncResult(uuid())
+    assert tasks_lost([never_sent], queue)
+    waiting = ping.apply_async(("queued",), queue=queue)
+    assert not tasks_lost([waiting], queue)  # still queued: it may run
+    with app.connection_for_write() as connection:
+        connection.default_channel.queue_purge(queue)  # the broker restarts: lost
+    assert tasks_lost([waiting], queue)
+    monkeypatch.setattr("experiments.ingest.QUIET_S", 0)
+    assert waited_for([never_sent], queue) == [never_sent]
+    done = ping.delay("runs")  # a worker takes it: waited for, not lost
+    assert waited_for([done], "default") == [] and done.get(timeout=10)["pong"] == "runs"
