@@ -72,7 +72,7 @@ def cmd_extract(args):
         "pretrained": not args.random_weights,
     }  # fmt: skip
     partial = Path(f"{args.out}.partial")  # what a stopped run had: the next one goes on
-    done = _resumed(partial, settings, folder)
+    done = _resumed(partial, settings, folder, paths)
 
     def save(keys, frames, music):
         rel = [str(k.relative_to(folder)) for k in keys]
@@ -108,9 +108,9 @@ def cmd_extract(args):
         sys.exit(1)
 
 
-def _resumed(partial: Path, settings: dict, folder: Path) -> dict:
+def _resumed(partial: Path, settings: dict, folder: Path, paths) -> dict:
     """The features a stopped run saved in `partial`, by path, if they were extracted as
-    `settings` asks; files no longer in `folder` are left out."""
+    `settings` asks; files no longer among `paths` (found in `folder`) are left out."""
     from engine.pipeline import Features
 
     if not partial.exists():
@@ -121,9 +121,8 @@ def _resumed(partial: Path, settings: dict, folder: Path) -> dict:
             f"{partial} (a stopped run's features) was extracted with {saved.settings}, not "
             f"{settings}: run with its options to go on, or delete it to start afresh"
         )
-    return {
-        folder / k: (f, m) for k, f, m in zip(saved.keys, saved.frames, saved.music, strict=True)
-    }
+    rows, present = zip(saved.keys, saved.frames, saved.music, strict=True), set(paths)
+    return {folder / k: (f, m) for k, f, m in rows if folder / k in present}
 
 
 def cmd_train(args):
