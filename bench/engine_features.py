@@ -50,8 +50,9 @@ def main():
     args = p.parse_args()
 
     from engine.corpus import make_clip
+    from engine.devices import best_device
     from engine.features.audio import music_features, music_features_naive
-    from engine.features.video import best_device, frame_features
+    from engine.features.video import frame_features
     from engine.losses import ranking_loss, structure_loss
     from engine.model import VMNet, VMNetConfig
     from engine.search import top_k

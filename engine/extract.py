@@ -12,13 +12,13 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from engine.devices import best_device
 from engine.features import MediaError
 from engine.features.audio import music_features, warm_numba_cache
 from engine.features.audio_batch import music_features_batch
-from engine.features.video import best_device, frame_features, frame_features_batch
+from engine.features.video import frame_features, frame_features_batch
 from engine.processes import process_pool
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".webm", ".avi"}
@@ -31,10 +31,6 @@ SAVE_EVERY_S = 600
 
 def find_videos(folder) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
-
-
-def _init_worker():
-    torch.set_num_threads(1)  # one process per core; no oversubscription
 
 
 def extract_one(path, encoder="efficientnet-lite0", pretrained=True, image_size=None, device=None):
@@ -137,7 +133,7 @@ def in_processes(paths, workers: int, work):
     todo = deque(paths)
     while todo:
         suspects = []
-        with process_pool(min(workers, len(todo)), initializer=_init_worker) as pool:
+        with process_pool(min(workers, len(todo))) as pool:
             running = {}
             while todo or running:
                 while todo and len(running) < workers:
@@ -155,7 +151,7 @@ def in_processes(paths, workers: int, work):
                     del running[future]
                     yield future.result()
         for path in suspects:
-            with process_pool(1, initializer=_init_worker) as alone:
+            with process_pool(1) as alone:
                 try:
                     yield alone.submit(work, path).result()
                 except BrokenProcessPool:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from engine import baselines
-from engine.features.video import MusicFeaturizer, VideoFeaturizer, best_device
+from engine.devices import best_device
+from engine.features.video import MusicFeaturizer, VideoFeaturizer
 from engine.files import written_whole
 from engine.metrics import recall_at_k
 from engine.model import VMNet, VMNetConfig

@@ -15,13 +15,17 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
+import threadpoolctl
+import torch
 
-_shared: dict[tuple, ProcessPoolExecutor] = {}
+_shared: dict[int, ProcessPoolExecutor] = {}
 _shared_lock = threading.Lock()
 
 
-def process_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
-    """A pool whose workers start from a fresh fork server, never from this process.
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool whose workers start from a fresh fork server, never from this process, and
+    compute on one thread each (torch's and the BLAS numpy calls): the engine runs one
+    process per core, and more threads would only compete for the cores.
 
     A process that has already run torch's CPU kernels holds OpenMP thread pools that a
     forked child cannot use: torch work in such a child hangs. Test runners, Celery workers
@@ -29,18 +33,15 @@ def process_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
     """
     context = multiprocessing.get_context("forkserver")
     return ProcessPoolExecutor(
-        workers,
-        mp_context=context,
-        initializer=_start_worker,
-        initargs=(os.getpid(), initializer),
+        workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
     )
 
 
-def _start_worker(owner: int, initializer) -> None:
+def _start_worker(owner: int) -> None:
     _exit_with(owner)
     keep_freed_memory()
-    if initializer is not None:
-        initializer()
+    torch.set_num_threads(1)
+    threadpoolctl.threadpool_limits(1)
 
 
 def _exit_with(owner: int) -> None:
@@ -82,8 +83,8 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 1 << 30)
 
 
-def shared_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
-    """A `process_pool` kept for the life of this process, one per (workers, initializer).
+def shared_pool(workers: int) -> ProcessPoolExecutor:
+    """A `process_pool` kept for the life of this process, one per number of workers.
 
     Starting a worker costs seconds (importing torch and librosa, building filter banks)
     against a fraction of a second per track, so callers that come back with more work (a
@@ -91,9 +92,9 @@ def shared_pool(workers: int, initializer=None) -> ProcessPoolExecutor:
     down; `using_shared_pool` drops it when a worker dies, so the next call starts afresh.
     """
     with _shared_lock:
-        pool = _shared.get((workers, initializer))
+        pool = _shared.get(workers)
         if pool is None:
-            pool = _shared[workers, initializer] = process_pool(workers, initializer)
+            pool = _shared[workers] = process_pool(workers)
         return pool
 
 
@@ -107,9 +108,9 @@ def discard_shared_pool(pool: ProcessPoolExecutor) -> None:
 
 
 @contextlib.contextmanager
-def using_shared_pool(workers: int, initializer=None):
+def using_shared_pool(workers: int):
     """`shared_pool` for a block; dropped if a worker died under it (FFmpeg crashed, say)."""
-    pool = shared_pool(workers, initializer)
+    pool = shared_pool(workers)
     try:
         yield pool
     except BrokenProcessPool:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.devices import best_device
+
 METHODS = ("auto", "torch", "faiss")
 # Bytes of similarity scores held at once per query chunk.
 _CHUNK_BYTES = {"cuda": 2 << 30, "cpu": 256 << 20}
-
-
-def best_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def top_k(
@@ -42,7 +40,7 @@ def top_k(
         raise ValueError(f"need (n, d) and (m, d) arrays, got {queries.shape} and {items.shape}")
     if not 1 <= k <= items.shape[0]:
         raise ValueError(f"k must be in 1..{items.shape[0]}, got {k}")
-    device = torch.device(device) if device is not None else best_device()
+    device = best_device(device)
     if method == "auto":
         method = "faiss" if device.type == "cpu" or _faiss_gpus() else "torch"
     if method == "faiss":

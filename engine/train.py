@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.features.video import best_device
+from engine.devices import best_device
 from engine.losses import ranking_loss, structure_loss
 from engine.metrics import recall_at_k
 from engine.model import VMNet, VMNetConfig

@@ -32,9 +32,9 @@ import numba
 import numpy as np
 import scipy.fft
 import scipy.signal
-import threadpoolctl
 import torch
 
+from engine.devices import best_device
 from engine.features.audio import (
     DURATION,
     HOP,
@@ -54,10 +54,6 @@ CQT_N_FFT = 512  # librosa's FFT size for these wavelets at every octave
 TUNING_STEPS = np.linspace(-0.5, 0.5, 101)  # librosa.pitch_tuning's histogram edges
 
 
-def best_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def music_features_batch(sources, device=None, batch_size: int = 32, workers=None) -> np.ndarray:
     """(n, 1140) float32 music vectors of file paths or `(waveform, sample_rate)` tuples.
 
@@ -70,7 +66,7 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
     The workers stay alive for the next call (see `engine.processes.shared_pool`). A row
     does not depend on the rest of its batch.
     """
-    device = torch.device(device) if device is not None else best_device()
+    device = best_device(device)
     sources = list(sources)
     out = np.empty((len(sources), 1140), np.float32)
     workers = os.cpu_count() or 1 if workers is None else workers
@@ -81,7 +77,7 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
         size = max(1, min(batch_size, math.ceil(len(sources) / (2 * workers))))
         starts = range(0, len(sources), size)
         chunks = (sources[start : start + size] for start in starts)
-        with using_shared_pool(workers, _one_thread) as pool:
+        with using_shared_pool(workers) as pool:
             for start, rows in zip(starts, pool.map(_cpu_rows, chunks), strict=True):
                 out[start : start + len(rows)] = rows
         return out
@@ -95,12 +91,6 @@ def _cpu_rows(sources) -> np.ndarray:
     """Decode and compute track by track, in this process, on the CPU."""
     rows = [batch_features(torch.from_numpy(load_excerpt(s))[None]) for s in sources]
     return torch.cat(rows).numpy()
-
-
-def _one_thread():
-    """A worker process computes on one thread: torch's, and the BLAS numpy calls."""
-    torch.set_num_threads(1)
-    threadpoolctl.threadpool_limits(1)
 
 
 @contextlib.contextmanager

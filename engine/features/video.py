@@ -15,7 +15,6 @@ on the device; both give the numbers of the one-video CPU path within float tole
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
+from engine.devices import best_device
 from engine.features import MediaError
 from engine.processes import computed_ahead, using_shared_pool
 
@@ -93,12 +93,6 @@ ENCODERS: dict[str, EncoderSpec] = {
         _inception_v3, 299, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 2048, min_size=75
     ),
 }
-
-
-def best_device(device=None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @functools.cache
@@ -268,7 +262,7 @@ def frame_features_batch(
             encoder=encoder, pretrained=pretrained,
         )  # fmt: skip
         with using_shared_pool(workers) as pool:
-            return list(pool.map(_in_worker, itertools.repeat(job), paths))
+            return list(pool.map(job, paths))
     enc = load_encoder(encoder, pretrained, str(device))
     results: list = [None] * len(paths)
     rows: list[list[torch.Tensor]] = [[] for _ in paths]
@@ -310,12 +304,7 @@ def _fitted_videos(paths, size, max_seconds, workers) -> Iterator[np.ndarray | M
     job = functools.partial(_fitted_frames, size=size, max_seconds=max_seconds, threads=in_process)
     if in_process:
         return map(job, paths)
-    return computed_ahead(functools.partial(_in_worker, job), paths, workers, ahead=2 * workers)
-
-
-def _in_worker(job, path):
-    torch.set_num_threads(1)  # one decode process per core (a shared pool has no initializer)
-    return job(path)
+    return computed_ahead(job, paths, workers, ahead=2 * workers)
 
 
 def _encoded_video(path, size, max_seconds, batch_size, encoder, pretrained):

@@ -13,6 +13,7 @@ import pytest
 import scipy.ndimage
 import torch
 
+from engine import processes
 from engine.features import audio_batch
 from engine.features.audio import N_FFT, SR, decode_audio, load_excerpt, music_features_naive
 from engine.features.audio_batch import (
@@ -25,7 +26,6 @@ from engine.features.audio_batch import (
     _median_sorted,
     _median_triton,
     _median_triton_kernel,
-    _one_thread,
     _power,
     _soft_masks,
     _spectral_peaks,
@@ -138,7 +138,10 @@ def test_worker_processes_equal_this_process():
 
 def test_the_pool_outlives_a_call():
     music_features_batch(SONGS[:2], device="cpu", batch_size=1, workers=2)
-    assert shared_pool(2, _one_thread) is shared_pool(2, _one_thread)
+    pool = processes._shared[2]
+    pids = set(pool._processes)
+    music_features_batch(SONGS[:2], device="cpu", batch_size=1, workers=2)
+    assert shared_pool(2) is pool and set(pool._processes) == pids
 
 
 @pytest.mark.parametrize("n_fft", [N_FFT, 2048])

@@ -22,6 +22,18 @@ def test_computed_ahead_keeps_the_order():
     assert list(computed_ahead(abs, [-i for i in range(50)], workers=2, ahead=3)) == list(range(50))
 
 
+def threads(_):
+    import threadpoolctl
+    import torch
+
+    return torch.get_num_threads(), max(p["num_threads"] for p in threadpoolctl.threadpool_info())
+
+
+def test_pool_workers_compute_on_one_thread_each():
+    # one process per core: a worker using every core's threads would fight the others
+    assert set(computed_ahead(threads, range(4), workers=2, ahead=2)) == {(1, 1)}
+
+
 def test_computed_ahead_cancels_what_nobody_collects(tmp_path):
     """Stopped after one result, the pool runs the items already started or queued to its
     workers, and none of the rest that were submitted ahead."""
