@@ -58,8 +58,9 @@ def cmd_demo_corpus(args):
 
 
 def cmd_extract(args):
-    from engine.extract import extract_folder, find_videos
+    from engine.extract import extract_folder
     from engine.features.video import input_size
+    from engine.files import find_videos
     from engine.pipeline import Features
 
     input_size(args.encoder, args.image_size)  # a bad size fails here, not once per file

@@ -21,16 +21,11 @@ from engine.features.audio_batch import music_features_batch
 from engine.features.video import frame_features, frame_features_batch
 from engine.processes import process_pool
 
-VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".webm", ".avi"}
 # Files per step on an accelerator: the progress bar moves per step, and a step whose music
 # batch fails is split in halves until the bad files are found (each costs ~2 steps' decode).
 DEVICE_STEP = 2048
 # How often a long extraction saves what it has, to go on from there if it is stopped.
 SAVE_EVERY_S = 600
-
-
-def find_videos(folder) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
 
 
 def extract_one(path, encoder="efficientnet-lite0", pretrained=True, image_size=None, device=None):

@@ -1,8 +1,26 @@
-"""Files the engine writes."""
+"""Files the engine reads and writes."""
 
 import contextlib
 import os
 from pathlib import Path
+
+VIDEO_SUFFIXES = {
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
+    ".ogv",
+}  # fmt: skip
+
+
+def find_videos(folder) -> list[Path]:
+    """Every video file under `folder`, sorted, hidden ones (a name or folder starting with
+    a dot) aside."""
+    folder = Path(folder)
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in VIDEO_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from django.utils.timesince import timesince
 from . import checks
 from .export import column_names, dictionary_rows, response_rows, spreadsheet_safe
 from .forms import CollectionUploadForm, SubjectLinksForm, stored_name
-from .ingest import VIDEO_SUFFIXES, ManifestError, add_pairs, import_settings
+from .ingest import ManifestError, add_pairs, import_settings
 from .models import (
     EDITABLE_DESIGN,
     UPLOADS,
@@ -181,7 +181,6 @@ class CollectionAdmin(SummarisedDeletion):
             request.POST or None,
             request.FILES or None,
             max_bytes=settings.ADMIN_UPLOAD_MAX_BYTES,
-            suffixes=VIDEO_SUFFIXES,
         )
         if request.method == "POST" and form.is_valid():
             collection = self._import_upload(request, form)

@@ -8,6 +8,8 @@ from django import forms
 from django.utils.text import get_valid_filename
 from django.utils.translation import gettext_lazy as _
 
+from engine.files import VIDEO_SUFFIXES
+
 from .media import CLIP_S
 
 MAX_RESPONSE_MS = 6 * 3600 * 1000  # beyond six hours a "response time" means nothing
@@ -136,9 +138,9 @@ class CollectionUploadForm(forms.Form):
         "as the others.",
     )
 
-    def __init__(self, *args, max_bytes: int, suffixes: set[str], **kwargs):
+    def __init__(self, *args, max_bytes: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.max_bytes, self.suffixes = max_bytes, suffixes
+        self.max_bytes = max_bytes
 
     def clean_files(self):
         files = self.cleaned_data["files"]
@@ -148,7 +150,7 @@ class CollectionUploadForm(forms.Form):
                 "import large collections with `manage.py import_collection`."
             )
         for f in files:
-            if os.path.splitext(f.name)[1].lower() not in self.suffixes:
+            if os.path.splitext(f.name)[1].lower() not in VIDEO_SUFFIXES:
                 raise forms.ValidationError(f"{f.name}: not a video file.")
         names = defaultdict(list)
         for f in files:

@@ -26,13 +26,10 @@ from django.core.files.base import ContentFile
 from django.db import OperationalError, transaction
 
 from engine.features import MediaError
+from engine.files import VIDEO_SUFFIXES, find_videos
 from experiments.media import CLIP_S, make_items
 from experiments.models import Collection, Pair, Split
 
-VIDEO_SUFFIXES = {
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
-    ".ogv",
-}  # fmt: skip
 DEFAULT_ENCODER = "efficientnet-lite0"
 # The platform's own attention-check pair (experiments.tasks.CATCH_KEY, split 'catch'): a
 # source may not name that key or that split.
@@ -93,13 +90,7 @@ def read_source(path: str | Path) -> list[SourceItem]:
 def _read_folder(path: Path) -> list[SourceItem]:
     """Every video file under `path` (hidden ones aside); its key is its path without suffix."""
     root = path.absolute()  # a worker may run elsewhere; symlinks are kept as named
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in VIDEO_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    files = find_videos(root)
     if not files:
         raise ManifestError(f"{path}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))})")
     if odd := [p for p in files if not _utf8(str(p.relative_to(root)))]:

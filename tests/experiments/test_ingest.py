@@ -13,6 +13,7 @@ from django.core.management import CommandError, call_command
 from django.db import OperationalError, connection
 
 from engine.features import MediaError
+from engine.files import find_videos
 from experiments import ingest, media
 from experiments.ingest import (
     RESERVED_KEYS,
@@ -534,3 +535,16 @@ def test_a_full_disk_leaves_pairs_pending_with_their_test_places_and_no_partial_
     for pair in pairs.all():
         assert pair.status == Pair.Status.READY and not pair.error
         assert Path(pair.video_file.name).name == f"{pair.video_token}.mp4"
+
+
+def test_the_engine_reads_the_files_a_collection_import_reads(tmp_path):
+    """`python -m engine extract` and `import_collection` list a folder alike, so features
+    extracted on another host cover the collection's pairs."""
+    for name in ["a.mp4", "b/c.MPG", "d.ogv", "e.ts", "notes.txt", ".f.mp4", ".g/h.mp4"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "folder.mp4").mkdir()
+    found = [p.relative_to(tmp_path).as_posix() for p in find_videos(tmp_path)]
+    assert found == ["a.mp4", "b/c.MPG", "d.ogv", "e.ts"]
+    keys = [item.key for item in ingest._read_folder(tmp_path)]
+    assert keys == ["a", "b/c", "d", "e"]
