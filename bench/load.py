@@ -12,7 +12,7 @@ bench never fetches media) and its subjects with `create_subject`, and starts
 `gunicorn study_site.wsgi` with production settings (DJANGO_ENV=production, DEBUG off,
 whitenoise) on a free loopback port. Every subject then acts
 as a browser would: it opens its link, ticks consent and starts, and answers every question
-after a think time drawn per answer, with the CSRF cookie and the token from the page. Most
+after a think time drawn per answer, with its cookies and the page's `Origin`. Most
 answer as the question page's script does (one POST that gets the next question as JSON,
 shown in place); a share (`--plain`, default 10%) as a browser without JavaScript does (the
 form's POST, then the page it redirects to). The requests carry `X-Forwarded-Proto: https`,
@@ -801,8 +801,6 @@ class Subject:
         self.stats.faults["back + re-post"] += 1
         stale = dict(self.rng.choice(self.old_forms[:-1]))
         stale["choice"] = self.rng.choice("ab")
-        if current.form and "csrfmiddlewaretoken" in current.form["fields"]:
-            stale["csrfmiddlewaretoken"] = current.form["fields"]["csrfmiddlewaretoken"]
         page, _ = await browser.post(self.path, stale)
         if page.progress != current.progress:
             self.stats.problem(
@@ -814,8 +812,7 @@ class Subject:
         """Close the browser (cookies gone), stay away a while, open the link again."""
         self.stats.faults["abandon + return"] += 1
         await browser.close()
-        # A new browser has no history to go Back to (and the old pages' CSRF tokens belong
-        # to the cookie that went with the old one: posting them is refused, rightly, by 403).
+        # A new browser has no history to go Back to.
         self.old_forms.clear()
         await asyncio.sleep(self.config.abandon_pause * self.config.think_scale)
         browser = Browser(self.base, self.stats)

@@ -5,8 +5,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+KS = (1, 10, 25)  # the paper's Recall@K
 
-def recall_at_k(queries, items, ks=(1, 10, 25)) -> dict[int, float]:
+
+def recalls(video_emb, music_emb, ks=KS) -> dict:
+    """Recall@K (fractions) video->music ('V2M') and music->video ('M2V') of paired rows, by
+    chance, and their number: {'V2M': {'R@1': …}, 'M2V': {…}, 'chance': {…}, 'n': n}."""
+    n = len(video_emb)
+    return {
+        "V2M": {f"R@{k}": r for k, r in recall_at_k(video_emb, music_emb, ks).items()},
+        "M2V": {f"R@{k}": r for k, r in recall_at_k(music_emb, video_emb, ks).items()},
+        "chance": {f"R@{k}": min(k, n) / n for k in ks},
+        "n": n,
+    }
+
+
+def recall_at_k(queries, items, ks=KS) -> dict[int, float]:
     """Share (0..1) of queries whose ground truth (the item in the same row) is in the top k.
 
     Cosine similarity. Ties are broken as `engine.search.top_k` breaks them (lower index

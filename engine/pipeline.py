@@ -20,12 +20,11 @@ from engine import baselines
 from engine.devices import best_device
 from engine.features.video import MusicFeaturizer, VideoFeaturizer
 from engine.files import written_whole
-from engine.metrics import recall_at_k
+from engine.metrics import recalls
 from engine.model import VMNet, VMNetConfig
 from engine.train import TrainConfig, train_vmnet
 
 KINDS = ("vmnet", *baselines.KINDS)
-KS = (1, 10, 25)
 
 
 @dataclass
@@ -180,7 +179,7 @@ def _kind_of(default) -> str:
     return "text"
 
 
-def _split_config(config: dict) -> tuple[dict, TrainConfig, VMNetConfig | None, int]:
+def _split_config(config: dict) -> tuple[dict, TrainConfig, dict, int]:
     config = dict(config or {})
     train_keys = {f.name for f in fields(TrainConfig)}
     model_keys = {f.name for f in fields(VMNetConfig)} - {"video_dim", "music_dim"}
@@ -235,23 +234,13 @@ def train_system(
         report(0.1, f"fitting {kind}")
         system.projection = baselines.fit_baseline(kind, v, m, n_components)
         if val_vectors is not None:
-            system.metrics = {"val": _recalls(*system.embed(val.frames, val.music))}
+            system.metrics = {"val": recalls(*system.embed(val.frames, val.music))}
     report(1.0, "trained")
     return system
-
-
-def _recalls(video_emb, music_emb) -> dict:
-    n = len(video_emb)
-    return {
-        "V2M": {f"R@{k}": r for k, r in recall_at_k(video_emb, music_emb, KS).items()},
-        "M2V": {f"R@{k}": r for k, r in recall_at_k(music_emb, video_emb, KS).items()},
-        "chance": {f"R@{k}": min(k, n) / n for k in KS},
-        "n": n,
-    }
 
 
 def evaluate(system: TrainedSystem, test: Features) -> dict:
     """Recall@1/10/25 (fractions) video->music ('V2M') and music->video ('M2V'), and chance."""
     if not len(test):
         raise ValueError("nothing to evaluate: no pairs")
-    return _recalls(*system.embed(test.frames, test.music))
+    return recalls(*system.embed(test.frames, test.music))

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from engine.devices import best_device
 from engine.losses import ranking_loss, structure_loss
-from engine.metrics import recall_at_k
+from engine.metrics import recalls
 from engine.model import VMNet, VMNetConfig
 
 
@@ -55,18 +55,6 @@ class TrainConfig:
             problems.append(f"weight_decay must be >= 0, not {self.weight_decay}")
         if problems:
             raise ValueError("; ".join(problems))
-
-
-def evaluate_embeddings(video_emb, music_emb, ks=(1, 10, 25)) -> dict:
-    """Recall@K in both directions; keys like 'V2M_R@10' (fractions 0..1) and 'chance_R@10'."""
-    n = len(video_emb)
-    out = {}
-    for name, q, items in (("V2M", video_emb, music_emb), ("M2V", music_emb, video_emb)):
-        for k, r in recall_at_k(q, items, ks).items():
-            out[f"{name}_R@{k}"] = r
-    for k in ks:
-        out[f"chance_R@{k}"] = min(k, n) / n
-    return out
 
 
 def _embed(model: VMNet, video: torch.Tensor, music: torch.Tensor):
@@ -191,7 +179,7 @@ def train_vmnet(
         if val is None:
             return {}
         ve, me = _embed(model, v_val, m_val)
-        return evaluate_embeddings(ve.float().cpu().numpy(), me.float().cpu().numpy())
+        return recalls(ve.float().cpu().numpy(), me.float().cpu().numpy())
 
     initial = validation_metrics()
     for epoch in bar:
@@ -206,15 +194,16 @@ def train_vmnet(
             total += step(v_all[idx], m_all[idx])
             taken += 1
         record = {"epoch": epoch + 1, "loss": total.item() / max(taken, 1)}
-        record |= validation_metrics()
+        if val is not None:
+            record["val"] = validation_metrics()
         history.append(record)
-        score = (record.get("V2M_R@10", 0) + record.get("M2V_R@10", 0)) / 2 if val else epoch
+        score = (record["val"]["V2M"]["R@10"] + record["val"]["M2V"]["R@10"]) / 2 if val else epoch
         if score > best["score"]:
             best = {
                 "score": score,
                 "epoch": epoch + 1,
                 "state": copy.deepcopy(model.state_dict()),
-                "metrics": record,
+                "metrics": record.get("val", {}),
             }
         bar.set_postfix(loss=f"{record['loss']:.4f}", r10=f"{score:.3f}" if val else "-")
         if progress:

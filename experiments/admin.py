@@ -51,7 +51,7 @@ from .plans import PlanError
 from .power import study_power
 from .results import study_results
 from .subjects import create_subjects, subject_url
-from .tasks import celery_problem, import_pair, prepare_study
+from .tasks import celery_problem, import_pair, prepare_study, recall_summary
 from .uploads import upload_view
 
 admin.site.site_header = "Video–music preference studies"
@@ -300,7 +300,7 @@ class PairAdmin(SummarisedDeletion):
 
 @admin.register(System)
 class SystemAdmin(SummarisedDeletion):
-    list_display = ["name", "collection", "kind", "status", "progress_percent", "metrics_summary"]
+    list_display = ["name", "collection", "kind", "status", "progress_percent", "test_recall"]
     list_filter = ["status", "kind", "collection"]
     search_fields = ["name"]
     list_select_related = ["collection"]
@@ -318,13 +318,10 @@ class SystemAdmin(SummarisedDeletion):
     def progress_percent(self, system):
         return progress_with_age(system, system.status == System.Status.RUNNING)
 
-    @admin.display(description="metrics")
-    def metrics_summary(self, system):
-        return ", ".join(
-            f"{key} {value:.3f}"
-            for key, value in system.metrics.items()
-            if isinstance(value, int | float)
-        )[:200]
+    @admin.display(description="test recall")
+    def test_recall(self, system):
+        test = system.metrics.get("test")
+        return recall_summary(test) if test else ""
 
     @admin.display(description="metrics")
     def metrics_table(self, system):

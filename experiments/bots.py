@@ -3,9 +3,9 @@
 As with oTree's bots, a researcher runs them before launch (`manage.py run_bots`) to walk
 every step a person will (join link with a Prolific-style id, welcome and consent, sound
 check, questions, breaks, the end page) and to watch the analysis fill; the tests use the
-same bots. A bot reads each page's form and submits it as a browser would (CSRF token and
-cookie included). To answer, it looks its question up in the database, which a person
-cannot do:
+same bots. A bot reads each page's form and submits it as a browser would (participant pages
+need no cookie or CSRF token: the link's token is the credential). To answer, it looks its
+question up in the database, which a person cannot do:
 
 - `random`: either candidate, by a seeded coin;
 - `ground-truth`: the query's own item where one is shown (G-R, G-S, catch questions),

@@ -1,7 +1,7 @@
 """Celery tasks: importing pairs, training systems, searching, preparing studies.
 
-Tasks whose names start with `gpu_` run on the `gpu` queue (settings.CELERY_TASK_ROUTES);
-the others on `default`. Every task can run again after a worker died half-way (late acks):
+Engine work (tasks whose names start with `gpu_`, and `import_pair`) runs on the `gpu` queue
+(settings.CELERY_TASK_ROUTES); the rest on `default`. Every task can run again after a worker died half-way (late acks):
 a ready pair or system is skipped, a checkpoint already written is loaded instead of trained
 again, and search results are replaced in one transaction. Progress and errors are written
 to the rows (System/Study progress and message), where the admin shows them.
@@ -146,7 +146,7 @@ def gpu_train_system(
             metrics=_json_safe(metrics),
             status=System.Status.READY,
             progress=1.0,
-            message=f"Ready; test {_recall_summary(metrics['test'])}",
+            message=f"Ready; test {recall_summary(metrics['test'])}",
         )
 
 
@@ -181,7 +181,7 @@ def gpu_search(
         System.objects.filter(pk=system.pk).update(
             status=System.Status.READY,
             progress=1.0,
-            message=f"Ready; test {_recall_summary(system.metrics.get('test', {}))}; "
+            message=f"Ready; test {recall_summary(system.metrics.get('test', {}))}; "
             f"{len(rows)} search results",
         )
     return len(rows)
@@ -497,7 +497,7 @@ def _preparing(study_id: int, preparation: int | None = None):
     return studies if preparation is None else studies.filter(preparation=preparation)
 
 
-def _recall_summary(metrics: dict) -> str:
+def recall_summary(metrics: dict) -> str:
     """'R@10 V2M 0.420, M2V 0.380' from evaluate()'s {'V2M': {'R@10': …}, …}."""
     recalls = [
         f"{d} {metrics[d]['R@10']:.3f}" for d in ("V2M", "M2V") if "R@10" in metrics.get(d, {})

@@ -135,18 +135,14 @@ def import_results(
     embeddings = None
     if kind == "csv":
         ranked = read_ranked_csv(data, set(pairs), test_keys)
-        metrics = recalls(ranked)
+        metrics = ranked_recalls(ranked)
     else:
-        from engine.metrics import recall_at_k
+        from engine.metrics import recalls
 
         keys, video, music = read_embeddings(data, filename, set(pairs), test_keys)
         embeddings = _test_embeddings(keys, video, music, test_keys)
         ranked = neighbours(*embeddings, k=k)
-        _, video, music = embeddings
-        metrics = {
-            direction: {f"R@{k}": v for k, v in recall_at_k(queries, items).items()}
-            for direction, queries, items in (("V2M", video, music), ("M2V", music, video))
-        }
+        metrics = recalls(*embeddings[1:])
     return _store(collection, name, kind, filename, data, ranked, embeddings, metrics)
 
 
@@ -523,7 +519,7 @@ def _store(collection, name, kind, filename, data, ranked, embeddings, metrics) 
     return system
 
 
-def recalls(ranked: list[Ranked], ks=(1, 10)) -> dict:
+def ranked_recalls(ranked: list[Ranked], ks=(1, 10)) -> dict:
     """Recall@K per direction from ranked results: the share of queries whose own pair is
     ranked K or better ({'V2M': {'R@1': …}, …}, as engine evaluate() gives). Ranks are the
     uploaded ones: with gaps, a pair at rank 50 is not among the 10 best."""

@@ -25,8 +25,8 @@ def test_training_on_cuda_with_mixed_precision():
     train, val = latent_pairs(300, 0), latent_pairs(60, 1)
     system = train_system("vmnet", train, val, FAST | {"device": "cuda"})
     assert next(system.model.parameters()).device.type == "cuda"
-    after = system.metrics["val"]["V2M_R@10"]
-    assert after > system.metrics["val_untrained"]["V2M_R@10"] + 0.2
+    after = system.metrics["val"]["V2M"]["R@10"]
+    assert after > system.metrics["val_untrained"]["V2M"]["R@10"] + 0.2
     assert evaluate(system, val)["M2V"]["R@10"] > 0.4
 
 

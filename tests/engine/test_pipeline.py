@@ -42,9 +42,10 @@ def test_short_training_improves_validation_recall(tmp_path):
     calls = []
     system = train_system("vmnet", train, val, FAST, progress=lambda f, msg: calls.append(f))
     before = (
-        system.metrics["val_untrained"]["V2M_R@10"] + system.metrics["val_untrained"]["M2V_R@10"]
+        system.metrics["val_untrained"]["V2M"]["R@10"]
+        + system.metrics["val_untrained"]["M2V"]["R@10"]
     ) / 2
-    after = (system.metrics["val"]["V2M_R@10"] + system.metrics["val"]["M2V_R@10"]) / 2
+    after = (system.metrics["val"]["V2M"]["R@10"] + system.metrics["val"]["M2V"]["R@10"]) / 2
     assert after > before + 0.2, (before, after)
     assert calls[0] == 0.0 and calls[-1] == 1.0 and calls == sorted(calls)
     result = evaluate(system, test)

@@ -229,6 +229,14 @@ def test_work_that_has_not_reported_for_a_while_says_since_when(admin_client, st
     assert "last news" not in admin_client.get("/admin/experiments/system/").content.decode()
 
 
+def test_the_systems_list_shows_their_test_recall(admin_client, study):
+    system = study.systems.get()
+    metrics = {"V2M": {"R@1": 0.1, "R@10": 0.42}, "M2V": {"R@10": 0.38}, "n": 60}
+    System.objects.filter(pk=system.pk).update(metrics={"best_epoch": 12, "test": metrics})
+    systems = admin_client.get("/admin/experiments/system/").content.decode()
+    assert "R@10 V2M 0.420, M2V 0.380" in systems and "best_epoch" not in systems
+
+
 def test_a_deletions_confirmation_names_a_few_objects_of_a_kind_and_counts_them_all(
     admin_client, monkeypatch
 ):

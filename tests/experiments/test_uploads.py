@@ -13,7 +13,7 @@ from django.core.management import CommandError, call_command
 
 from experiments.models import Pair, SearchResult, Split, Study, StudySystem, System
 from experiments.subjects import create_subject
-from experiments.uploads import Ranked, UploadError, import_results, recalls
+from experiments.uploads import Ranked, UploadError, import_results, ranked_recalls
 
 from .factories import make_collection
 
@@ -434,7 +434,7 @@ def test_recall_of_ranked_results_counts_their_ranks_not_their_places():
         Ranked("V2M", "q3", 1, "q3", None),
         Ranked("V2M", "q4", 1, "z", None),  # its own pair not listed at all
     ]  # fmt: skip
-    assert recalls(ranked) == {"V2M": {"R@1": 0.25, "R@10": 0.5}}
+    assert ranked_recalls(ranked) == {"V2M": {"R@1": 0.25, "R@10": 0.5}}
 
 
 def test_a_summary_of_errors_each_of_its_own_kind_stops_at_fifty_lines():

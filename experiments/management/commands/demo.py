@@ -224,7 +224,7 @@ class Command(BaseCommand):
             create_subjects(study, missing)
         self.study = study
 
-    def _admin_password(self) -> str:
+    def _admin_password(self) -> str | None:
         path = Path(settings.VAR_DIR) / "demo" / "admin-password"
         User = get_user_model()
         if User.objects.filter(username="admin").exists():
