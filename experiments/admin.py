@@ -34,7 +34,6 @@ from .export import column_names, dictionary_rows, response_rows, spreadsheet_sa
 from .forms import CollectionUploadForm, SubjectLinksForm, stored_name
 from .ingest import ManifestError, add_pairs, import_settings
 from .models import (
-    EDITABLE_DESIGN,
     UPLOADS,
     Collection,
     Pair,
@@ -51,7 +50,7 @@ from .plans import PlanError
 from .power import study_power
 from .results import study_results
 from .subjects import create_subjects, subject_url
-from .tasks import celery_problem, import_pair, prepare_study, recall_summary
+from .tasks import celery_problem, import_pair, queue_preparation, recall_summary
 from .uploads import upload_view
 
 admin.site.site_header = "Video–music preference studies"
@@ -670,24 +669,14 @@ class StudyAdmin(SummarisedDeletion):
             return
         queued = False
         for study in queryset:
-            # One conditional update: two clicks (or two researchers) queue it once.
-            # Its progress starts now: a preparation lost before a worker took it (the broker
-            # restarted) shows "last news … ago" as one that stopped later does.
-            if not Study.objects.filter(pk=study.pk, status__in=EDITABLE_DESIGN).update(
-                status=Study.Status.PREPARING, message="Queued", progress=0.0,
-                progress_at=timezone.now(),
-            ):  # fmt: skip
-                self.message_user(
-                    request, f"{study}: {study.status}, not prepared again.", messages.WARNING
-                )
-                continue
             try:
-                prepare_study.delay(study.pk)
+                if not queue_preparation(study):
+                    study.refresh_from_db(fields=["status"])
+                    self.message_user(
+                        request, f"{study}: {study.status}, not prepared again.", messages.WARNING
+                    )
+                    continue
             except Exception as error:  # the broker is unreachable: say so, change nothing
-                Study.objects.filter(pk=study.pk).update(
-                    status=study.status, message=study.message, progress=study.progress,
-                    progress_at=study.progress_at,
-                )  # fmt: skip
                 self.message_user(request, f"{study}: could not queue: {error}", messages.ERROR)
                 continue
             self.message_user(request, f"{study}: preparation queued.", messages.SUCCESS)

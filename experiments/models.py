@@ -136,6 +136,8 @@ class System(models.Model):
     progress = models.FloatField(default=0.0)
     message = models.TextField(blank=True)
     progress_at = models.DateTimeField(null=True, editable=False)  # its work's last report
+    # Counts the changes of kind, settings or collection: a task that began before one stops.
+    generation = models.PositiveIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -155,6 +157,7 @@ class System(models.Model):
         self.checkpoint.name = self.embeddings.name = ""
         self.metrics, self.status, self.progress = {}, self.Status.NEW, 0.0
         self.message, self.progress_at = "", None
+        self.generation += 1
         self.save()
 
     def clean(self):

@@ -1,10 +1,12 @@
 """Celery tasks: importing pairs, training systems, searching, preparing studies.
 
 Engine work (tasks whose names start with `gpu_`, and `import_pair`) runs on the `gpu` queue
-(settings.CELERY_TASK_ROUTES); the rest on `default`. Every task can run again after a worker died half-way (late acks):
-a ready pair or system is skipped, a checkpoint already written is loaded instead of trained
-again, and search results are replaced in one transaction. Progress and errors are written
-to the rows (System/Study progress and message), where the admin shows them.
+(settings.CELERY_TASK_ROUTES); the rest on `default`. Every task can run again after a worker
+died half-way (late acks): a ready pair or system is skipped, a checkpoint already written is
+loaded instead of trained again, and search results are replaced in one transaction. Progress
+and errors are written to the rows (System/Study progress and message), where the admin shows
+them. A step of a preparation that is no longer at work (back to draft, prepared again), or
+of a system changed since the step started, stops and writes nothing.
 """
 
 import errno
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from celery import chain, shared_task
+from celery.exceptions import Ignore
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import OperationalError, transaction
@@ -27,7 +30,7 @@ from django.utils import timezone
 from engine.features import MediaError
 from experiments.ingest import DEFAULT_ENCODER, process_pair
 from experiments.media import CLIP_S, MediaInfo, broken_items, probe
-from experiments.models import Pair, Split, Study, StudySystem, System
+from experiments.models import EDITABLE_DESIGN, Pair, Split, Study, StudySystem, System
 from experiments.uploads import neighbours, replace_search_results
 
 logger = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ def gpu_train_system(
     system = System.objects.get(pk=system_id)
     if _in_fixed_design(system):
         return
+    written = []  # files this step wrote
     with _failing(system, study_id, preparation):
         if system.kind == System.Kind.EXTERNAL:
             raise ValueError(f"{system.name}: uploaded results cannot be trained")
@@ -126,11 +130,13 @@ def gpu_train_system(
                 config=system.config or None,
                 progress=lambda fraction, message="": report(0.9 * fraction, message or "Training"),
             )
-            name = f"systems/{system.pk}-{system.kind}.pt"
+            # per generation: a superseded step still training never writes over this one's
+            name = f"systems/{system.pk}-{system.kind}-{system.generation}.pt"
             path = Path(settings.MEDIA_ROOT) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             trained.save(path)
             system.checkpoint.name = name
+            written.append(name)
         report(0.95, "Embedding the test pairs")
         video, music = trained.embed(test.frames, test.music)
         buffer = io.BytesIO()
@@ -139,15 +145,19 @@ def gpu_train_system(
         system.embeddings.save(
             f"{system.pk}-embeddings.npz", ContentFile(buffer.getvalue()), save=False
         )
+        written.append(system.embeddings.name)
         metrics = {**trained.metrics, "test": evaluate(trained, test)}
-        System.objects.filter(pk=system.pk).update(
+        if not _this_generation(system).update(
             checkpoint=system.checkpoint.name,
             embeddings=system.embeddings.name,
             metrics=_json_safe(metrics),
             status=System.Status.READY,
             progress=1.0,
             message=f"Ready; test {recall_summary(metrics['test'])}",
-        )
+        ):
+            for name in written:  # nobody's now
+                system.embeddings.storage.delete(name)
+            raise Superseded(f"{system.name} changed while it was trained")
 
 
 @shared_task
@@ -177,14 +187,38 @@ def gpu_search(
         if missing := [key for key in keys if key not in known]:
             raise ValueError(f"{system.name}: embeddings name unknown pairs: {missing[:5]}")
         rows = neighbours(keys, video, music, k)
-        replace_search_results(system, rows)
-        System.objects.filter(pk=system.pk).update(
-            status=System.Status.READY,
-            progress=1.0,
-            message=f"Ready; test {recall_summary(system.metrics.get('test', {}))}; "
-            f"{len(rows)} search results",
-        )
+        with transaction.atomic():
+            if not _this_generation(system).select_for_update().exists():
+                raise Superseded(f"{system.name} changed while it was searched")
+            replace_search_results(system, rows)
+            _this_generation(system).update(
+                status=System.Status.READY,
+                progress=1.0,
+                message=f"Ready; test {recall_summary(system.metrics.get('test', {}))}; "
+                f"{len(rows)} search results",
+            )
     return len(rows)
+
+
+def queue_preparation(study: Study) -> bool:
+    """Queue the study's preparation; False, with nothing queued, when it is preparing already
+    or its design is fixed. One conditional update: two clicks, two researchers or a command
+    racing them queue it once. Its progress clock starts now, so that a preparation lost
+    before a worker took it (the broker restarted) shows its age as one that stopped later
+    does. A broker that cannot be reached leaves the study as it was, and raises."""
+    if not Study.objects.filter(pk=study.pk, status__in=EDITABLE_DESIGN).update(
+        status=Study.Status.PREPARING, message="Queued", progress=0.0, progress_at=timezone.now()
+    ):
+        return False
+    try:
+        prepare_study.delay(study.pk)
+    except Exception:
+        Study.objects.filter(pk=study.pk).update(
+            status=study.status, message=study.message, progress=study.progress,
+            progress_at=study.progress_at,
+        )  # fmt: skip
+        raise
+    return True
 
 
 @shared_task
@@ -221,6 +255,8 @@ def prepare_study(study_id: int):
         return _fail_study(study_id, problem)
     with transaction.atomic():
         study = Study.objects.select_for_update().get(pk=study_id)
+        if study.status in (Study.Status.OPEN, Study.Status.CLOSED):  # opened meanwhile
+            return study.status
         study.status, study.progress = Study.Status.PREPARING, 0.0
         study.message, study.preparation = f"Queued {len(steps)} steps", study.preparation + 1
         study.progress_at = timezone.now()
@@ -430,22 +466,44 @@ def tasks_lost(results, queue: str) -> bool:
         return connection.default_channel.queue_declare(queue).message_count == 0
 
 
+class Superseded(Exception):
+    """The step's preparation is no longer at work, or its system changed since it began."""
+
+
+def _this_generation(system: System):
+    """The system, as a query, while it is as the step read it (not changed since)."""
+    return System.objects.filter(pk=system.pk, generation=system.generation)
+
+
 class _failing:
-    """Mark the system (and the study being prepared) failed when the block raises."""
+    """Mark the system (and the study being prepared) failed when the block raises; a step
+    superseded (at its start or since) stops quietly, and its chain with it."""
 
     def __init__(self, system: System, study_id: int | None, preparation: int | None):
         self.system, self.study_id, self.preparation = system, study_id, preparation
 
     def __enter__(self):
+        if self.study_id is not None and not _preparing(self.study_id, self.preparation).exists():
+            logger.warning(
+                "%s: not run, study %s's preparation %s ended",
+                self.system, self.study_id, self.preparation,
+            )  # fmt: skip
+            raise Ignore()
         return self
 
     def __exit__(self, kind, error, tb):
+        if isinstance(error, Superseded):
+            logger.warning("%s: stopped, %s", self.system, error)
+            before = self.system  # as the step found it, unless it changed since
+            _this_generation(before).update(
+                status=before.status, progress=before.progress, message=before.message,
+                progress_at=before.progress_at,
+            )  # fmt: skip
+            raise Ignore() from error  # the rest of the chain is not sent either
         if error is not None and isinstance(error, Exception):
             logger.exception("%s failed", self.system, exc_info=(kind, error, tb))
             message = f"{self.system.name}: {error}"
-            System.objects.filter(pk=self.system.pk).update(
-                status=System.Status.FAILED, message=message
-            )
+            _this_generation(self.system).update(status=System.Status.FAILED, message=message)
             if self.study_id is not None:
                 _fail_study(self.study_id, message, _preparing(self.study_id, self.preparation))
         return False  # re-raise: a chain stops at a failed step
@@ -457,15 +515,16 @@ def _reporter(system: System, study_id: int | None, step, preparation: int | Non
 
     def report(fraction: float, message: str):
         now = timezone.now()
-        System.objects.filter(pk=system.pk).update(
+        if study_id is not None and not _preparing(study_id, preparation).update(
+            progress=(index + fraction) / max(count, 1),
+            message=f"{system.name}: {message}",
+            progress_at=now,
+        ):
+            raise Superseded(f"study {study_id}'s preparation {preparation} ended")
+        if not _this_generation(system).update(
             status=System.Status.RUNNING, progress=fraction, message=message, progress_at=now
-        )
-        if study_id is not None:
-            _preparing(study_id, preparation).update(
-                progress=(index + fraction) / max(count, 1),
-                message=f"{system.name}: {message}",
-                progress_at=now,
-            )
+        ):
+            raise Superseded(f"{system.name} was changed since the step began")
 
     return report
 

@@ -478,7 +478,7 @@ def test_a_study_being_prepared_is_not_queued_again(admin_client, study):
 
 def test_a_preparation_lost_before_a_worker_took_it_shows_its_age(admin_client, study, monkeypatch):
     monkeypatch.setattr("experiments.admin.celery_problem", lambda queues: None)
-    monkeypatch.setattr("experiments.admin.prepare_study.delay", lambda pk: None)  # lost
+    monkeypatch.setattr("experiments.tasks.prepare_study.delay", lambda pk: None)  # lost
     Study.objects.filter(pk=study.pk).update(status=Study.Status.DRAFT, progress=0.4)
     assert "preparation queued" in act(admin_client, "prepare_studies", study).content.decode()
     study.refresh_from_db()

@@ -112,6 +112,11 @@ def test_prepare_study_waits_for_the_worker(celery_worker):
     Study.objects.filter(pk=study.pk).update(per_type=5, status=Study.Status.DRAFT)
     with pytest.raises(CommandError, match="preparation failed: .*too small"):
         run("prepare_study", study.slug, "--wait", "--timeout", "180")
+    # A preparation at work is not started twice (one chain would undo the other's work).
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.PREPARING, preparation=7)
+    with pytest.raises(CommandError, match="cp is preparing: its preparation is at work"):
+        run("prepare_study", study.slug)
+    assert Study.objects.get(pk=study.pk).preparation == 7
 
 
 class Terminal(io.StringIO):

@@ -7,15 +7,19 @@ a minute here and is covered, pair by pair, by test_ingest.
 """
 
 import io
+import json
 import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from celery.exceptions import Ignore
+from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.management import CommandError, call_command
 
@@ -217,28 +221,82 @@ def test_a_redelivered_import_leaves_a_ready_pair_and_its_media_alone(tmp_path):
     assert {field: os.stat(path).st_mtime_ns for field, (_, path) in before.items()} == mtimes
 
 
-def test_a_chain_no_longer_at_work_leaves_its_study_alone():
+def test_a_chain_no_longer_at_work_leaves_its_study_and_systems_alone():
     """The steps of an earlier preparation (the study prepared again), or of one that went
-    back to draft, neither write their progress nor mark the study ready or failed."""
+    back to draft, do nothing: no training, no progress, no failure, no ready study."""
     study, system = make_study(make_collection(), {"n_components": 4})
     Study.objects.filter(pk=study.pk).update(status=Study.Status.PREPARING, preparation=2)
-    gpu_train_system(system.pk, study_id=study.pk, step=(0, 2), preparation=1)
-    gpu_search(system.pk, study_id=study.pk, step=(1, 2), preparation=1)
+    with pytest.raises(Ignore):  # the rest of its chain is not sent
+        gpu_train_system(system.pk, study_id=study.pk, step=(0, 2), preparation=1)
+    with pytest.raises(Ignore):
+        gpu_search(system.pk, study_id=study.pk, step=(1, 2), preparation=1)
     assert finish_study(study.pk, preparation=1) == Study.Status.PREPARING
     study.refresh_from_db()
     assert (study.status, study.progress, study.message) == (Study.Status.PREPARING, 0.0, "")
-    assert study.progress_at is None and System.objects.get(pk=system.pk).progress_at is not None
+    system.refresh_from_db()
+    assert (study.progress_at, system.progress_at, system.status) == (None, None, "new")
+    gpu_train_system(system.pk, study_id=study.pk, step=(0, 2), preparation=2)
+    gpu_search(system.pk, study_id=study.pk, step=(1, 2), preparation=2)
     assert finish_study(study.pk, preparation=2) == Study.Status.READY
 
     Study.objects.filter(pk=study.pk).update(status=Study.Status.DRAFT, message="Back to draft")
-    gpu_search(system.pk, study_id=study.pk, step=(1, 2))
-    assert finish_study(study.pk) == Study.Status.DRAFT
     System.objects.filter(pk=system.pk).update(embeddings="")
-    with pytest.raises(ValueError, match="no embeddings"):
+    with pytest.raises(Ignore):  # not "no embeddings": it does not run at all
         gpu_search(system.pk, study_id=study.pk, step=(1, 2))
+    assert finish_study(study.pk) == Study.Status.DRAFT
     study.refresh_from_db()
     assert (study.status, study.message) == (Study.Status.DRAFT, "Back to draft")
-    assert System.objects.get(pk=system.pk).status == System.Status.FAILED
+    assert System.objects.get(pk=system.pk).status == System.Status.READY
+
+
+def test_training_stops_with_its_preparation_or_a_change_of_its_system(celery_worker, admin_client):
+    """Back to draft stops the training at work at its next report, and a system changed
+    since its training began keeps nothing of it: no status, metrics or files of the old
+    settings (it used to end "ready" with them, and a study prepared again served them)."""
+    collection = make_collection("changed")
+    old = {"max_epochs": 20000, "patience": 20000, "batch_size": 8}
+    study, system = make_study(collection, old, slug="changed", kind="vmnet")
+    files = Path(settings.MEDIA_ROOT) / "systems"
+    deadline = time.monotonic() + 150
+
+    def wait(condition):
+        while not condition():
+            assert time.monotonic() < deadline, celery_worker.output()[-3000:]
+            time.sleep(0.2)
+
+    def training():
+        return System.objects.get(pk=system.pk).progress > 0.0005  # some epochs trained
+
+    prepare_study.delay(study.pk).get(timeout=60)
+    wait(training)
+    admin_client.post(
+        "/admin/experiments/study/", {"action": "draft_studies", "_selected_action": [study.pk]}
+    )
+    wait(lambda: f"stopped, study {study.pk}'s preparation 1 ended" in celery_worker.output())
+    system.refresh_from_db()
+    assert (system.status, system.progress, system.metrics) == ("new", 0.0, {})
+    assert not system.checkpoint and not list(files.glob(f"{system.pk}-*"))
+
+    gpu_train_system.delay(system.pk)  # no study: as the demo trains its baselines
+    wait(training)
+    form = {"collection": collection.pk, "name": system.name, "kind": "vmnet"}
+    new = {"max_epochs": 2, "batch_size": 8}
+    changed = admin_client.post(
+        f"/admin/experiments/system/{system.pk}/change/",
+        {**form, "config": json.dumps(new), "initial-config": json.dumps(old)},
+    )
+    assert changed.status_code == 302
+    wait(lambda: "stopped, changed was changed since the step began" in celery_worker.output())
+    system.refresh_from_db()
+    assert (system.status, system.generation, system.metrics) == ("new", 1, {})
+    assert not system.checkpoint and not list(files.glob(f"{system.pk}-*"))
+
+    prepare_study.delay(study.pk).get(timeout=60)
+    study = wait_for(study, celery_worker)
+    system.refresh_from_db()
+    assert study.status == Study.Status.READY, study.message
+    assert system.metrics["train_config"]["max_epochs"] == 2
+    assert system.checkpoint.name == f"systems/{system.pk}-vmnet-1.pt"
 
 
 def test_a_preparation_task_leaves_an_open_study_alone_and_refuses_another_collections_system():

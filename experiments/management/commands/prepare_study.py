@@ -12,7 +12,7 @@ from tqdm import tqdm
 from analysis.load import get_study
 from experiments.management import bar_interval
 from experiments.models import Study
-from experiments.tasks import celery_problem, prepare_study
+from experiments.tasks import celery_problem, queue_preparation
 from study_site.celery import app
 
 FINAL = (Study.Status.READY, Study.Status.FAILED)
@@ -45,7 +45,7 @@ class Command(BaseCommand):
             if problem := celery_problem(["default", "gpu"] if o["wait"] else []):
                 raise CommandError(f"{problem}.")
             try:
-                prepare_study.delay(study.pk)
+                self.queue(study)
             except OperationalError as error:  # the broker went away since the check
                 raise CommandError(f"Cannot queue the preparation: {error}") from None
             if not o["wait"]:
@@ -56,6 +56,16 @@ class Command(BaseCommand):
             raise CommandError(f"{study.slug}: preparation failed: {study.message}")
         self.stdout.write(f"{study.slug}: {study.message}")  # "Ready: N questions per subject"
 
+    def queue(self, study):
+        if not queue_preparation(study):
+            study.refresh_from_db(fields=["status"])
+            why = (
+                "its preparation is at work (one lost with its worker: back to draft first)"
+                if study.status == Study.Status.PREPARING
+                else "its subjects' plans are fixed"
+            )
+            raise CommandError(f"{study.slug} is {study.status}: {why}.")
+
     def prepare_here(self, study, timeout, show):
         """The preparation in a thread of this process, followed as a worker's would be (the
         tasks run one after the other in that thread and write their progress as usual)."""
@@ -63,7 +73,7 @@ class Command(BaseCommand):
 
         def work():
             try:
-                prepare_study.delay(study.pk)
+                self.queue(study)  # eager: the work runs here, in this thread
             except Exception as error:  # a failed step has marked the study; this is the rest
                 errors.append(error)
             finally:
