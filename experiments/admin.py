@@ -493,6 +493,10 @@ def with_progress(subjects):
     )
 
 
+class DesignLocked(Exception):
+    """A study's design locked while its page was open: the page's changes are not saved."""
+
+
 @admin.register(Study)
 class StudyAdmin(SummarisedDeletion):
     list_display = ["name", "collection", "status", "progress_percent", "subjects_summary"]
@@ -612,15 +616,26 @@ class StudyAdmin(SummarisedDeletion):
         values = tuple(getattr(study, fields(name).attname) for name in self.DESIGN_FIELDS)
         return values, sorted(study.studysystem_set.values_list("system_id", "label"))
 
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        try:  # its transaction is rolled back when the design locked meanwhile
+            return super().changeform_view(request, object_id, form_url, extra_context)
+        except DesignLocked as error:
+            self.message_user(request, f"Not saved: {error}", messages.ERROR)
+            return HttpResponseRedirect(request.path)
+
     def save_model(self, request, obj, form, change):
-        if change:  # as stored, before this form's changes
-            obj.design_before = self.design(Study.objects.get(pk=obj.pk))
+        if change:  # as stored, before this form's changes; locked until saved
+            obj.design_before = self.design(Study.objects.select_for_update().get(pk=obj.pk))
         super().save_model(request, obj, form, change)
 
     def save_related(self, request, form, formsets, change):
         super().save_related(request, form, formsets, change)
         study = form.instance
         redesigned = change and self.design(study) != study.design_before
+        if redesigned and design_locked(Study.objects.get(pk=study.pk)):
+            raise DesignLocked(
+                f"{study} has subjects now (made while this page was open): its design is fixed."
+            )
         if redesigned and study.status == Study.Status.READY:
             Study.objects.filter(pk=study.pk, status=Study.Status.READY).update(
                 status=Study.Status.DRAFT, message="Changed after preparing: prepare it again."
@@ -688,13 +703,18 @@ class StudyAdmin(SummarisedDeletion):
     def draft_studies(self, request, queryset):
         # A preparation whose task was lost (a broker restarted without its queue) would stay
         # "preparing" for ever: from draft it can be prepared again.
-        movable = queryset.filter(
-            status__in=[Study.Status.PREPARING, Study.Status.READY, Study.Status.FAILED]
-        )
-        movable = movable.filter(subjects__isnull=True).values("pk")
-        moved = Study.objects.filter(pk__in=movable).update(
-            status=Study.Status.DRAFT, message="Back to draft: prepare it again.", progress=0.0
-        )
+        chosen = list(queryset.values_list("pk", flat=True))
+        with transaction.atomic():
+            # Locked first: subjects being made now (their plans from this design) are then
+            # seen by the next statement, and keep the study as it is.
+            movable = Study.objects.select_for_update().filter(
+                pk__in=chosen,
+                status__in=[Study.Status.PREPARING, Study.Status.READY, Study.Status.FAILED],
+            )
+            movable = list(movable.values_list("pk", flat=True))
+            moved = Study.objects.filter(pk__in=movable, subjects__isnull=True).update(
+                status=Study.Status.DRAFT, message="Back to draft: prepare it again.", progress=0.0
+            )
         if moved:
             self.message_user(request, f"{moved} study(ies) now draft.", messages.SUCCESS)
         if skipped := queryset.count() - moved:

@@ -89,13 +89,20 @@ def _study_inputs(study: Study) -> tuple:
     return _plan_inputs(study), _catch(study), pair_ids, _machine_judges(study)
 
 
+PREPARED = (Study.Status.READY, Study.Status.OPEN, Study.Status.CLOSED)
+
+
 def _create(study: Study, study_inputs: tuple, external_id: str = "", meta=None) -> Subject:
     inputs, catch, pair_ids, judges = study_inputs
     for attempt in range(ORDINAL_ATTEMPTS):
         try:
             with transaction.atomic():
                 # Serialises concurrent creations on PostgreSQL; SQLite locks the whole file.
-                Study.objects.select_for_update().filter(pk=study.pk).exists()
+                now = Study.objects.select_for_update().get(pk=study.pk)
+                if study.status in PREPARED and (
+                    now.status not in PREPARED or now.preparation != study.preparation
+                ):  # back to draft, or redesigned, since `study_inputs` were read
+                    raise PlanError(f"{study} changed while its subjects were made: try again.")
                 last = study.subjects.aggregate(last=Max("ordinal"))["last"]
                 ordinal = 0 if last is None else last + 1
                 plan = build_plan(ordinal=ordinal, catch=catch, **inputs)

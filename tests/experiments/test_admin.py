@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.files.base import ContentFile
+from django.db.models.signals import pre_save
 from django.test import Client, override_settings
 from django.urls import reverse
 from django.utils import timezone
@@ -18,6 +19,8 @@ from django.utils import timezone
 from experiments.ingest import add_pairs
 from experiments.media import probe
 from experiments.models import Collection, Pair, Response, Study, Subject, System
+from experiments.plans import PlanError
+from experiments.subjects import create_subjects
 
 from . import test_browser
 from .factories import make_collection, make_study, make_subject, make_system
@@ -436,6 +439,36 @@ def test_a_design_change_sends_a_ready_study_back_to_draft(admin_client, study):
     admin_client.post(url, change_form(study, **{"studysystem_set-0-label": "S1"}))
     study.refresh_from_db()
     assert study.status == Study.Status.DRAFT and study.studysystem_set.get().label == "S1"
+
+
+def test_a_design_that_locked_while_its_page_was_open_is_not_saved(admin_client, study):
+    """Another researcher makes links between the page's checks and its save: the subjects'
+    plans come from the stored design, so the new one is refused, not saved under them."""
+    url = f"{CHANGELIST}{study.pk}/change/"
+
+    def links_made_meanwhile(sender, instance, **kwargs):
+        if not instance.subjects.exists():
+            make_subject(Study.objects.get(pk=instance.pk))
+
+    pre_save.connect(links_made_meanwhile, sender=Study)
+    try:
+        page = admin_client.post(url, change_form(study, per_type=2), follow=True)
+    finally:
+        pre_save.disconnect(links_made_meanwhile, sender=Study)
+    assert "Not saved: Tiny study has subjects now" in page.content.decode()
+    study.refresh_from_db()
+    assert (study.per_type, study.status) == (1, Study.Status.READY)
+
+
+def test_subjects_are_not_made_from_a_design_read_before_it_went_back_to_draft(study):
+    read = Study.objects.get(pk=study.pk)  # ready: its links are being made
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.DRAFT)  # another researcher
+    with pytest.raises(PlanError, match="changed while its subjects were made"):
+        create_subjects(read, 3)
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.READY, preparation=5)
+    with pytest.raises(PlanError, match="changed while its subjects were made"):
+        create_subjects(read, 3)  # prepared again meanwhile, perhaps with another design
+    assert not study.subjects.exists()
 
 
 def test_labels_the_pass_threshold_and_questions_per_type_are_checked(admin_client, study):
