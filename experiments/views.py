@@ -381,11 +381,18 @@ def _record(subject: Subject, step: Step, answer: dict) -> None:
 
 
 def _sound_trials(subject: Subject) -> list[list[str]]:
-    """The subject's sound-check trials, drawn once (the caller saves `subject.meta`)."""
-    check = subject.meta.setdefault("sound_check", {})
-    if "trials" not in check:
-        check["trials"] = checks.new_sound_trials()
-    return check["trials"]
+    """The subject's sound-check trials, drawn once and stored at once: locked, so that two
+    tabs score one draw and what another request wrote to `meta` (a new MTurk assignment)
+    stays."""
+    if "trials" not in subject.meta.get("sound_check", {}):
+        with transaction.atomic():
+            locked = Subject.objects.select_for_update().get(pk=subject.pk)
+            check = locked.meta.setdefault("sound_check", {})
+            if "trials" not in check:
+                check["trials"] = checks.new_sound_trials()
+                locked.save(update_fields=["meta"])
+        subject.meta = locked.meta
+    return subject.meta["sound_check"]["trials"]
 
 
 def external_id_from(request, study: Study) -> str:
@@ -443,10 +450,7 @@ def _render_step(
         context["form"] = start_form or StartForm(require_consent=study.require_consent)
         context["confirm_decline"] = confirm_decline
     elif step.name == "sound":
-        drawn = "trials" in subject.meta.get("sound_check", {})
-        trials = _sound_trials(subject)
-        if not drawn:  # keep the trials this page plays for scoring its answers
-            Subject.objects.filter(pk=subject.pk).update(meta=subject.meta)
+        trials = _sound_trials(subject)  # kept: the answers are scored against them
         form = context["form"] = sound_form or SoundCheckForm(trials=len(trials))
         # Per trial: its tones, the answer already given (kept when the form comes back), and
         # whether it is the one missing.

@@ -25,7 +25,7 @@ from scipy.io import wavfile
 from analysis.export import build_report, render
 from analysis.load import responses_frame
 from analysis.preference import preference_table
-from experiments import checks
+from experiments import checks, views
 from experiments.export import COLUMNS, dictionary_rows, pseudonym, response_rows
 from experiments.media import probe
 from experiments.models import Pair, Response, Split, Study, Subject, System
@@ -466,6 +466,20 @@ def test_passing_the_sound_check_leads_to_the_questions(client):
     subject.refresh_from_db()
     assert subject.meta["sound_check"]["passed"] and subject.meta["sound_check"]["correct"] == 5
     assert "Question 1 of 6" in client.get(url(subject)).content.decode()
+
+
+def test_drawing_the_sound_trials_keeps_what_another_request_stored():
+    """The sound page, shown in one tab while the worker comes back through a new MTurk
+    assignment in another, kept only its own stale copy of `meta`: the end page then
+    submitted to the old, returned assignment."""
+    subject = make_subject(make_study(per_type=1, sound_check=True))
+    shown = Subject.objects.get(pk=subject.pk)  # as the sound page read it
+    Subject.objects.filter(pk=subject.pk).update(meta={"entry": {"assignmentId": "NEW"}})
+    trials = views._sound_trials(shown)
+    stored = Subject.objects.get(pk=subject.pk).meta
+    assert stored == {"entry": {"assignmentId": "NEW"}, "sound_check": {"trials": trials}}
+    again = views._sound_trials(Subject.objects.get(pk=subject.pk))
+    assert again == trials  # drawn once
 
 
 def test_failing_the_sound_check_ends_politely_with_its_code(client):
