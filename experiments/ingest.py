@@ -261,6 +261,8 @@ def add_pairs(
         collection, _ = Collection.objects.get_or_create(
             name=name, defaults={"source": str(path.resolve())}
         )
+        # Another import of this collection adds its pairs first: this one then finds them.
+        Collection.objects.select_for_update().filter(pk=collection.pk).exists()
         existing = {p.key: p for p in collection.pairs.all()}
         placed = {k: p.split for k, p in existing.items() if p.split != Split.CATCH}
         placed |= {i.key: i.split for i in items if i.key not in existing and i.split}

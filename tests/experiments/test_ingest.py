@@ -2,6 +2,7 @@
 
 import io
 import subprocess
+import threading
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -337,6 +338,32 @@ def test_a_database_error_while_importing_is_retried_and_never_blamed_on_the_fil
     busy["b"] = 0  # the database is back: a re-run finishes the import
     call_command("import_collection", "busy", str(folder), "--sync", stdout=io.StringIO())
     assert Pair.objects.get(key="b").status == Pair.Status.READY
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_imports_adding_to_one_collection_at_once_both_succeed(tmp_path):
+    """Each found the other's new pairs missing and added them too: PostgreSQL refused the
+    second with a raw IntegrityError (pair_key_unique)."""
+    folder = stub_files(tmp_path / "v", *(f"k{i:02}.mp4" for i in range(8)))
+    add_pairs("both", folder, test=2)
+    stub_files(folder, *(f"k{i:02}.mp4" for i in range(8, 40)))
+    start, errors = threading.Barrier(2), []
+
+    def run():
+        try:
+            start.wait()
+            add_pairs("both", folder, test=2)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and Pair.objects.filter(collection__name="both").count() == 40
 
 
 @pytest.mark.django_db
