@@ -989,6 +989,20 @@ class SubjectAdmin(SummarisedDeletion):
     ]
     inlines = [ResponseInline]
 
+    # An answer being stored holds its subject's row: a deletion that locks the rows first
+    # waits for it and deletes it with the rest; one that did not failed (PostgreSQL: a
+    # foreign key broken by the new answer, or a deadlock) with a 500.
+    def delete_model(self, request, obj):
+        with transaction.atomic():
+            Subject.objects.select_for_update().filter(pk=obj.pk).exists()
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        with transaction.atomic():
+            chosen = list(queryset.values_list("pk", flat=True))
+            list(Subject.objects.select_for_update().filter(pk__in=chosen).values_list("pk"))
+            super().delete_queryset(request, queryset)
+
     def get_queryset(self, request):
         return with_progress(super().get_queryset(request))
 

@@ -4,6 +4,7 @@ import csv
 import io
 import re
 import socket
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.files.base import ContentFile
+from django.db import connection, transaction
 from django.db.models.signals import pre_save
 from django.test import Client, override_settings
 from django.urls import reverse
@@ -939,3 +941,43 @@ def test_pairs_whose_import_task_was_lost_are_imported_again(admin_client, tmp_p
     for pair in collection.pairs.all():
         assert pair.status == Pair.Status.READY
         assert probe(pair.music_file.path).duration_s == pytest.approx(2.5, abs=0.05)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_subject_deleted_while_an_answer_is_stored_goes_with_it(admin_client):
+    """The deletion waits for the answer (it holds the subject's row) and deletes it too;
+    it used to collect the rows first and fail on PostgreSQL: a foreign key the new answer
+    broke, or a deadlock."""
+    study = make_study(per_type=1, status=Study.Status.OPEN)
+    subjects = [make_subject(study), make_subject(study)]
+    stored = threading.Event()
+
+    def answering(subject):
+        try:
+            with transaction.atomic():
+                locked = Subject.objects.select_for_update().get(pk=subject.pk)
+                question = locked.questions.order_by("position").first()
+                Response.objects.create(
+                    question=question, subject=locked, choice="a", chosen_kind=question.kind_a
+                )
+                stored.set()
+                time.sleep(1)  # the deletion comes now
+        finally:
+            connection.close()
+
+    for delete in (
+        lambda s: admin_client.post(f"/admin/experiments/subject/{s.pk}/delete/", {"post": "yes"}),
+        lambda s: admin_client.post(
+            "/admin/experiments/subject/",
+            {"action": "delete_selected", "_selected_action": [s.pk], "post": "yes"},
+        ),
+    ):
+        subject = subjects.pop()
+        stored.clear()
+        thread = threading.Thread(target=answering, args=(subject,))
+        thread.start()
+        stored.wait(10)
+        assert delete(subject).status_code == 302
+        thread.join()
+        assert not Subject.objects.filter(pk=subject.pk).exists()
+    assert not Response.objects.exists()
