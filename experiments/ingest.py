@@ -464,11 +464,20 @@ def import_settings(
     """The collection's clip length, encoder and frame size, {"clip_s", "encoder",
     "frame_size"}: stored at its first import (from those given, else the defaults); later,
     any given must agree (ValueError: other clips or features would not compare with its
-    pairs'). An unknown encoder or a frame size it cannot take is a ValueError too."""
+    pairs'). A collection imported before they were stored must be given them. An unknown
+    encoder or a frame size it cannot take is a ValueError too."""
     from engine.features.video import input_size
 
     asked = {"clip_s": clip_s, "encoder": encoder, "frame_size": frame_size}
     stored = collection.import_settings
+    legacy = collection.pairs.filter(status=Pair.Status.READY).exclude(split=Split.CATCH).exists()
+    if not stored and legacy and (clip_s is None or encoder is None):
+        # Imported before settings were kept: defaults could differ from what made its pairs.
+        raise ValueError(
+            f"{collection} was imported before its import settings were kept: run "
+            "`manage.py import_collection` once with its first import's --clip-seconds and "
+            "--encoder (and --frame-size if it gave one); they are kept from then on"
+        )
     if not stored:
         defaults = {"clip_s": CLIP_S, "encoder": DEFAULT_ENCODER, "frame_size": None}
         stored = {k: v if v is not None else defaults[k] for k, v in asked.items()}

@@ -445,6 +445,29 @@ def test_a_reimport_reports_ready_pairs_whose_files_changed_and_keeps_them(tmp_p
 
 
 @pytest.mark.django_db
+def test_a_collection_imported_before_its_settings_were_kept_must_be_given_them(tmp_path):
+    """After an upgrade its settings are unknown ({}): the defaults would have made new pairs
+    unlike its own (the demo's frames are 112 px), so they must be given, once."""
+    stub_files(tmp_path, "v1.mp4", "v2.mp4")
+    collection = add_pairs("old", tmp_path, test=1).collection
+    collection.pairs.filter(key="v1").update(status=Pair.Status.READY)  # made by the old code
+    stub_files(tmp_path, "v3.mp4")
+    with pytest.raises(CommandError, match="old was imported before its import settings were"):
+        call_command("import_collection", "old", str(tmp_path), "--sync", stdout=io.StringIO())
+    assert Collection.objects.get(name="old").import_settings == {}
+    assert not Pair.objects.filter(key="v3").exists()  # nothing written
+    given = ["--clip-seconds", "10", "--encoder", "efficientnet-lite0", "--frame-size", "112"]
+    with pytest.raises(CommandError, match="2 of 3 pairs failed"):  # stubs, not videos
+        call_command(
+            "import_collection", "old", str(tmp_path), "--sync", *given, stdout=io.StringIO(),
+            stderr=io.StringIO(),
+        )  # fmt: skip
+    assert Collection.objects.get(name="old").import_settings == {
+        "clip_s": 10.0, "encoder": "efficientnet-lite0", "frame_size": 112
+    }  # fmt: skip
+
+
+@pytest.mark.django_db
 def test_a_failed_pair_imported_again_from_other_files_takes_them(tmp_path, monkeypatch):
     def process_pair(pair, *settings):  # this source's videos have no sound of their own
         pair.status = Pair.Status.READY if pair.source_music else Pair.Status.FAILED
@@ -482,7 +505,8 @@ def test_the_catch_split_and_key_are_refused(tmp_path):
 
 @pytest.mark.django_db
 def test_the_summary_counts_only_the_pairs_of_this_source(tmp_path, instant):
-    collection = Collection.objects.create(name="mixed")
+    made = {"clip_s": 29.12, "encoder": "efficientnet-lite0", "frame_size": None}
+    collection = Collection.objects.create(name="mixed", import_settings=made)
     Pair.objects.create(collection=collection, key="__catch__", split="catch", status="ready")
     Pair.objects.create(collection=collection, key="elsewhere", status="ready")
     Pair.objects.create(collection=collection, key="gone", status="failed", error="old")
