@@ -25,3 +25,4 @@ preload_app = True
 timeout = 60
 graceful_timeout = 20
 accesslog = os.environ.get("ACCESS_LOG") or None
+control_socket_disable = True  # unused; two sites of one user would share ~/.gunicorn's

@@ -49,11 +49,17 @@ def test_production_settings_pass_check_deploy(tmp_path):
         "ALLOWED_HOSTS": "study.example.org",
         "VAR_DIR": str(tmp_path),
     }
-    proc = subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=settings.BASE_DIR,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    show = "from django.conf import settings as s; print(s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE)"
+    for ssl, secure in (("1", "True True"), ("0", "False False")):
+        # 0: a local trial without TLS, where browsers drop secure cookies (the admin's login)
+        env["SECURE_SSL_REDIRECT"] = ssl
+        for command in (["check", "--deploy", "--fail-level", "WARNING"], ["shell", "-c", show]):
+            proc = subprocess.run(
+                [sys.executable, "manage.py", *command],
+                env=env,
+                capture_output=True,
+                text=True,
+                cwd=settings.BASE_DIR,
+            )
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.splitlines()[-1] == secure
