@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config):
     """In the controlling process, before the xdist workers start: compile the music
-    features' numba functions once, so the workers read numba's cache instead of writing
-    it at the same time (concurrent writes can pair files that crash a reader)."""
+    features' numba functions once, the naive oracle's too, so the workers read numba's
+    cache instead of writing it at the same time (concurrent writes can pair files that
+    crash a reader)."""
     if not hasattr(config, "workerinput"):
         from engine.features.audio import warm_numba_cache
 
-        warm_numba_cache()
+        warm_numba_cache(reference=True)
 
 
 def _free_port() -> int:

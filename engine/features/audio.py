@@ -218,9 +218,10 @@ def music_features(source) -> np.ndarray:
 
 
 @functools.cache
-def warm_numba_cache() -> None:
-    """Compile every numba function the music features use (librosa's and ours), or load it
-    from numba's on-disk cache, once in this process.
+def warm_numba_cache(reference: bool = False) -> None:
+    """Compile every numba function the music features use (librosa's and ours; with
+    `reference`, those of `music_features_naive` too), or load it from numba's on-disk cache,
+    once in this process.
 
     Call it before starting processes that compute music features: numba's cache files can
     be corrupted when several processes compile the same gufunc at once, and a process that
@@ -238,7 +239,8 @@ def warm_numba_cache() -> None:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         music_features((noise, SR))
-        music_features_naive((noise, SR))
+        if reference:
+            music_features_naive((noise, SR))
     finally:
         if lock is not None:
             os.close(lock)  # releases the lock
