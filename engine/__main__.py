@@ -201,7 +201,7 @@ def cmd_search(args):
 
 
 def cmd_embed(args):
-    from engine.files import written_whole
+    from engine.files import embeddings_npz, written_whole
     from engine.pipeline import Features, load_system
 
     features = Features.load(args.features)
@@ -210,7 +210,7 @@ def cmd_embed(args):
     if twice := [key for key, n in Counter(keys).items() if n > 1]:
         raise ValueError(f"files differ only by their suffix: {twice[:3]}")
     with written_whole(args.out) as f:
-        np.savez(f, keys=np.array(keys), video=video, music=music)
+        f.write(embeddings_npz(keys, video, music))
     print(
         f"embedded {len(keys)} pairs -> {args.out} (into a study: "
         f"`python manage.py import_results COLLECTION SYSTEM {args.out}`)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cross_decomposition import CCA, PLSSVD, PLSCanonical
 from sklearn.decomposition import PCA
+from sklearn.preprocessing import normalize
 
 KINDS = ("pca", "plssvd", "pls", "cca")
 
@@ -44,4 +45,4 @@ def fit_baseline(kind: str, video: np.ndarray, music: np.ndarray, n_components: 
 def project(params: dict, modality: str, x: np.ndarray) -> np.ndarray:
     """Rows of `x` in the baseline's shared space, L2-normalised."""
     z = params[f"{modality}_offset"] + np.asarray(x, np.float64) @ params[f"{modality}_matrix"]
-    return (z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return normalize(z).astype(np.float32)

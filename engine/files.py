@@ -1,8 +1,11 @@
 """Files the engine reads and writes."""
 
 import contextlib
+import io
 import os
 from pathlib import Path
+
+import numpy as np
 
 VIDEO_SUFFIXES = {
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
@@ -35,3 +38,17 @@ def written_whole(path):
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def embeddings_npz(keys, video, music) -> bytes:
+    """A system's embeddings as the platform stores them: an .npz of `keys` (pair keys) and
+    the `video` and `music` rows in their order."""
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=np.array(keys), video=video, music=music)
+    return buffer.getvalue()
+
+
+def load_embeddings(file) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(keys, video, music) of an `embeddings_npz` file (a path or an open binary file)."""
+    with np.load(file) as data:
+        return [str(key) for key in data["keys"]], data["video"], data["music"]

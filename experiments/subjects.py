@@ -9,11 +9,11 @@ is quick and never waits on a worker.
 import os
 from functools import cache
 
-import numpy as np
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.urls import reverse
 
+from engine.files import load_embeddings
 from experiments.models import (
     Pair,
     Question,
@@ -212,13 +212,11 @@ def _embedding_judge(path: str):
 @cache
 def _load_embeddings(path: str, mtime_ns: int):
     """Keys → row and L2-normalised embeddings; read once per file version and process."""
-    with np.load(path) as data:
-        index = {str(key): i for i, key in enumerate(data["keys"])}
-        spaces = {
-            name: data[name] / np.maximum(np.linalg.norm(data[name], axis=1, keepdims=True), 1e-12)
-            for name in ("video", "music")
-        }
-    return index, spaces
+    from sklearn.preprocessing import normalize
+
+    keys, video, music = load_embeddings(path)
+    index = {key: i for i, key in enumerate(keys)}
+    return index, {"video": normalize(video), "music": normalize(music)}
 
 
 def _ranking_judge(system_id: int):

@@ -10,7 +10,6 @@ of a system changed since the step started, stops and writes nothing.
 """
 
 import errno
-import io
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from engine.features import MediaError
+from engine.files import embeddings_npz, load_embeddings
 from experiments.ingest import DEFAULT_ENCODER, process_pair
 from experiments.media import CLIP_S, MediaInfo, broken_items, probe
 from experiments.models import EDITABLE_DESIGN, Pair, Split, Study, StudySystem, System
@@ -139,11 +139,11 @@ def gpu_train_system(
             written.append(name)
         report(0.95, "Embedding the test pairs")
         video, music = trained.embed(test.frames, test.music)
-        buffer = io.BytesIO()
-        np.savez(buffer, keys=np.array(test.keys), video=video, music=music)
         system.embeddings.delete(save=False)
         system.embeddings.save(
-            f"{system.pk}-embeddings.npz", ContentFile(buffer.getvalue()), save=False
+            f"{system.pk}-embeddings.npz",
+            ContentFile(embeddings_npz(test.keys, video, music)),
+            save=False,
         )
         written.append(system.embeddings.name)
         metrics = {**trained.metrics, "test": evaluate(trained, test)}
@@ -177,8 +177,8 @@ def gpu_search(
         if not system.embeddings:
             raise ValueError(f"{system.name}: no embeddings to search (train it first)")
         _reporter(system, study_id, step, preparation)(0.0, "Searching")
-        with system.embeddings.open("rb") as f, np.load(f) as data:
-            keys, video, music = list(data["keys"]), data["video"], data["music"]
+        with system.embeddings.open("rb") as f:
+            keys, video, music = load_embeddings(f)
         known = set(
             Pair.objects.filter(collection_id=system.collection_id, key__in=keys).values_list(
                 "key", flat=True

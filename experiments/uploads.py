@@ -44,6 +44,7 @@ from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from engine.files import embeddings_npz
 from experiments.models import (
     Collection,
     Direction,
@@ -400,9 +401,10 @@ def _test_embeddings(keys, video, music, test_keys):
     row = {key: i for i, key in enumerate(keys)}
     take = [row[key] for key in test_keys]
 
+    from sklearn.preprocessing import normalize
+
     def unit(x):
-        x = np.asarray(x, dtype=np.float32)[take]
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
+        return normalize(np.asarray(x, dtype=np.float32)[take])
 
     return list(test_keys), unit(video), unit(music)
 
@@ -492,12 +494,9 @@ def _store(collection, name, kind, filename, data, ranked, embeddings, metrics) 
             system.source_file.save(filename, ContentFile(data), save=False)
             written.append(system.source_file.name)
             if embeddings is not None:
-                keys, video, music = embeddings
-                buffer = io.BytesIO()
-                np.savez(buffer, keys=np.array(keys), video=video, music=music)
                 system.embeddings.save(
                     f"{Path(filename).stem}-embeddings.npz",
-                    ContentFile(buffer.getvalue()),
+                    ContentFile(embeddings_npz(*embeddings)),
                     save=False,
                 )
                 written.append(system.embeddings.name)

@@ -23,6 +23,7 @@ import av
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from sklearn.preprocessing import normalize
 from torch import nn
 
 from engine.devices import best_device
@@ -449,10 +450,6 @@ class VideoFeaturizer:
         return f
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 class MusicFeaturizer:
     """Music vectors (n, 1140) -> z-scored on the training split, then L2-normalised.
 
@@ -475,7 +472,7 @@ class MusicFeaturizer:
 
     def transform(self, music: np.ndarray) -> np.ndarray:
         z = (np.asarray(music, np.float64) - self.state["mean"]) / self.state["scale"]
-        return _l2(z).astype(np.float32)
+        return normalize(z).astype(np.float32)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return dict(self.state)
