@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from engine.devices import best_device
 from engine.features import MediaError
-from engine.features.audio import music_features, warm_numba_cache
+from engine.features.audio import N_FEATURES, music_features, warm_numba_cache
 from engine.features.audio_batch import music_features_batch
 from engine.features.video import frame_features, frame_features_batch
 from engine.processes import process_pool
@@ -98,7 +98,9 @@ def _extracted(paths, workers, kwargs):
 def _rows(paths, results):
     keys = [p for p in paths if p in results]
     frames = [results[p][0] for p in keys]
-    music = np.stack([results[p][1] for p in keys]) if keys else np.zeros((0, 1140), np.float32)
+    music = (
+        np.stack([results[p][1] for p in keys]) if keys else np.zeros((0, N_FEATURES), np.float32)
+    )
     return keys, frames, music
 
 

@@ -92,7 +92,6 @@ def make_items(
     music_out: str | os.PathLike,
     music_path: str | os.PathLike | None = None,
     clip_s: float | None = CLIP_S,
-    max_height: int = MAX_HEIGHT,
 ) -> MediaInfo:
     """A pair's study media: the muted picture of `video_path` and the soundtrack of
     `music_path` (default: the same file), each its centred clip. Returns the video's info."""
@@ -104,12 +103,12 @@ def make_items(
         raise MediaError(f"{Path(music_path or video_path).name}: no audio track")
     check_usable(video_info, Path(video_path).name)
     check_usable(music_info, Path(music_path or video_path).name)
-    web_video(video_path, video_out, *clip_window(video_info.duration_s, clip_s), max_height)
+    web_video(video_path, video_out, *clip_window(video_info.duration_s, clip_s))
     audio_clip(music_path or video_path, music_out, *clip_window(music_info.duration_s, clip_s))
     return video_info
 
 
-def web_video(src, dst, start: float = 0.0, length: float | None = None, max_height=MAX_HEIGHT):
+def web_video(src, dst, start: float = 0.0, length: float | None = None):
     """Write `length` seconds of `src`'s picture from `start` as a muted, streamable MP4."""
     name = Path(src).name
     with _open(src) as source:
@@ -120,9 +119,7 @@ def web_video(src, dst, start: float = 0.0, length: float | None = None, max_hei
         stream.thread_type = "AUTO"
         fps = min(float(stream.average_rate or 25), MAX_FPS)
         rate = Fraction(fps).limit_denominator(1001)
-        width, height = _web_size(
-            stream.codec_context.width, stream.codec_context.height, max_height
-        )
+        width, height = _web_size(stream.codec_context.width, stream.codec_context.height)
         with _h264_output(dst, rate, width, height) as (out, encoder):
             last_pts, decoded_until = -1, None
             for frame in _decode_from(source, stream, start, name):
@@ -264,9 +261,9 @@ def _check_complete(name, what, decoded_until, start, end):
         )
 
 
-def _web_size(width: int, height: int, max_height: int) -> tuple[int, int]:
-    """Keep the aspect ratio, at most `max_height` tall; even sizes, as yuv420p needs."""
-    scale = min(1.0, max_height / height)
+def _web_size(width: int, height: int) -> tuple[int, int]:
+    """Keep the aspect ratio, at most MAX_HEIGHT tall; even sizes, as yuv420p needs."""
+    scale = min(1.0, MAX_HEIGHT / height)
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 

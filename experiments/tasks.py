@@ -27,6 +27,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from engine.features import MediaError
+from engine.features.audio import N_FEATURES
 from engine.files import embeddings_npz, load_embeddings
 from experiments.ingest import DEFAULT_ENCODER, process_pair
 from experiments.media import CLIP_S, MediaInfo, broken_items, probe
@@ -89,7 +90,7 @@ def load_features(collection_id: int, split: str):
             keys.append(pair.key)
             frames.append(data["frames"])
             music.append(data["music"])
-    return Features(keys, frames, np.stack(music) if music else np.empty((0, 1140)))
+    return Features(keys, frames, np.stack(music) if music else np.empty((0, N_FEATURES)))
 
 
 @shared_task

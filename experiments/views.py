@@ -581,10 +581,6 @@ def tone(request, token, trial, slot):
     return response
 
 
-def media_url(pair: Pair, video: bool) -> str:
-    return reverse("media", args=[pair.video_token if video else pair.music_token])
-
-
 CONTENT_TYPES = {".mp4": "video/mp4", ".m4a": "audio/mp4", ".mp3": "audio/mpeg"}
 RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")  # longer: not a size, ignored
 CHUNK = 64 * 1024

@@ -38,6 +38,7 @@ from engine.devices import best_device
 from engine.features.audio import (
     DURATION,
     HOP,
+    N_FEATURES,
     N_FFT,
     N_MELS,
     N_MFCC,
@@ -68,7 +69,7 @@ def music_features_batch(sources, device=None, batch_size: int = 32, workers=Non
     """
     device = best_device(device)
     sources = list(sources)
-    out = np.empty((len(sources), 1140), np.float32)
+    out = np.empty((len(sources), N_FEATURES), np.float32)
     workers = os.cpu_count() or 1 if workers is None else workers
     if device.type == "cpu" and (workers == 0 or len(sources) <= 1):
         return _cpu_rows(sources) if sources else out

@@ -2,8 +2,7 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from analysis.load import get_study
-from experiments.models import Study
+from experiments.management import study_named
 from experiments.plans import PlanError
 from experiments.subjects import create_subjects, subject_url
 
@@ -21,10 +20,7 @@ class Command(BaseCommand):
     def handle(self, *args, **o):
         if o["count"] < 1:
             raise CommandError("--count must be at least 1")
-        try:
-            study = get_study(o["study"])
-        except Study.DoesNotExist:
-            raise CommandError(f"No study with slug or id {o['study']!r}.") from None
+        study = study_named(o["study"])
         try:
             subjects = create_subjects(study, o["count"])
         except PlanError as error:

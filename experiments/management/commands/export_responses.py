@@ -11,9 +11,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from analysis.load import get_study
 from experiments.export import column_names, dictionary_rows, response_rows, spreadsheet_safe
-from experiments.models import Study
+from experiments.management import study_named
 
 
 class Command(BaseCommand):
@@ -31,10 +30,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **o):
-        try:
-            study = get_study(o["study"])
-        except Study.DoesNotExist:
-            raise CommandError(f"No study with slug or id {o['study']!r}.") from None
+        study = study_named(o["study"])
         if o["output"]:
             check_output(o["output"], "--output")
         if o["dictionary"]:

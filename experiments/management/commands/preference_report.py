@@ -5,11 +5,11 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from analysis.export import LEFT_OUT, TEXT_FORMATS, build_report, render
-from analysis.load import LEFT_OUT_OPTION, get_study, left_out, responses_frame, system_names
+from analysis.load import LEFT_OUT_OPTION, left_out, responses_frame, system_names
 from analysis.plots import preference_boxplot
 from analysis.preference import answers
+from experiments.management import study_named
 from experiments.management.commands.export_responses import cannot_write, check_output
-from experiments.models import Study
 
 
 class Command(BaseCommand):
@@ -34,10 +34,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        try:
-            study = get_study(options["study"])
-        except Study.DoesNotExist:
-            raise CommandError(f"No study with slug or id {options['study']!r}.") from None
+        study = study_named(options["study"])
         if options["plot"] and options["plot"].suffix.lower() not in (".png", ".svg", ".pdf"):
             raise CommandError("--plot must end in .png, .svg or .pdf")
         for option in ("plot", "subjects_csv"):

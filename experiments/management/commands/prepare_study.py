@@ -9,8 +9,7 @@ from django.db import connections
 from kombu.exceptions import OperationalError
 from tqdm import tqdm
 
-from analysis.load import get_study
-from experiments.management import bar_interval
+from experiments.management import bar_interval, study_named
 from experiments.models import Study
 from experiments.tasks import celery_problem, queue_preparation
 from study_site.celery import app
@@ -32,10 +31,7 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to wait")
 
     def handle(self, *args, **o):
-        try:
-            study = get_study(o["study"])
-        except Study.DoesNotExist:
-            raise CommandError(f"No study with slug or id {o['study']!r}.") from None
+        study = study_named(o["study"])
         if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
             raise CommandError(f"{study.slug} is {study.status}: its subjects' plans are fixed.")
         if app.conf.task_always_eager:  # no broker (CELERY_ALWAYS_EAGER): the work runs here

@@ -9,9 +9,10 @@ from contextlib import contextmanager
 
 from django.core.management.base import BaseCommand, CommandError
 
-from analysis.load import get_study, responses_frame
+from analysis.load import responses_frame
 from analysis.preference import preference_table
 from experiments.bots import STRATEGIES, BotError, run_bots
+from experiments.management import study_named
 from experiments.models import Study
 
 
@@ -28,10 +29,7 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, help="seed of the bots' choices")
 
     def handle(self, *args, **o):
-        try:
-            study = get_study(o["study"])
-        except Study.DoesNotExist:
-            raise CommandError(f"No study with slug or id {o['study']!r}.") from None
+        study = study_named(o["study"])
         if study.status != Study.Status.OPEN:
             raise CommandError(f"{study.slug} is {study.status}: open it first (bots join it).")
         if o["subjects"] < 1:
