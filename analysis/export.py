@@ -97,7 +97,7 @@ def results_table(df: pd.DataFrame) -> pd.DataFrame:
     (its share over the G-R questions it judged; how many: `machine_coverage`)."""
     human = preference_table(df)
     parts = {"Human": human}
-    gr = machine.machine_gr_accuracy(df)
+    gr = machine.machine_gr_counts(df)["percent"].unstack("direction")
     for label, row in gr.iterrows():
         parts[_machine_judge(label, len(gr))] = row.to_frame("GR").T
     table = pd.concat(parts, names=["judge", "pair_type"])

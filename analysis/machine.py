@@ -24,41 +24,10 @@ def machine_labels(df: pd.DataFrame) -> list[str]:
     return [c.removeprefix(MACHINE_PREFIX) for c in df.columns if c.startswith(MACHINE_PREFIX)]
 
 
-def machine_preference_table(df: pd.DataFrame, pair_types=None) -> pd.DataFrame:
-    """Like Table IV, but the judges are the machines: rows (machine, pair_type), columns V2M,
-    M2V, Total, the percent of questions on which the machine chose the first-named kind.
-    Questions a machine did not judge (its column empty) are left out of its cells."""
-    d = answers(df)
-    if pair_types is None:
-        pair_types = ordered_pair_types(d["pair_type"].unique())
-    tables = {}
-    for label in machine_labels(d):
-        judged = d[d[MACHINE_PREFIX + label].notna()]
-        prefers = judged[MACHINE_PREFIX + label] == judged["first"]
-        by_cell = prefers.groupby([judged["pair_type"], judged["direction"]]).mean().unstack()
-        table = by_cell.reindex(index=pair_types, columns=DIRECTIONS) * 100.0
-        table["Total"] = prefers.groupby(judged["pair_type"]).mean().reindex(pair_types) * 100.0
-        tables[label] = table
-    if not tables:
-        return pd.DataFrame(
-            columns=COLUMNS, index=pd.MultiIndex.from_tuples([], names=["machine", "pair_type"])
-        )
-    out = pd.concat(tables, names=["machine", "pair_type"])
-    out.columns.name = None
-    return out.astype(float)
-
-
-def machine_gr_accuracy(df: pd.DataFrame) -> pd.DataFrame:
-    """The table's "Machine GR" row(s): per machine, the percent of the G-R questions it judged
-    on which it chose G, per direction and in total (coverage: `machine_gr_counts`)."""
-    table = machine_preference_table(df, pair_types=["GR"])
-    return table.xs("GR", level="pair_type") if len(table) else table.droplevel("pair_type")
-
-
 def machine_gr_counts(df: pd.DataFrame) -> pd.DataFrame:
     """The machine G-R row with its coverage: rows (machine, direction) for V2M, M2V and Total;
-    columns `percent` (of the judged G-R questions, choosing G: the row of
-    `machine_gr_accuracy`), `preferred` (judged questions choosing G), `n_judged` (G-R
+    columns `percent` (of the judged G-R questions, choosing G: the machine's row of Table
+    IV), `preferred` (judged questions choosing G), `n_judged` (G-R
     questions the machine judged), `n_questions` (G-R questions answered) and `coverage`
     (percent of them judged). Counts are pandas' nullable Int64."""
     d = answers(df)

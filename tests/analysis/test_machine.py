@@ -1,12 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from analysis.machine import (
-    machine_agreement,
-    machine_gr_accuracy,
-    machine_gr_counts,
-    machine_preference_table,
-)
+from analysis.export import results_table
+from analysis.machine import machine_agreement, machine_gr_counts
 
 from .frames import exact_answers
 
@@ -24,28 +20,17 @@ MACHINE = {
 }
 
 
-def test_machine_gr_row_is_the_share_of_gr_questions_choosing_g():
-    row = machine_gr_accuracy(exact_answers(SPEC, MACHINE))
-    assert row.index.tolist() == ["S"]
-    assert row.loc["S"].tolist() == [70.0, 90.0, 80.0]
-
-
-def test_machine_preference_table_covers_every_comparison():
-    table = machine_preference_table(exact_answers(SPEC, MACHINE))
-    assert table.loc[("S", "GS")].tolist() == [20.0, 40.0, 30.0]
-    assert table.loc[("S", "SR")].isna().all()  # no SR questions
-
-
-def test_no_machine_columns_give_an_empty_machine_row():
-    assert machine_gr_accuracy(exact_answers(SPEC)).empty
+def test_the_machine_row_of_table_iv_is_the_share_of_gr_questions_choosing_g():
+    table = results_table(exact_answers(SPEC, MACHINE))
+    assert table.loc[("Machine", "GR")].tolist() == [70.0, 90.0, 80.0]
+    assert "Machine" not in results_table(exact_answers(SPEC)).index.get_level_values("judge")
 
 
 def test_unjudged_questions_do_not_count():
     df = exact_answers(SPEC, MACHINE)
     df.loc[(df.pair_type == "GR") & (df.direction == "V2M"), "machine_S"] = None
-    row = machine_gr_accuracy(df)
-    assert np.isnan(row.loc["S", "V2M"])
-    assert row.loc["S", "Total"] == 90.0
+    row = results_table(df).loc[("Machine", "GR")]
+    assert np.isnan(row["V2M"]) and row["Total"] == 90.0
 
 
 def test_human_machine_agreement_per_comparison():
@@ -78,7 +63,7 @@ def test_machine_gr_counts_say_how_many_questions_were_judged():
     assert counts.loc[("S", "Total")].tolist() == [11 / 12 * 100, 11, 12, 20, 60.0]
     assert counts["n_judged"].dtype == "Int64" and counts["n_questions"].dtype == "Int64"
     # The share is the G-R row's, over judged questions.
-    assert counts["percent"].tolist() == machine_gr_accuracy(df).loc["S"].tolist()
+    assert counts["percent"].tolist() == results_table(df).loc[("Machine", "GR")].tolist()
 
 
 def test_tables_joined_with_repeated_row_labels_give_the_same_figures():
