@@ -63,19 +63,26 @@ def left_out(
 ) -> dict[str, int]:
     """How many subjects who answered `responses_frame` leaves out, by reason
     (`LEFT_OUT_OPTION`); reasons with none are not named."""
-    study = get_study(study)
-    answered = Subject.objects.filter(study=study, responses__isnull=False).distinct()
-    counts = {}
+    reasons = _left_out(get_study(study), include_incomplete, include_failed)
+    counts = {r: q.filter(responses__isnull=False).distinct().count() for r, q in reasons.items()}
+    return {reason: n for reason, n in counts.items() if n}
+
+
+def _left_out(study, include_incomplete: bool, include_failed: bool) -> dict:
+    """The subjects `responses_frame` leaves out, as a query per reason (`LEFT_OUT_OPTION`):
+    one rule for the frame and for the counts that say who is not in it."""
+    subjects = Subject.objects.filter(study=study)
+    reasons = {}
     if not include_incomplete:
-        counts["not_finished"] = answered.filter(completed_at__isnull=True).count()
+        reasons["not_finished"] = subjects.filter(completed_at__isnull=True)
     if not include_failed:
-        counts["failed_attention"] = answered.filter(
-            outcome=Subject.Outcome.FAILED_ATTENTION
-        ).count()
+        reasons["failed_attention"] = subjects.filter(outcome=Subject.Outcome.FAILED_ATTENTION)
         threshold = study.catch_pass_threshold
         if include_incomplete and study.attention_checks and threshold is not None:
-            counts["cannot_pass"] = answered.filter(pk__in=_cannot_pass(study, threshold)).count()
-    return {reason: n for reason, n in counts.items() if n}
+            # the finished are judged by their outcome; without include_incomplete these are
+            # not finished anyway
+            reasons["cannot_pass"] = subjects.filter(pk__in=_cannot_pass(study, threshold))
+    return reasons
 
 
 def _cannot_pass(study, threshold: float) -> list[int]:
@@ -112,13 +119,8 @@ def responses_frame(
     """
     study = get_study(study)
     responses = Response.objects.filter(subject__study=study)
-    if not include_incomplete:
-        responses = responses.filter(subject__completed_at__isnull=False)
-    if not include_failed:
-        responses = responses.exclude(subject__outcome=Subject.Outcome.FAILED_ATTENTION)
-        threshold = study.catch_pass_threshold
-        if study.attention_checks and threshold is not None:
-            responses = responses.exclude(subject__in=_cannot_pass(study, threshold))
+    for subjects in _left_out(study, include_incomplete, include_failed).values():
+        responses = responses.exclude(subject__in=subjects)
     rows = responses.order_by("subject__ordinal", "question__position").values(
         "response_ms",
         "answered_at",
