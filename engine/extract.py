@@ -197,10 +197,10 @@ def bisected(compute, paths) -> list:
 
 def _collect(result, results, errors, bar):
     path, value, error = result
-    bar.update()
     if error is None:
         results[path] = value
     else:
         errors.append((path, error))
         if not bar.disable:  # as it happens, above the bar: a long run's failures show early
             bar.write(f"FAILED {error}", file=sys.stderr)
+    bar.update()  # after: a run stopped once the bar shows a file has that file's rows to save
