@@ -40,8 +40,10 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
 def _start_worker(owner: int) -> None:
     _exit_with(owner)
     keep_freed_memory()
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = "1"  # for the libraries a job loads later (scipy's own BLAS)
     torch.set_num_threads(1)
-    threadpoolctl.threadpool_limits(1)
+    threadpoolctl.threadpool_limits(1)  # those loaded already
 
 
 def _exit_with(owner: int) -> None:

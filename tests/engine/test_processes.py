@@ -23,6 +23,8 @@ def test_computed_ahead_keeps_the_order():
 
 
 def threads(_):
+    import librosa  # noqa: F401 - what the engine's jobs load: scipy and its own BLAS
+    import sklearn.decomposition  # noqa: F401
     import threadpoolctl
     import torch
 

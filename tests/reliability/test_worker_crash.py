@@ -103,6 +103,6 @@ def test_a_worker_killed_mid_training_is_replaced_and_the_study_becomes_ready(re
             assert sorted(ranks) == list(range(1, 9))
     # One checkpoint and one embeddings file for the system: no copies from the first try.
     files = sorted(p.name for p in (Path(settings.MEDIA_ROOT) / "systems").glob(f"{system.pk}-*"))
-    assert files == [f"{system.pk}-embeddings.npz", f"{system.pk}-vmnet.pt"]
+    assert files == [f"{system.pk}-embeddings.npz", f"{system.pk}-vmnet-0.pt"]
     # The training task was received twice: by the killed worker and by its replacement.
     assert log.read_text().count("Task experiments.tasks.gpu_train_system") >= 2
