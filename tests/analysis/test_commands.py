@@ -13,7 +13,7 @@ from django.test import RequestFactory
 from django.urls import reverse
 from django.utils import timezone
 
-from analysis.load import responses_frame
+from analysis.load import left_out, responses_frame
 from experiments.models import (
     Collection,
     Pair,
@@ -109,12 +109,17 @@ def test_loader_builds_the_analysis_frame():
 
 
 def test_loader_leaves_out_incomplete_and_failed_subjects():
-    make_study(slug="partial", completed=False)
+    partial = make_study(slug="partial", completed=False)
     assert responses_frame("partial").empty
     assert len(responses_frame("partial", include_incomplete=True)) == 32
+    assert left_out("partial") == {"not_finished": 2}
+    Subject.objects.create(study=partial, ordinal=9)  # a link nobody opened: not counted
+    assert left_out("partial") == {"not_finished": 2}
     make_study(slug="failed", outcome=Subject.Outcome.FAILED_ATTENTION)
     assert responses_frame("failed").empty
     assert len(responses_frame("failed", include_failed=True)) == 32
+    assert left_out("failed") == {"failed_attention": 2}
+    assert left_out("failed", include_failed=True) == {}
 
 
 def add_catch_questions(subject, answered: list[str], total: int = 4):
@@ -146,8 +151,13 @@ def test_loader_leaves_out_subjects_in_progress_who_can_no_longer_pass_the_catch
     assert set(responses_frame("checked", include_incomplete=True)["subject"]) == {1}
     both = responses_frame("checked", include_incomplete=True, include_failed=True)
     assert set(both["subject"]) == {0, 1}
+    # The report's counts of who is left out say the same, by reason.
+    assert left_out("checked", include_incomplete=True) == {"cannot_pass": 1}
+    assert left_out("checked") == {"not_finished": 2}  # counted once, not also as cannot_pass
+    assert left_out("checked", include_incomplete=True, include_failed=True) == {}
     Study.objects.filter(pk=study.pk).update(catch_pass_threshold=0.5)  # 2 of 4 still pass
     assert set(responses_frame("checked", include_incomplete=True)["subject"]) == {0, 1}
+    assert left_out("checked", include_incomplete=True) == {}
 
 
 def test_report_markdown_has_table_iv_and_machine_row():
