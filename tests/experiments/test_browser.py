@@ -182,3 +182,148 @@ def test_a_participant_answers_leaves_resumes_and_finishes(chromium, live_server
     )
     assert sorted(positions) == [1, 2, 3, 4, 5, 6]
     assert errors == []
+
+
+def first_question(chromium, live_server, **study_fields):
+    """A fresh subject of a one-system study, on its first question (video → music: the
+    candidates are <audio> players) with the media loaded; `page.errors` collects the
+    script's errors."""
+    subject = make_subject(make_study(per_type=1, **study_fields))
+    page = chromium.new_context(viewport={"width": 1280, "height": 800}).new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    assert counter(page) == "Question 1 of 6"
+    wait_for_media(page)
+    return page, subject
+
+
+def answers(subject):
+    return list(
+        Response.objects.filter(subject=subject)
+        .order_by("question__position")
+        .values_list("question__position", "choice")
+    )
+
+
+def is_script_post(request) -> bool:
+    """The script's answer request (the plain form submission asks for HTML)."""
+    return request.method == "POST" and "application/json" in request.headers.get("accept", "")
+
+
+def test_the_arrow_keys_in_a_candidate_player_are_the_players(chromium, live_server):
+    """In an <audio> or <video> player ← and → seek; they must not answer. The key pressed
+    next (a letter, which chooses anywhere) shows which answer went first: the server keeps
+    the first answer to a question."""
+    page, subject = first_question(chromium, live_server)
+    answerable(page)
+    page.focus("audio[data-role=a]")
+    assert page.evaluate("document.activeElement.tagName") == "AUDIO"
+    page.keyboard.press("ArrowRight")  # would be "Choose B" anywhere else
+    page.keyboard.press("a")
+    page.locator("#counter", has_text="Question 2 of 6").wait_for()
+    assert answers(subject) == [(1, "a")]
+
+    for number in (2, 3):
+        answerable(page)
+        page.keyboard.press("a")
+        if number == 2:
+            page.locator("#counter", has_text="Question 3 of 6").wait_for()
+    page.get_by_role("button", name="Continue").click()
+    assert counter(page) == "Question 4 of 6"  # music → video: the candidates are <video>s
+    answerable(page)
+    page.focus("video[data-role=b]")
+    assert page.evaluate("document.activeElement.tagName") == "VIDEO"
+    page.keyboard.press("ArrowLeft")  # would be "Choose A" anywhere else
+    page.keyboard.press("b")
+    page.locator("#counter", has_text="Question 5 of 6").wait_for()
+    assert answers(subject) == [(1, "a"), (2, "a"), (3, "a"), (4, "b")]
+    assert page.errors == []
+
+
+def test_a_proxys_502_and_504_to_an_answer_are_tried_again_in_place(chromium, live_server):
+    """Like its 503, a proxy's 502 and 504 mean a server restarting: the answer is sent again
+    (the server takes it once) and the next question shown in place, not the plain form."""
+    page, subject = first_question(chromium, live_server)
+    failures = [502, 504]
+
+    def gateway(route):
+        if is_script_post(route.request) and failures:
+            route.fulfill(status=failures.pop(0), content_type="text/html", body="Gateway")
+        else:
+            route.continue_()
+
+    page.route("**/s/*/", gateway)
+    loads = []
+    page.on("framenavigated", lambda frame: loads.append(frame.url))
+    page.get_by_role("button", name="Choose A").click()
+    page.locator("#counter", has_text="Question 2 of 6").wait_for()
+    assert failures == [] and loads == []  # both replies met, and no page load
+    assert answers(subject) == [(1, "a")]
+    assert page.errors == []
+
+
+@pytest.mark.parametrize("status", [500, 403])
+def test_an_answer_the_server_refuses_goes_plainly_at_once(chromium, live_server, status):
+    """Only no reply and a proxy's gateway errors are tried again: any other error goes to the
+    plain form submission after one request, and the server's page says what is wrong."""
+    page, subject = first_question(chromium, live_server)
+    fetches = []
+
+    def refuse_once(route):
+        if is_script_post(route.request):
+            fetches.append(route.request.url)
+            if len(fetches) == 1:
+                route.fulfill(status=status, content_type="text/html", body="Refused")
+                return
+        route.continue_()
+
+    page.route("**/s/*/", refuse_once)
+    with page.expect_navigation(timeout=10_000):  # tried again, it would stay in place
+        page.get_by_role("button", name="Choose A").click()
+    assert counter(page) == "Question 2 of 6"  # the plain submission's answer
+    assert len(fetches) == 1
+    assert answers(subject) == [(1, "a")]
+    assert page.errors == []
+
+
+def test_a_seek_forward_while_playing_does_not_count_as_listening(chromium, live_server):
+    """The browser reports the jump (timeupdate) before it says it seeked: the part skipped
+    while the clip plays is not heard, and play-before-answer keeps waiting."""
+    page, subject = first_question(
+        chromium, live_server, play_before_answer=True, min_listen_ms=1500
+    )
+    page.evaluate("document.querySelector('[data-role=a]').play()")
+    until(page, "document.querySelector('[data-role=a]').ended")  # A: all of it (2 s)
+    page.evaluate(
+        """() => {
+            const b = document.querySelector('[data-role=b]');
+            b.addEventListener('playing', () => setTimeout(() => {
+                window.seekedWhilePlaying = !b.paused;
+                b.currentTime = b.duration - 0.3;
+            }, 100), {once: true});
+            return b.play();
+        }"""
+    )
+    until(page, "document.querySelector('[data-role=b]').ended")
+    assert page.evaluate("window.seekedWhilePlaying") is True
+    buttons = "Array.from(document.querySelectorAll('button[name=choice]')).map(b => b.disabled)"
+    assert page.evaluate(buttons) == [True, True]
+    assert "Keep listening: play B a little" in page.locator("[data-status]").inner_text()
+    # The behaviour log as an answer would carry it: the submit handler writes it into the
+    # form; the test's own handler, run after it, keeps the page from being sent.
+    log = page.evaluate(
+        """() => {
+            const form = document.querySelector('form[data-question]');
+            form.addEventListener('submit', event => event.preventDefault());
+            form.requestSubmit();
+            return JSON.parse(form.elements.behaviour.value);
+        }"""
+    )
+    assert log["plays"] == {"a": 1, "b": 1}
+    assert log["listened_ms"]["a"] >= 1500
+    # The last 0.3 s; the moment before the jump may go uncounted with the jump.
+    assert 0 < log["listened_ms"]["b"] < 1000
+    assert answers(subject) == []
+    assert page.errors == []
