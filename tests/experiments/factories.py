@@ -7,9 +7,11 @@ variant, see `clips`) and copied into each pair, so every pair has files a brows
 import functools
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 from django.core.files.base import ContentFile
+from django.db import connection
 
 from experiments.models import (
     Collection,
@@ -118,3 +120,24 @@ def without_random_tokens(html: str, subject: Subject) -> str:
     may spell any short word by chance; for checks that the page reveals nothing."""
     html = re.sub(r'name="csrfmiddlewaretoken" value="[^"]*"', "", html)
     return html.replace(subject.token, "")
+
+
+def at_once(work, times: int) -> list[Exception]:
+    """Run `work()` in `times` threads released together; the errors they raised."""
+    start, errors = threading.Barrier(times), []
+
+    def run():
+        try:
+            start.wait()
+            work()
+        except Exception as error:  # noqa: BLE001 - the caller asserts on them
+            errors.append(error)
+        finally:
+            connection.close()  # each thread's own
+
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors

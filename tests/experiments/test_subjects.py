@@ -1,17 +1,17 @@
 """Creating subjects stores their plans and the machines' answers, from the database alone."""
 
 import io
-import threading
 from collections import Counter
 
 import numpy as np
 import pytest
 from django.core.files.base import ContentFile
-from django.db import connection
 
 from experiments.models import Collection, Pair, SearchResult, Split, Study, StudySystem, System
 from experiments.plans import PlanError
 from experiments.subjects import create_subject, create_subjects, plan_for, subject_url
+
+from .factories import at_once
 
 N = 12
 
@@ -119,20 +119,6 @@ def test_subject_url():
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_creations_get_distinct_ordinals():
     study = make_study(per_type=1)
-    errors = []
-
-    def create():
-        try:
-            create_subject(Study.objects.get(pk=study.pk))
-        except Exception as error:  # reported below
-            errors.append(error)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=create) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = at_once(lambda: create_subject(Study.objects.get(pk=study.pk)), 4)
     assert not errors
     assert sorted(study.subjects.values_list("ordinal", flat=True)) == [0, 1, 2, 3]
