@@ -311,6 +311,26 @@ def test_a_system_change_sends_its_ready_study_back_to_draft(admin_client, study
     assert (system.status, system.metrics) == (System.Status.NEW, {})
 
 
+def test_an_uploaded_systems_config_changes_without_losing_its_results(admin_client, study):
+    """An uploaded system's config trains nothing (a note, at most): a change to it keeps the
+    uploaded results, the system ready and its study ready; they could not be made again."""
+    system = study.systems.get()
+    System.objects.filter(pk=system.pk).update(kind=System.Kind.EXTERNAL, metrics={"n": 4})
+    system.refresh_from_db()
+    results = sorted(system.results.values_list("pk", flat=True))
+    assert results
+    url = f"/admin/experiments/system/{system.pk}/change/"
+    page = admin_client.post(url, system_form(system, config='{"note": 2}'), follow=True)
+    assert "changed successfully" in page.content.decode()
+    assert "draft again" not in page.content.decode()
+    system.refresh_from_db()
+    study.refresh_from_db()
+    assert system.config == {"note": 2}
+    assert sorted(system.results.values_list("pk", flat=True)) == results
+    assert (system.status, system.progress, system.metrics) == (System.Status.READY, 1.0, {"n": 4})
+    assert study.status == Study.Status.READY
+
+
 def test_open_and_close_follow_the_study_states(admin_client, study):
     draft = make_study(per_type=1, status=Study.Status.DRAFT, slug="draft", collection_name="d")
     page = act(admin_client, "open_studies", study, draft).content.decode()
@@ -351,6 +371,34 @@ def test_links_cannot_be_made_before_the_study_is_prepared(admin_client):
     page = admin_client.post(url, {"count": 2, "base_url": "https://x.org"})
     assert page.status_code == 200 and "prepare it first" in page.content.decode()
     assert draft.subjects.count() == 0
+
+
+def test_the_links_csv_has_the_platforms_ids_the_attention_score_and_the_time_taken(
+    admin_client, study
+):
+    """Time taken runs from consent (not from when the link was made) to completion."""
+    study.completion_code = "DONE-2"
+    study.save()
+    subject = make_subject(study, meta={"entry": {"assignmentId": "a1", "hitId": "h1"}})
+    consented = timezone.now() - timedelta(minutes=30)
+    Subject.objects.filter(pk=subject.pk).update(
+        created_at=consented - timedelta(hours=1),
+        consented_at=consented,
+        completed_at=consented + timedelta(minutes=10),
+        outcome=Subject.Outcome.COMPLETED,
+        catch_score=0.75,
+    )
+    rows = read_csv(admin_client.get(reverse("admin:experiments_study_links_csv", args=[study.pk])))
+    assert len(rows) == 1
+    row = rows[0]
+    assert {k: row[k] for k in ("SESSION_ID", "assignmentId", "hitId")} == {
+        "SESSION_ID": "", "assignmentId": "a1", "hitId": "h1"
+    }  # fmt: skip
+    assert row["started_at"] == consented.isoformat()
+    assert row["created_at"] == (consented - timedelta(hours=1)).isoformat()
+    assert row["minutes"] == "10.0"
+    assert row["catch_score"] == "0.75"
+    assert (row["outcome"], row["end_code"]) == ("completed", "DONE-2")
 
 
 def test_progress_per_subject(admin_client, study):
@@ -771,6 +819,31 @@ def test_a_refused_upload_leaves_no_collection_and_no_files(admin_client, tmp_pa
     assert files() == before
 
 
+def test_an_upload_into_a_collection_made_with_another_clip_length_is_refused(
+    admin_client, tmp_path, settings
+):
+    """Its clips would not compare with the collection's: a form error, and no pairs and no
+    files left behind (not a server error)."""
+    from experiments.ingest import DEFAULT_ENCODER
+
+    made = {"clip_s": 2.5, "encoder": DEFAULT_ENCODER, "frame_size": None}
+    collection = Collection.objects.create(name="Uploaded", import_settings=made)
+    uploads = Path(settings.MEDIA_ROOT) / "uploads"
+
+    def folders():  # the session's media folder: other tests' folders may be there already
+        return set(uploads.iterdir()) if uploads.exists() else set()
+
+    before = folders()
+    url = reverse("admin:experiments_collection_upload")
+    page = admin_client.post(url, upload_form(tmp_path, n=2, clip_seconds=5.0))
+    assert page.status_code == 200
+    assert "Uploaded was imported with clip_s 2.5, not 5.0" in page.content.decode()
+    assert not collection.pairs.exists()
+    collection.refresh_from_db()
+    assert collection.import_settings == made
+    assert folders() == before
+
+
 @pytest.mark.slow  # the workers cut clips and extract features with the CNN
 @pytest.mark.django_db(transaction=True)
 def test_a_small_collection_uploaded_in_the_admin_is_imported(
@@ -941,6 +1014,34 @@ def test_pairs_whose_import_task_was_lost_are_imported_again(admin_client, tmp_p
     for pair in collection.pairs.all():
         assert pair.status == Pair.Status.READY
         assert probe(pair.music_file.path).duration_s == pytest.approx(2.5, abs=0.05)
+
+
+def test_a_collection_whose_import_settings_are_not_known_is_not_imported_again(
+    admin_client, tmp_path, monkeypatch
+):
+    """Made before its settings were kept: the action says so, and queues nothing it would
+    have to guess the clip length and encoder of."""
+    from experiments.tasks import import_pair
+    from study_site.celery import app
+
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    queued = []
+    monkeypatch.setattr(import_pair, "delay", lambda *args: queued.append(args))
+    for i in range(2):
+        (tmp_path / f"song{i}.mp4").write_bytes(b"x")
+    collection = add_pairs("Unknown", tmp_path, test=1).collection
+    Pair.objects.filter(collection=collection).exclude(key="song0").update(status=Pair.Status.READY)
+    assert collection.import_settings == {}
+    response = admin_client.post(
+        "/admin/experiments/collection/",
+        {"action": "import_again", "_selected_action": [collection.pk]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    # (the admin shows a message with its first letter capitalised: a capitalised name)
+    assert "Unknown: its import settings are not known" in response.content.decode()
+    assert queued == []
+    assert collection.pairs.get(key="song0").status == Pair.Status.PENDING
 
 
 @pytest.mark.django_db(transaction=True)

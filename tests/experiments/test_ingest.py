@@ -2,7 +2,6 @@
 
 import io
 import subprocess
-import threading
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +28,7 @@ from experiments.models import Collection, Pair
 from experiments.tasks import CATCH_KEY
 
 from .clips import music_video, truncated
+from .factories import at_once
 
 
 def test_web_video_and_clip_are_streamable_small_and_centred(tmp_path):
@@ -347,22 +347,7 @@ def test_two_imports_adding_to_one_collection_at_once_both_succeed(tmp_path):
     folder = stub_files(tmp_path / "v", *(f"k{i:02}.mp4" for i in range(8)))
     add_pairs("both", folder, test=2)
     stub_files(folder, *(f"k{i:02}.mp4" for i in range(8, 40)))
-    start, errors = threading.Barrier(2), []
-
-    def run():
-        try:
-            start.wait()
-            add_pairs("both", folder, test=2)
-        except Exception as error:  # noqa: BLE001 - reported below
-            errors.append(error)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = at_once(lambda: add_pairs("both", folder, test=2), 2)
     assert errors == [] and Pair.objects.filter(collection__name="both").count() == 40
 
 
@@ -599,3 +584,65 @@ def test_the_engine_reads_the_files_a_collection_import_reads(tmp_path):
     assert found == ["a.mp4", "b/c.MPG", "d.ogv", "e.ts"]
     keys = [item.key for item in ingest._read_folder(tmp_path)]
     assert keys == ["a", "b/c", "d", "e"]
+
+
+@pytest.mark.django_db
+def test_an_import_through_the_workers_watches_the_queue_its_tasks_are_sent_to(
+    tmp_path, monkeypatch
+):
+    """Whether the tasks were lost is asked of the `gpu` queue, where `import_pair` goes (an
+    empty `celery` queue would call every import lost once it was quiet for a while)."""
+    from experiments.tasks import import_pair
+    from study_site.celery import app
+
+    monkeypatch.setitem(app.conf, "task_always_eager", False)
+    sent, watched = [], []
+    monkeypatch.setattr(import_pair, "delay", lambda *args: sent.append(args) or object())
+
+    def waited_for(results, queue, progress=None):
+        watched.append((len(results), queue))
+        return []
+
+    monkeypatch.setattr("experiments.ingest.waited_for", waited_for)
+    folder = stub_files(tmp_path / "v", "a.mp4", "b.mp4", "c.mp4")
+    summary = import_collection("queued", folder, test=1)
+    assert len(sent) == 3 and summary.notes == []
+    assert watched == [(3, "gpu")]
+
+
+class _Result:
+    """A task's result that is not ready (as `tasks_lost` reads one: no result backend)."""
+
+    def __init__(self, task_id):
+        self.id = task_id
+
+    def ready(self):
+        return False
+
+
+@pytest.mark.parametrize("held_as", ["active", "reserved", None])
+def test_a_task_a_worker_holds_is_not_lost_though_its_queue_is_empty(monkeypatch, held_as):
+    """A task a worker runs (or has reserved) is no longer in its queue: not lost."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from experiments.tasks import tasks_lost
+    from study_site.celery import app
+
+    result = _Result("task-1")
+
+    class Inspect:
+        def __init__(self, timeout=None):
+            pass
+
+        def active(self):
+            return {"w1@host": [{"id": "task-1"}]} if held_as == "active" else None
+
+        def reserved(self):
+            return {"w1@host": [{"id": "task-1"}]} if held_as == "reserved" else {}
+
+    empty = SimpleNamespace(queue_declare=lambda queue: SimpleNamespace(message_count=0))
+    connection = SimpleNamespace(default_channel=empty)
+    monkeypatch.setattr(app.control, "inspect", Inspect)
+    monkeypatch.setattr(app, "connection_for_write", lambda: contextlib.nullcontext(connection))
+    assert tasks_lost([result], "gpu") is (held_as is None)

@@ -302,6 +302,35 @@ def test_embeddings_larger_than_the_collection_are_refused_before_they_unpack(co
     assert not System.objects.exists()
 
 
+@pytest.mark.parametrize(
+    "name, descr, shape",
+    [
+        ("video", "<f4", (4, 10_000_000)),  # few rows, but each 40 MB wide
+        ("video", "<f4", (4, 512, 100_000)),  # a third dimension
+        ("keys", "<U500", (1_000_000,)),  # the keys are read too: 2 GB of them
+    ],
+)
+def test_embeddings_too_wide_deep_or_with_too_many_keys_are_refused_unread(
+    collection, name, descr, shape
+):
+    """Each array's header is checked (the keys' too), for its width and its dimensions as
+    well as its rows: any of them can declare gigabytes in a few compressed bytes."""
+    names, video, music = embeddings()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as npz:
+        for other, array in (("keys", names), ("video", video), ("music", music)):
+            if other != name:
+                with npz.open(f"{other}.npy", "w") as f:
+                    np.save(f, array)
+        with npz.open(f"{name}.npy", "w") as f:  # its header only: no data
+            header = {"descr": descr, "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(f, header)
+    shown = re.escape(str(shape))
+    with pytest.raises(UploadError, match=rf"e\.npz: {name} has shape {shown}: more rows than"):
+        import_results(collection, "bomb", SimpleUploadedFile("e.npz", buffer.getvalue()))
+    assert not System.objects.exists()
+
+
 def object_npy() -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"key": "clip000"}], dtype=object), allow_pickle=True)

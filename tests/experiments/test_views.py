@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from django.test import Client
+from django.test import Client, override_settings
 from django.urls import reverse
 
 from experiments.models import Response, Study, Subject
@@ -558,3 +558,33 @@ def test_subjects_who_joined_before_the_mark_still_count_toward_the_cap():
     assert joined.meta["joined"] is True and "joined" not in linked.meta
     Study.objects.filter(pk=study.pk).update(join_cap=1)
     assert Client().get(join_url(study, PROLIFIC_PID="new")).status_code == 403
+
+
+# Browsers send `Origin` with every POST: only the site's own origin (its scheme too) and
+# the origins configured as trusted may answer; one that merely resembles it may not.
+def answer_from(client, subject, position, origin):
+    data = {"choice": "a", "position": position}
+    return client.post(url(subject), data, HTTP_ORIGIN=origin).status_code
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://eviltestserver", "https://testserver", "http://testserver.evil", "null"]
+)
+def test_answers_posted_from_a_look_alike_origin_are_refused(study, subject, origin):
+    client = Client(enforce_csrf_checks=True)
+    start(client, subject)
+    assert answer_from(client, subject, 1, origin) == 403
+    assert not Response.objects.filter(subject=subject).exists()
+    assert answer_from(client, subject, 1, "http://testserver") == 302
+    assert Response.objects.filter(subject=subject).count() == 1
+
+
+def test_answers_posted_from_a_trusted_origin_are_taken(study, subject):
+    """Behind a proxy that serves the site under another name, as CSRF_TRUSTED_ORIGINS says."""
+    client = Client(enforce_csrf_checks=True)
+    start(client, subject)
+    trusted = "https://study.example.org"
+    assert answer_from(client, subject, 1, trusted) == 403  # not trusted without the setting
+    with override_settings(CSRF_TRUSTED_ORIGINS=[trusted]):
+        assert answer_from(client, subject, 1, trusted) == 302
+    assert Response.objects.filter(subject=subject).count() == 1
