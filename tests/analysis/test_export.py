@@ -195,3 +195,25 @@ def test_holm_adjusted_p_values_in_every_format(report):
     assert "binom\\_p\\_holm" in render(report, "latex")
     book = openpyxl.load_workbook(io.BytesIO(render(report, "xlsx")))
     assert "wilcoxon_p_holm" in next(book["Statistics"].iter_rows(values_only=True))
+
+
+def test_an_answer_with_two_media_errors_is_one_answer_with_media_errors():
+    df = exact_answers(SPEC, MACHINE).assign(media_errors=0)
+    df.loc[0, "media_errors"] = 2  # both candidates failed to load on one question
+    report = build_report(df)
+    assert report.counts["answers_with_media_errors"] == 1
+    assert "1 answer was given while a medium could not be loaded" in render(report, "markdown")
+
+
+def test_the_notes_reach_the_xlsx_and_the_latex_caption():
+    df = exact_answers(SPEC, MACHINE)
+    report = build_report(df, systems={"S1": "vmnet"}, left_out={"not_finished": 2})
+    left_out = "Left out: 2 subjects who have not finished."
+    book = openpyxl.load_workbook(io.BytesIO(render(report, "xlsx")))
+    notes = [row[0] for row in book["Notes"].iter_rows(min_row=2, values_only=True)]
+    assert notes == ["Systems: S1 = vmnet.", left_out]
+    caption = render(report, "latex").split("\\caption{", 1)[1].split("}\n", 1)[0]
+    assert left_out in caption and "S1 = vmnet" in caption
+    # Nobody left out, no media errors, no systems named: no notes sheet.
+    book = openpyxl.load_workbook(io.BytesIO(render(build_report(df), "xlsx")))
+    assert "Notes" not in book.sheetnames

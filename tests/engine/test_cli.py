@@ -218,6 +218,21 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, capsys):
         assert code in (1, 2) and message in err and "Traceback" not in err, (args, err)
 
 
+def test_embed_refuses_files_that_differ_only_by_their_suffix(tmp_path, capsys):
+    """The platform names a pair by its file without the suffix: a.mp4 and a.mkv would be
+    one pair's two embeddings; embed says so and writes nothing."""
+    rng = np.random.default_rng(0)
+    keys = ["a.mp4", "a.mkv", *(f"k{i}.mp4" for i in range(6))]
+    frames = [rng.normal(size=(3, 16)).astype(np.float32) for _ in keys]
+    features = tmp_path / "f.npz"
+    Features(keys, frames, rng.normal(size=(len(keys), 1140))).save(features)
+    code, out, _ = run(capsys, "train", features, "--kind", "pca", "--out", tmp_path / "m.pt")
+    assert code == 0, out
+    code, out, err = run(capsys, "embed", tmp_path / "m.pt", features, "--out", tmp_path / "e.npz")
+    assert code == 1 and "files differ only by their suffix: ['a']" in err, err
+    assert not (tmp_path / "e.npz").exists()
+
+
 def test_a_manifest_splits_videos_by_their_path_or_a_name_no_other_video_has(tmp_path):
     from engine.__main__ import _splits
 

@@ -292,7 +292,9 @@ def test_a_system_config_that_cannot_train_is_refused_when_saved(admin_client, s
     assert admin_client.post("/admin/experiments/system/add/", external).status_code == 302
 
 
-def test_a_system_change_sends_its_ready_study_back_to_draft(admin_client, study):
+def test_a_system_change_sends_its_ready_study_back_to_draft(
+    admin_client, study, django_capture_on_commit_callbacks
+):
     system = study.systems.get()
     url = f"/admin/experiments/system/{system.pk}/change/"
     assert 'name="kind"' in admin_client.get(url).content.decode()  # ready, no subjects
@@ -301,7 +303,12 @@ def test_a_system_change_sends_its_ready_study_back_to_draft(admin_client, study
     assert study.status == Study.Status.READY  # a new name is no design change
     assert system.results.exists() and system.status == System.Status.READY
     system.checkpoint.save("old.pt", ContentFile(b"trained as vmnet"))
-    page = admin_client.post(url, system_form(system, kind="cca"), follow=True).content.decode()
+    System.objects.filter(pk=system.pk).update(metrics={"recall@10": 0.5})
+    old_checkpoint = Path(system.checkpoint.path)
+    assert old_checkpoint.read_bytes() == b"trained as vmnet"
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(url, system_form(system, kind="cca"), follow=True)
+    page = response.content.decode()
     assert "draft again: prepare it again" in page
     study.refresh_from_db()
     system.refresh_from_db()
@@ -309,6 +316,7 @@ def test_a_system_change_sends_its_ready_study_back_to_draft(admin_client, study
     # What the old kind trained and found goes: preparing trains the new one.
     assert not system.checkpoint and not system.results.exists()
     assert (system.status, system.metrics) == (System.Status.NEW, {})
+    assert not old_checkpoint.exists()  # the file too, once the change is committed
 
 
 def test_an_uploaded_systems_config_changes_without_losing_its_results(admin_client, study):
@@ -1042,6 +1050,39 @@ def test_a_collection_whose_import_settings_are_not_known_is_not_imported_again(
     assert "Unknown: its import settings are not known" in response.content.decode()
     assert queued == []
     assert collection.pairs.get(key="song0").status == Pair.Status.PENDING
+
+
+def test_import_again_leaves_ready_pairs_and_queues_nothing_without_a_worker(
+    admin_client, tmp_path, monkeypatch
+):
+    """Only the pairs not ready go again; with no broker or worker to take them, nothing is
+    queued (a task sent there would be lost, the pairs left pending once more)."""
+    from experiments import admin as experiments_admin
+    from experiments.ingest import import_settings
+    from experiments.tasks import import_pair
+    from study_site.celery import app
+
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    queued = []
+    monkeypatch.setattr(import_pair, "delay", lambda pk, *args: queued.append(pk))
+    for i in range(3):
+        (tmp_path / f"song{i}.mp4").write_bytes(b"x")
+    collection = add_pairs("Again", tmp_path, test=1).collection
+    import_settings(collection, clip_s=2.5)
+    Pair.objects.filter(collection=collection, key="song0").update(status=Pair.Status.READY)
+    Pair.objects.filter(collection=collection, key="song1").update(status=Pair.Status.FAILED)
+    not_ready = set(collection.pairs.exclude(key="song0").values_list("pk", flat=True))
+    assert len(not_ready) == 2
+    action = {"action": "import_again", "_selected_action": [collection.pk]}
+    monkeypatch.setattr(experiments_admin, "celery_problem", lambda queues: "no worker answers")
+    queued.clear()
+    page = admin_client.post("/admin/experiments/collection/", action, follow=True)
+    assert "Nothing queued: no worker answers." in page.content.decode()
+    assert queued == []
+    monkeypatch.setattr(experiments_admin, "celery_problem", lambda queues: None)
+    page = admin_client.post("/admin/experiments/collection/", action, follow=True)
+    assert "Again: 2 pairs queued again." in page.content.decode()
+    assert sorted(queued) == sorted(not_ready)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -9,6 +9,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import av
@@ -198,6 +199,18 @@ def test_a_study_using_every_test_item_takes_catch_queries_from_the_training_ite
         assert len(catch) == 4 and all(q.query.startswith("train") for q in catch)
 
 
+def top_level_boxes(data: bytes) -> list[tuple[bytes, int, bytes]]:
+    """(type, size, payload) of an MP4's top-level boxes (4-byte big-endian size including
+    the 8-byte header, 4-byte type); they must cover the file exactly."""
+    boxes, at = [], 0
+    while at < len(data):
+        size, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
+        assert size >= 8 and at + size <= len(data), (kind, size, at, len(data))
+        boxes.append((kind, size, data[at + 8 : at + size]))
+        at += size
+    return boxes
+
+
 def test_catch_media_are_black_and_silent_and_made_once():
     study = make_study(per_type=1)
     pair = ensure_catch_pair(study.collection_id)
@@ -217,6 +230,10 @@ def test_catch_media_are_black_and_silent_and_made_once():
     for kind, item in (("video", pair.video_file), ("music", pair.music_file)):
         sizes = [i.size for i in served if i.kind == kind]
         assert os.path.getsize(item.path) == int(np.median(sizes)), kind
+        # Padded with a top-level ISO 'free' box that runs exactly to the end of the file.
+        boxes = top_level_boxes(Path(item.path).read_bytes())
+        assert boxes[0][0] == b"ftyp" and boxes[-1][0] == b"free", (kind, boxes)
+        assert boxes[-1][1] > 8 and boxes[-1][2] == bytes(boxes[-1][1] - 8), kind
     assert ensure_catch_pair(study.collection_id).pk == pair.pk
     assert Pair.objects.filter(collection=study.collection, split=Split.CATCH).count() == 1
 
@@ -578,6 +595,30 @@ def test_mturk_ids_are_kept_and_the_preview_creates_nobody(client):
     assert subject.meta["entry"] == {"workerId": "w1", "assignmentId": "a1", "hitId": "h1"}
 
 
+def test_an_mturk_preview_keeps_the_assignment_and_a_new_one_replaces_it(client):
+    study = make_study(per_type=1, external_id_param="")
+    subject = make_subject(study)
+    client.get(
+        url(subject) + "?workerId=w1&assignmentId=a1&hitId=h1&turkSubmitTo=https://one.example"
+    )
+    # MTurk's preview of the HIT is no assignment: the one accepted stands.
+    client.get(url(subject) + "?assignmentId=ASSIGNMENT_ID_NOT_AVAILABLE&hitId=h1")
+    subject.refresh_from_db()
+    assert subject.meta["entry"]["assignmentId"] == "a1"
+    assert subject.meta["entry"]["turkSubmitTo"] == "https://one.example"
+    # Back through another assignment, its submit address goes with it.
+    client.get(
+        url(subject) + "?workerId=w1&assignmentId=a2&hitId=h1&turkSubmitTo=https://two.example"
+    )
+    subject.refresh_from_db()
+    assert subject.meta["entry"] == {
+        "workerId": "w1",
+        "assignmentId": "a2",
+        "hitId": "h1",
+        "turkSubmitTo": "https://two.example",
+    }
+
+
 def finish(client, subject):
     answer_all(client, subject, lambda question: "a")
     return client.get(url(subject)).content.decode()
@@ -644,6 +685,17 @@ def test_full_and_closed_studies_give_clear_pages(client):
     Study.objects.filter(pk=study.pk).update(status=Study.Status.CLOSED)
     closed = client.get(join_url(study, "?PROLIFIC_PID=c"))
     assert "This study is not open" in closed.content.decode()
+
+
+@pytest.mark.parametrize(("minutes", "full"), [(29, True), (31, False)])
+def test_a_joined_subject_who_never_started_holds_a_place_for_half_an_hour(client, minutes, full):
+    study = make_study(per_type=1, join_cap=1)
+    client.get(join_url(study, "?PROLIFIC_PID=a"))
+    joined = timezone.now() - timedelta(minutes=minutes)
+    Subject.objects.filter(external_id="a").update(created_at=joined)
+    other = type(client)().get(join_url(study, "?PROLIFIC_PID=b"))
+    assert ("This study is full" in other.content.decode()) is full
+    assert Subject.objects.filter(external_id="b").exists() is not full
 
 
 # --- Behaviour log and exports ---------------------------------------------------------------
