@@ -29,11 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.devices import best_device as device  # noqa: E402
+
 SONGS = os.environ.get("SONGS_GLOB", "/usr/share/games/fretsonfire/data/songs/sectoid/*/*.ogg")
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def batched_label(dev: torch.device) -> str:
