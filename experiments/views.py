@@ -49,6 +49,9 @@ ENTRY_PARAMS = (
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "workerId")  # who the participant is, where unconfigured
 JOINED = "joined"  # marks, in a subject's meta, one made by the join link (its cap counts them)
 LOAD_TIMEOUT_MS = 20_000  # media not loaded by then: the page offers a retry
+# End pages go back to the recruiting platform after this long unless the participant stays:
+# time to read the page and reach "Stay" (WCAG 2.2.1 asks for at least 20 s).
+ONWARD_AFTER_S = 20
 ENDED = (Subject.Outcome.FAILED_SOUND, Subject.Outcome.NO_CONSENT)
 JOIN_HOLD = timedelta(minutes=30)  # a joined subject holds a place this long before starting
 LAST_SEEN_EVERY_S = 60  # a GET refreshes `last_seen` at most this often (no write per view)
@@ -465,6 +468,7 @@ def _render_step(
         context["mturk"] = checks.mturk_submit(subject)
         # A HIT is finished by submitting it to MTurk, not by leaving for another page.
         context["redirect_url"] = "" if context["mturk"] else checks.end_redirect(subject)
+        context["onward_after_s"] = ONWARD_AFTER_S
     elif step.name == "question":
         context.update(_question_context(subject, step))
     elif step.name == "break":

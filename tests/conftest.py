@@ -32,6 +32,15 @@ def pytest_configure(config):
         warm_numba_cache(reference=True)
 
 
+@pytest.fixture
+def chromium():
+    """A Chromium for one test (tests/browsers.py)."""
+    from tests.browsers import launched
+
+    with launched() as browser:
+        yield browser
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

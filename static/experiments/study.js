@@ -1,14 +1,14 @@
 // Participant pages: progressive enhancements; every page also works without this file.
 // - Start step: resumes an AudioContext inside the tap (unlocks sound on iOS/Safari).
 // - Question pages: response time, a behaviour log (first play, plays and listening time
-//   per item, blur/focus, visibility, load failures), keys A/B and ←/→, one candidate
-//   playing at a time, optional play-before-answer with a minimum listening time, a load
-//   time limit with a Retry button, one click = one submit; the answer goes in one
+//   per item, blur/focus, visibility, load failures), keys A/B and ←/→ (can be switched
+//   off), one candidate playing at a time, optional play-before-answer with a minimum
+//   listening time, a load time limit with a Retry button, one click = one submit; the answer goes in one
 //   request and the next question of the block is shown in place, its buttons live only
 //   after a moment (a double tap must not answer a question not yet seen); an answer sent
 //   without a connection waits on the page and goes when the connection is back.
 // - Sound check: one tone playing at a time.
-// - End pages: back to the recruiting platform after a few seconds, unless one stays.
+// - End pages: back to the recruiting platform after some seconds, unless one stays.
 "use strict";
 
 (function () {
@@ -40,6 +40,14 @@
       document.getElementById("onward-note").remove();
       link.focus();
     });
+  }
+
+  // localStorage, where the browser lets this page have it (not always in a frame).
+  function remembered(key) {
+    try { return window.localStorage.getItem(key); } catch (error) { return null; }
+  }
+  function remember(key, value) {
+    try { window.localStorage.setItem(key, value); } catch (error) { /* this page only */ }
   }
 
   function unlockAudio() {
@@ -261,8 +269,16 @@
     window.addEventListener("blur", function () { log.blur += 1; note("blur"); });
     window.addEventListener("focus", function () { log.focus += 1; note("focus"); });
 
+    // Answer keys can be switched off (WCAG 2.1.4: a stray letter from speech input or a
+    // screen reader would answer), and stay so on this browser.
+    var answerKeys = form.querySelector("[data-answer-keys]");
+    answerKeys.checked = remembered("answerKeys") !== "off";
+    answerKeys.addEventListener("change", function () {
+      remember("answerKeys", answerKeys.checked ? "on" : "off");
+    });
+
     document.addEventListener("keydown", function (event) {
-      if (event.altKey || event.ctrlKey || event.metaKey) return;
+      if (event.altKey || event.ctrlKey || event.metaKey || !answerKeys.checked) return;
       var tag = event.target && event.target.tagName;
       if (tag === "INPUT" || tag === "TEXTAREA") return;
       var letters = { a: "a", A: "a", b: "b", B: "b" };

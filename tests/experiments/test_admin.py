@@ -24,7 +24,6 @@ from experiments.models import Collection, Pair, Response, Study, Subject, Syste
 from experiments.plans import PlanError
 from experiments.subjects import create_subjects
 
-from . import test_browser
 from .factories import make_collection, make_study, make_subject, make_system
 
 pytestmark = pytest.mark.django_db
@@ -747,9 +746,6 @@ def test_results_tables_format_each_kind_of_number_alike(admin_client, study):
     # A wide table scrolls inside its own box instead of pushing the page past its edge.
     assert '<div class="table-scroll">\n  <table id="statistics-table">' in page
     assert ">binom_<wbr>p_<wbr>holm</th>" in page  # its names may wrap
-
-
-chromium = test_browser.chromium  # the fixture: Debian's Chromium, skips where it is missing
 
 
 @pytest.mark.browser

@@ -1,12 +1,10 @@
 """One participant in real Chromium: start, answer part, close the browser, resume, finish.
 
-Chromium is Debian's (`apt-get install chromium`), driven by Playwright's Python package. The
-test skips where it is missing, unless REQUIRE_BROWSER=1 (CI), where it fails.
+Chromium as tests/browsers.py launches it (the `chromium` fixture).
 Set SCREENSHOT_DIR to keep desktop and phone screenshots of a question page.
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,38 +13,7 @@ from experiments.models import Response
 
 from .factories import make_study, make_subject
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def chromium(monkeypatch):
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("REQUIRE_BROWSER") == "1":
-            pytest.fail(f"REQUIRE_BROWSER=1 but no Chromium at {CHROMIUM}")
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    from django.db import connections
-    from playwright.sync_api import sync_playwright
-
-    # Playwright's sync API runs an event loop in this thread; the ORM calls the test makes
-    # between page actions are still plain synchronous calls.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-        # While Playwright's loop runs, asgiref keeps the ORM's connections per context, not
-        # per thread: the tests' calls opened their own, which pytest-django never closes.
-        connections.close_all()
 
 
 def counter(page) -> str:

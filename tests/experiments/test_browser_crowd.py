@@ -5,21 +5,21 @@ every answer is stored. Skipped without Chromium unless REQUIRE_BROWSER=1."""
 
 import http.server
 import json
-import os
 import threading
 
 import pytest
 
+from experiments import views
 from experiments.models import Response, Subject
+from tests.browsers import launched
 
 from .factories import make_study, make_subject
-from .test_browser import CHROMIUM, CHROMIUM_ARGS, answerable, counter, until, wait_for_media
+from .test_browser import answerable, counter, until, wait_for_media
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 PROLIFIC = "https://app.prolific.com/submissions/complete"
 # Headless Chromium has no speakers and no user to tap: let media play from scripts.
-ARGS = [*CHROMIUM_ARGS, "--autoplay-policy=no-user-gesture-required"]
 RECORD_UNLOCK = """
 (() => {
   const Original = window.AudioContext;
@@ -35,23 +35,8 @@ RECORD_UNLOCK = """
 @pytest.fixture(scope="module")
 def browser():
     """One Chromium for the module (each test gets fresh contexts): launching costs seconds."""
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("REQUIRE_BROWSER") == "1":
-            pytest.fail(f"REQUIRE_BROWSER=1 but no Chromium at {CHROMIUM}")
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    from django.db import connections
-    from playwright.sync_api import sync_playwright
-
-    with pytest.MonkeyPatch.context() as patch, sync_playwright() as playwright:
-        # Playwright's sync API runs an event loop in this thread; the tests' ORM calls
-        # between page actions are still plain synchronous calls.
-        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with launched("--autoplay-policy=no-user-gesture-required") as browser:
         yield browser
-        browser.close()
-        # While Playwright's loop runs, asgiref keeps the ORM's connections per context, not
-        # per thread: the tests' calls opened their own, which pytest-django never closes.
-        connections.close_all()
 
 
 @pytest.fixture
@@ -278,7 +263,8 @@ def test_an_answer_the_server_could_not_take_is_sent_again_in_place(live_server,
     assert page.errors == []
 
 
-def test_the_prolific_round_trip(live_server, browser):
+def test_the_prolific_round_trip(live_server, browser, monkeypatch):
+    monkeypatch.setattr(views, "ONWARD_AFTER_S", 2)  # not the participant's 20 s
     study = make_study(
         per_type=1,
         completion_code="PRO-42",
@@ -311,7 +297,7 @@ def test_the_prolific_round_trip(live_server, browser):
     answer(page, "Choose B", "Question 6 of 6")
     answer(page, "Choose B", "Thank you!")
     assert page.locator("#completion-code").inner_text() == "PRO-42"
-    page.wait_for_url(f"{PROLIFIC}**", timeout=30_000)  # the automatic redirect, after 5 s
+    page.wait_for_url(f"{PROLIFIC}**", timeout=30_000)  # the automatic redirect
     assert landed == [(f"{PROLIFIC}?cc=PRO-42", 6)]
     second.close()
     subject = Subject.objects.get(study=study)
@@ -469,9 +455,11 @@ def test_inside_mturks_frame_a_browser_that_keeps_no_third_party_cookie_takes_pa
     assert (subject.external_id, Response.objects.filter(subject=subject).count()) == ("w9", 2)
 
 
-def test_the_end_page_goes_back_to_the_platform_unless_one_stays(live_server, page):
+def test_the_end_page_goes_back_to_the_platform_unless_one_stays(live_server, page, monkeypatch):
     """A time limit the participant can turn off (WCAG 2.2.1): reading or copying the code."""
     from .test_admin import answer_all
+
+    monkeypatch.setattr(views, "ONWARD_AFTER_S", 2)
 
     study = make_study(per_type=1, completion_code="STAY-1", redirect_url=PROLIFIC + "?cc={code}")
     subject = make_subject(study)
@@ -479,7 +467,7 @@ def test_the_end_page_goes_back_to_the_platform_unless_one_stays(live_server, pa
     page.route(f"{PROLIFIC}**", lambda route: route.fulfill(body="<h1>Prolific</h1>"))
     page.goto(f"{live_server.url}/s/{subject.token}/")
     page.get_by_role("button", name="Stay on this page").click()
-    page.wait_for_timeout(6000)  # past the 5 s
+    page.wait_for_timeout(3000)  # past the 2 s
     assert page.url.endswith(f"/s/{subject.token}/")  # still here
     assert page.locator("#completion-code").inner_text() == "STAY-1"
     assert page.evaluate("document.activeElement.id") == "continue"

@@ -555,6 +555,40 @@ def test_a_redirect_url_without_placeholder_is_for_completers_only():
     assert checks.end_redirect(subject) == "https://example.org/done"
 
 
+def test_the_end_page_says_when_it_leaves_and_that_the_page_must_not_be_closed(client):
+    """Going back to the platform is what records a Prolific completion: the page says that it
+    leaves, when, and how to stay (a status note, at least 20 s: WCAG 2.2.1), not that it
+    may be closed."""
+    study = make_study(per_type=1, completion_code="OK-1", redirect_url="https://example.org/")
+    subject = make_subject(study)
+    answer_all(client, subject, first_named_unless_catch)
+    html = client.get(url(subject)).content.decode()
+    assert 'role="status">You will be taken back automatically in 20 seconds' in html
+    assert 'data-after-s="20"' in html and "You may close this page" not in html
+    plain = make_subject(make_study(per_type=1, slug="plain", collection_name="plain"))
+    answer_all(client, plain, first_named_unless_catch)
+    html = client.get(url(plain)).content.decode()
+    assert "You may close this page" in html and "taken back" not in html
+
+
+def test_a_page_with_an_error_says_so_in_its_title_and_focuses_what_it_is_about(client):
+    study = make_study(per_type=1, require_consent=True, consent_text="Agree?", sound_check=True)
+    subject = make_subject(study)
+    html = client.get(url(subject)).content.decode()
+    assert "<title>Welcome</title>" in html and "autofocus" not in html
+    html = client.post(url(subject), {"step": "start"}).content.decode()
+    assert "<title>Error: Welcome</title>" in html
+    assert re.search(r'<input type="checkbox" name="consent"[^>]* autofocus>', html)
+    client.post(url(subject), {"step": "start", "consent": "1"})
+    html = client.post(url(subject), {"step": "sound", "t1": "1"}).content.decode()
+    assert "<title>Error: Sound check</title>" in html
+    subject.refresh_from_db()
+    subject.outcome = "no_consent"
+    subject.save()
+    html = client.get(url(subject)).content.decode()
+    assert "<title>Thank you for your interest</title>" in html
+
+
 # --- The crowd-sourcing round trip -----------------------------------------------------------
 
 

@@ -342,9 +342,9 @@ def test_the_done_page_shows_the_completion_code_and_redirects(client, study, su
     assert subject.completed_at is not None
     html = client.get(url(subject)).content.decode()
     assert "Thank you" in html and "C0DE42" in html
-    # Onward after 5 s with the page's script (one may stay); the link alone without it.
+    # Onward after 20 s with the page's script (one may stay); the link alone without it.
     onward = 'href="https://app.prolific.com/submissions/complete?cc=C0DE42" id="continue"'
-    assert onward in html and 'data-after-s="5"' in html and 'http-equiv="refresh"' not in html
+    assert onward in html and 'data-after-s="20"' in html and 'http-equiv="refresh"' not in html
     # Answers after the end change nothing.
     assert answer(client, subject, 6, "a").status_code == 302
     assert Response.objects.filter(subject=subject).count() == 6

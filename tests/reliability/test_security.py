@@ -315,41 +315,31 @@ def test_logins_are_locked_after_repeated_failures(settings):
 
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
-def test_participant_pages_run_their_scripts_without_csp_violations(live_server, monkeypatch):
-    from tests.experiments.test_browser import CHROMIUM, CHROMIUM_ARGS, answerable, wait_for_media
+def test_participant_pages_run_their_scripts_without_csp_violations(live_server, chromium):
+    from tests.experiments.test_browser import answerable, wait_for_media
 
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("REQUIRE_BROWSER") == "1":
-            pytest.fail(f"REQUIRE_BROWSER=1 but no Chromium at {CHROMIUM}")
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's sync API loop
     study = make_study(per_type=1)
     subject = make_subject(study)
     violations, errors = [], []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.add_init_script(
-            "window.__csp = []; document.addEventListener('securitypolicyviolation',"
-            " e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
-        )
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-        page.goto(f"{live_server.url}/s/{subject.token}/")
-        assert page.locator("html").get_attribute("class") == "js"  # study.js ran
-        violations += page.evaluate("window.__csp")
-        page.get_by_role("button", name="Start").click()
-        page.locator("#counter").wait_for()
-        wait_for_media(page, state=1)
-        answerable(page)
-        page.keyboard.press("a")  # the keyboard handler is the page's own JS
-        page.locator("#counter", has_text="Question 2 of").wait_for()
-        time.sleep(0.2)
-        violations += page.evaluate("window.__csp")
-        assert page.locator("html").get_attribute("class") == "js"
-        browser.close()
+    page = chromium.new_page()
+    page.add_init_script(
+        "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+        " e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    assert page.locator("html").get_attribute("class") == "js"  # study.js ran
+    violations += page.evaluate("window.__csp")
+    page.get_by_role("button", name="Start").click()
+    page.locator("#counter").wait_for()
+    wait_for_media(page, state=1)
+    answerable(page)
+    page.keyboard.press("a")  # the keyboard handler is the page's own JS
+    page.locator("#counter", has_text="Question 2 of").wait_for()
+    time.sleep(0.2)
+    violations += page.evaluate("window.__csp")
+    assert page.locator("html").get_attribute("class") == "js"
     assert violations == [] and errors == []
     assert Response.objects.filter(subject=subject).count() == 1
     assert Subject.objects.get(pk=subject.pk).consented_at is not None
