@@ -22,7 +22,7 @@ from celery import chain, shared_task
 from celery.exceptions import Ignore
 from django.conf import settings
 from django.core.files.base import ContentFile
-from django.db import OperationalError, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -37,9 +37,37 @@ from experiments.uploads import neighbours, replace_search_results
 logger = logging.getLogger(__name__)
 
 
-# Seconds to wait before each new try when the database, not the pair's files, failed:
-# busy (SQLite's write lock), restarting, unreachable.
+# Seconds to wait before each new try when the database, not the work, failed: busy
+# (SQLite's write lock), restarting, unreachable.
 DATABASE_RETRIES_S = (1, 2, 4, 8, 16)
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+
+
+def with_database_retries(work, what: str):
+    """`work()`, tried again on a new connection while the database fails, for up to 31 s.
+
+    A connection PostgreSQL dropped as it restarted stays dead: without a new one every later
+    query fails too, and a progress note lost to a restart would end hours of training and
+    leave its study preparing for ever. Not inside a transaction (it is the caller's to redo).
+    """
+    for wait in (*DATABASE_RETRIES_S, None):
+        try:
+            return work()
+        except DATABASE_ERRORS:
+            if wait is None or connection.in_atomic_block:
+                raise
+            logger.warning("%s: database error, again in %s s", what, wait)
+            connection.close()
+            time.sleep(wait)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or one it was raised from, is a full disk or quota."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @shared_task
@@ -53,30 +81,32 @@ def import_pair(
     A database error is tried again a few times, then raised: the pair stays pending (a
     re-run of the import takes it up), not failed as a broken file would be; so does a full
     disk, at once."""
-    for wait in (*DATABASE_RETRIES_S, None):
-        pair = Pair.objects.filter(pk=pair_id).first()
-        if pair is None or pair.status == Pair.Status.READY:
-            return pair and pair.status
-        try:
-            return process_pair(pair, clip_s, encoder, frame_size).status
-        except OperationalError:
-            if wait is None:
-                raise
-            logger.warning("importing pair %s: database error, again in %s s", pair_id, wait)
-            time.sleep(wait)
-        except Exception as error:  # one broken file must not stop the collection
-            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-                # The disk, not the file: the pair stays pending (a re-run takes it up) and
-                # keeps its test place; its error says why.
-                logger.error("importing pair %s: %s", pair_id, error)
-                Pair.objects.filter(pk=pair_id).update(error=f"not imported yet: {error}")
-                return Pair.Status.PENDING
-            logger.exception("importing pair %s failed", pair_id)
-            Pair.objects.filter(pk=pair_id).update(
-                status=Pair.Status.FAILED,
-                error=f"{pair.source_video}: {type(error).__name__}: {error}",
-            )
-            return Pair.Status.FAILED
+    return with_database_retries(
+        lambda: _import_pair(pair_id, clip_s, encoder, frame_size), f"importing pair {pair_id}"
+    )
+
+
+def _import_pair(pair_id: int, clip_s, encoder: str, frame_size: int | None):
+    pair = Pair.objects.filter(pk=pair_id).first()
+    if pair is None or pair.status == Pair.Status.READY:
+        return pair and pair.status
+    try:
+        return process_pair(pair, clip_s, encoder, frame_size).status
+    except DATABASE_ERRORS:
+        raise
+    except Exception as error:  # one broken file must not stop the collection
+        if is_disk_full(error):
+            # The disk, not the file: the pair stays pending (a re-run takes it up) and
+            # keeps its test place; its error says why.
+            logger.error("importing pair %s: %s", pair_id, error)
+            Pair.objects.filter(pk=pair_id).update(error=f"not imported yet: {error}")
+            return Pair.Status.PENDING
+        logger.exception("importing pair %s failed", pair_id)
+        Pair.objects.filter(pk=pair_id).update(
+            status=Pair.Status.FAILED,
+            error=f"{pair.source_video}: {type(error).__name__}: {error}",
+        )
+        return Pair.Status.FAILED
 
 
 def load_features(collection_id: int, split: str):
@@ -148,13 +178,16 @@ def gpu_train_system(
         )
         written.append(system.embeddings.name)
         metrics = {**trained.metrics, "test": evaluate(trained, test)}
-        if not _this_generation(system).update(
+        ready = dict(
             checkpoint=system.checkpoint.name,
             embeddings=system.embeddings.name,
             metrics=_json_safe(metrics),
             status=System.Status.READY,
             progress=1.0,
             message=f"Ready; test {recall_summary(metrics['test'])}",
+        )
+        if not with_database_retries(
+            lambda: _this_generation(system).update(**ready), f"{system.name}: recording it"
         ):
             for name in written:  # nobody's now
                 system.embeddings.storage.delete(name)
@@ -188,7 +221,9 @@ def gpu_search(
         if missing := [key for key in keys if key not in known]:
             raise ValueError(f"{system.name}: embeddings name unknown pairs: {missing[:5]}")
         rows = neighbours(keys, video, music, k)
-        with transaction.atomic():
+
+        @transaction.atomic
+        def store():
             if not _this_generation(system).select_for_update().exists():
                 raise Superseded(f"{system.name} changed while it was searched")
             replace_search_results(system, rows)
@@ -198,6 +233,8 @@ def gpu_search(
                 message=f"Ready; test {recall_summary(system.metrics.get('test', {}))}; "
                 f"{len(rows)} search results",
             )
+
+        with_database_retries(store, f"{system.name}: storing its search results")
     return len(rows)
 
 
@@ -229,6 +266,16 @@ def prepare_study(study_id: int):
     The work is a chain of `gpu_` tasks ending in `finish_study`; a failing step marks the
     study failed with its message and stops the chain.
     """
+    work = with_database_retries(lambda: _planned(study_id), f"preparing study {study_id}")
+    if isinstance(work, str):  # nothing to do, or failed
+        return work
+    work.apply_async()
+    return Study.Status.PREPARING
+
+
+def _planned(study_id: int):
+    """The chain that prepares the study, recorded as its preparation at work; or the
+    study's status where there is nothing to prepare (failed: why in its message)."""
     study = Study.objects.get(pk=study_id)
     if study.status in (Study.Status.OPEN, Study.Status.CLOSED):
         return study.status  # subjects hold plans built from the current results
@@ -267,8 +314,7 @@ def prepare_study(study_id: int):
         task.si(system_id, step=(i, len(steps)), **at_work)
         for i, (task, system_id) in enumerate(steps)
     ]
-    chain(*signatures, finish_study.si(**at_work)).apply_async()
-    return Study.Status.PREPARING
+    return chain(*signatures, finish_study.si(**at_work))
 
 
 def _design_problem(study: Study) -> str | None:
@@ -290,6 +336,12 @@ def finish_study(study_id: int, preparation: int | None = None):
     study that cannot be (unequal or unreadable items, no plan) is marked failed with why.
     A study no longer in this preparation (`preparation`, or any while it is preparing) is
     left as it is."""
+    return with_database_retries(
+        lambda: _finish_study(study_id, preparation), f"finishing study {study_id}"
+    )
+
+
+def _finish_study(study_id: int, preparation: int | None):
     from experiments.plans import PlanError
     from experiments.subjects import check_study_design, plan_for
 
@@ -307,6 +359,8 @@ def finish_study(study_id: int, preparation: int | None = None):
         note = check_study_design(study)
     except (PlanError, MediaError) as error:
         return _fail_study(study_id, str(error), at_work)
+    except DATABASE_ERRORS:
+        raise  # tried again
     except Exception as error:  # not left "preparing" for ever: say what broke, then raise
         _fail_study(study_id, f"{type(error).__name__}: {error}", at_work)
         raise
@@ -496,15 +550,28 @@ class _failing:
         if isinstance(error, Superseded):
             logger.warning("%s: stopped, %s", self.system, error)
             before = self.system  # as the step found it, unless it changed since
-            _this_generation(before).update(
-                status=before.status, progress=before.progress, message=before.message,
-                progress_at=before.progress_at,
+            with_database_retries(
+                lambda: _this_generation(before).update(
+                    status=before.status, progress=before.progress, message=before.message,
+                    progress_at=before.progress_at,
+                ),
+                f"{before.name}: restoring it",
             )  # fmt: skip
             raise Ignore() from error  # the rest of the chain is not sent either
         if error is not None and isinstance(error, Exception):
             logger.exception("%s failed", self.system, exc_info=(kind, error, tb))
             message = f"{self.system.name}: {error}"
-            _this_generation(self.system).update(status=System.Status.FAILED, message=message)
+            if is_disk_full(error):  # torch says "unexpected pos 34816 vs 34768"
+                message = (
+                    f"{self.system.name}: no space left on the disk of MEDIA_ROOT "
+                    f"({settings.MEDIA_ROOT}); free space and prepare again"
+                )
+            with_database_retries(
+                lambda: _this_generation(self.system).update(
+                    status=System.Status.FAILED, message=message
+                ),
+                f"{self.system.name}: marking it failed",
+            )
             if self.study_id is not None:
                 _fail_study(self.study_id, message, _preparing(self.study_id, self.preparation))
         return False  # re-raise: a chain stops at a failed step
@@ -514,7 +581,7 @@ def _reporter(system: System, study_id: int | None, step, preparation: int | Non
     """progress(fraction, message) for one step, written to the system and the study."""
     index, count = step
 
-    def report(fraction: float, message: str):
+    def write(fraction: float, message: str):
         now = timezone.now()
         if study_id is not None and not _preparing(study_id, preparation).update(
             progress=(index + fraction) / max(count, 1),
@@ -527,6 +594,9 @@ def _reporter(system: System, study_id: int | None, step, preparation: int | Non
         ):
             raise Superseded(f"{system.name} was changed since the step began")
 
+    def report(fraction: float, message: str):
+        with_database_retries(lambda: write(fraction, message), f"{system.name}: progress")
+
     return report
 
 
@@ -534,7 +604,10 @@ def _fail_study(study_id: int, message: str, studies=None):
     """Mark the study failed (through `studies`, a query that may no longer find it)."""
     if studies is None:
         studies = Study.objects.filter(pk=study_id)
-    studies.update(status=Study.Status.FAILED, message=message)
+    with_database_retries(
+        lambda: studies.update(status=Study.Status.FAILED, message=message),
+        f"study {study_id}: marking it failed",
+    )
     return Study.Status.FAILED
 
 

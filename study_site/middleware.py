@@ -1,9 +1,17 @@
-"""Security headers that Django's SecurityMiddleware does not set."""
+"""Security headers that Django's SecurityMiddleware does not set, and the page for a
+database that cannot be reached."""
 
 import functools
+import logging
 
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from django.http import HttpResponse
+from django.template import loader
 from django.urls import reverse
+
+logger = logging.getLogger(__name__)
+RETRY_AFTER_S = 10  # the 503 page reloads itself after this long
 
 # Participant pages use only their own static JS and CSS; media come from this origin.
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -62,4 +70,26 @@ class ContentSecurityPolicyMiddleware:
         else:
             ancestors = []
         response.headers.setdefault("Content-Security-Policy", content_security_policy(ancestors))
+        return response
+
+
+class DatabaseUnavailableMiddleware:
+    """A database that cannot be reached (restarting, down, locked beyond its timeout) answers
+    503 with Retry-After instead of 500: the question page's script sends an answer again
+    after a 503 for about 15 s, and this page reloads itself, so a short outage costs a
+    participant nothing. The page needs no database to render."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if not isinstance(exception, (OperationalError, InterfaceError)):
+            return None
+        logger.error("database unavailable: %s %s: %s", request.method, request.path, exception)
+        page = loader.render_to_string("503.html", {"retry_after_s": RETRY_AFTER_S})
+        response = HttpResponse(page, status=503)
+        response["Retry-After"] = str(RETRY_AFTER_S)
         return response

@@ -90,6 +90,7 @@ MIDDLEWARE = [
     "axes.middleware.AxesMiddleware",
     # Inside XFrameOptionsMiddleware: exempts the participant pages MTurk may frame.
     "study_site.middleware.ContentSecurityPolicyMiddleware",
+    "study_site.middleware.DatabaseUnavailableMiddleware",
 ]
 ADMIN_URL_PREFIX = "admin/"
 
@@ -116,6 +117,9 @@ DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{VAR_DIR / 'db.sqlite3'}"),
         conn_max_age=int(os.environ.get("DB_CONN_MAX_AGE", "60")),
+        # A kept connection is checked before a request reuses it: after PostgreSQL restarted,
+        # each thread's old connection would otherwise fail one request with a 500.
+        conn_health_checks=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

@@ -18,7 +18,7 @@ from experiments.models import Response
 from .factories import make_study, make_subject
 
 pytestmark = pytest.mark.django_db
-ERROR_TEMPLATES = ("400.html", "403.html", "403_csrf.html", "404.html", "500.html")
+ERROR_TEMPLATES = ("400.html", "403.html", "403_csrf.html", "404.html", "500.html", "503.html")
 
 
 def assert_participant_page(html: str, language: str = "en"):
