@@ -42,9 +42,11 @@ KAPPA_NOTE = (
 def statistics_note(n_subjects: int) -> str:
     """What the tests assume, and what so few subjects can show."""
     note = (
-        "binom_p and binom_ci count every answer as independent, but one subject's answers "
-        "are related: where subjects differ they overstate the evidence. wilcoxon_p (the "
-        "subjects' shares against 50%) and subject_ci (answers clustered by subject) do not."
+        "Claim a cell differs from 50% with wilcoxon_p_holm (the subjects' shares against 50%, "
+        "exact given ties; Holm-adjusted over the table) and subject_ci (answers clustered by "
+        "subject). binom_p and binom_ci count every answer as independent, but one subject's "
+        "answers are related: where subjects differ they overstate the evidence. Both treat "
+        "the query items as fixed; the mixed model lets them differ too."
     )
     if n_subjects:
         smallest = 2.0 ** (1 - n_subjects)
@@ -55,7 +57,8 @@ def statistics_note(n_subjects: int) -> str:
 MACHINE_NOTE = (
     "The machine's share is over the G-R questions it judged (n_judged); a system known by "
     "ranked results judges only questions with a candidate in its top-k. coverage = percent of "
-    "the G-R questions (n_questions) judged."
+    "the G-R questions (n_questions) judged. The questions are the counted subjects': one asked "
+    "of several subjects counts once for each."
 )
 
 
@@ -211,6 +214,17 @@ def cells(report: Report) -> pd.DataFrame:
     return merged[[*keys, "percent", *columns]]
 
 
+# Captions are LaTeX as given (pandas escapes only the cells): names and notes have _ and %.
+LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+}  # fmt: skip
+
+
+def escape_latex(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(c, c) for c in text)
+
+
 def _records(frame: pd.DataFrame | None):
     """Rows as JSON objects, numbers in full (p-values of 1e-9 are common) and NaN as null."""
     if frame is None:
@@ -278,6 +292,7 @@ def render(report: Report, fmt: str) -> str | bytes:
             "counts": report.counts,
             "systems": report.systems,
             "left_out": report.left_out,
+            "notes": [*_notes(report), statistics_note(report.n_subjects)],
             "table": _records(report.table),
             "machine": _records(report.machine),
             "statistics": _records(report.statistics),
@@ -292,11 +307,13 @@ def render(report: Report, fmt: str) -> str | bytes:
             float_format="%.2f",
             na_rep="--",
             escape=True,
-            caption=" ".join(
-                [
-                    f"{report.title}: percent of answers preferring the first-named item.",
-                    *_notes(report),
-                ]
+            caption=escape_latex(
+                " ".join(
+                    [
+                        f"{report.title}: percent of answers preferring the first-named item.",
+                        *_notes(report),
+                    ]
+                )
             ),  # fmt: skip
             label="tab:preference",
         )
@@ -304,7 +321,8 @@ def render(report: Report, fmt: str) -> str | bytes:
             float_format="%.4g",
             na_rep="--",
             escape=True,
-            caption="Tests against 50\\% per cell (\\_holm: Holm-adjusted over the table).",
+            caption="Tests against 50\\% per cell (\\_holm: Holm-adjusted over the table). "
+            + escape_latex(statistics_note(report.n_subjects)),
         )
         if not len(report.machine):
             return table + "\n" + statistics
@@ -324,8 +342,8 @@ def render(report: Report, fmt: str) -> str | bytes:
                 report.machine.reset_index().to_excel(writer, sheet_name="Machine G-R", index=False)
             report.statistics.to_excel(writer, sheet_name="Statistics")
             report.subjects.to_excel(writer, sheet_name="Subjects", index=False)
-            if notes := _notes(report):
-                pd.DataFrame({"note": notes}).to_excel(writer, sheet_name="Notes", index=False)
+            notes = [*_notes(report), statistics_note(report.n_subjects)]
+            pd.DataFrame({"note": notes}).to_excel(writer, sheet_name="Notes", index=False)
             report.agreement.to_excel(writer, sheet_name="Human-machine")
             if report.kappa is not None:
                 report.kappa.to_excel(writer, sheet_name="Fleiss kappa")

@@ -2,7 +2,8 @@
 
 Drawn on a bare matplotlib Figure with the Agg canvas (no pyplot state), so it is safe in web
 requests and worker processes. Styled as the paper's: blue quartile boxes, red medians, dotted
-black whiskers, red crosses for outliers, a green line at the 50% chance level.
+black whiskers to the furthest subject within 1.5 IQR of the box (Tukey's rule, stated on
+the figure), red crosses for the subjects beyond, a green line at the 50% chance level.
 """
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from matplotlib.figure import Figure
 from .preference import DIRECTIONS, ordered_pair_types, subject_preferences
 
 FORMATS = {"png", "svg", "pdf"}
+WHISKER_IQR = 1.5
 
 
 def preference_figure(df, title="Per-subject preference (Fig. 7)") -> Figure:
@@ -39,6 +41,7 @@ def preference_figure(df, title="Per-subject preference (Fig. 7)") -> Figure:
             boxes,
             positions=positions,
             widths=0.7,
+            whis=WHISKER_IQR,
             tick_labels=labels,
             patch_artist=True,
             boxprops={"facecolor": "none", "edgecolor": "blue"},
@@ -52,7 +55,7 @@ def preference_figure(df, title="Per-subject preference (Fig. 7)") -> Figure:
         ax.set_xticks([])
     ax.set_ylim(-3, 103)
     ax.set_ylabel("preference for the first-named item (%)")
-    ax.set_xlabel("pair type, direction, subjects per box")
+    ax.set_xlabel(f"pair type, direction, subjects per box; whiskers: {WHISKER_IQR} IQR")
     ax.set_title(title)
     ax.legend(loc="lower left", fontsize="small")
     return fig

@@ -207,11 +207,20 @@ class CollectionAdmin(SummarisedDeletion):
             / UPLOADS
             / (f"{slugify(name) or 'collection'}-{secrets.token_hex(4)}")
         )
-        folder.mkdir(parents=True)
-        for upload in form.cleaned_data["files"]:
-            with open(folder / stored_name(upload), "wb") as out:
-                for chunk in upload.chunks():
-                    out.write(chunk)
+        try:
+            folder.mkdir(parents=True)
+            for upload in form.cleaned_data["files"]:
+                with open(folder / stored_name(upload), "wb") as out:
+                    for chunk in upload.chunks():
+                        out.write(chunk)
+        except OSError as error:  # a full disk: no truncated copy that nothing refers to
+            shutil.rmtree(folder, ignore_errors=True)
+            form.add_error(
+                None,
+                f"Could not store the files in MEDIA_ROOT ({error.strerror or error}); "
+                "nothing was imported.",
+            )
+            return None
         try:
             with transaction.atomic():  # refused: no collection, no pairs, and no files
                 added = add_pairs(name, folder, test=form.cleaned_data["test"])

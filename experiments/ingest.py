@@ -16,6 +16,7 @@ import io
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,10 @@ from pathlib import Path
 import numpy as np
 from django.core.files import File
 from django.core.files.base import ContentFile
-from django.db import OperationalError, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.features import MediaError
 from engine.files import VIDEO_SUFFIXES, find_videos
@@ -60,6 +64,8 @@ class ImportSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # the source's: (key, error)
     changed: list[tuple[str, str]] = field(default_factory=list)  # (key, what was kept)
     notes: list[str] = field(default_factory=list)  # about the collection (its splits)
+    # The source's pending pairs by their error ("": none, their tasks did not finish).
+    pending_errors: Counter = field(default_factory=Counter)
 
     @property
     def pending(self) -> int:
@@ -495,14 +501,25 @@ def import_settings(
 
 # Waiting this long with no pair done, an import asks whether its tasks still exist.
 QUIET_S = 120
+# Redis (broker and result store) down or restarting: the tasks may still be there after.
+_BROKER_DOWN = (RedisConnectionError, RedisTimeoutError, KombuOperationalError)
+
+
+def _lost(results, queue: str) -> bool:
+    """`tasks_lost`, False while the broker cannot be asked."""
+    from experiments.tasks import tasks_lost
+
+    try:
+        return tasks_lost(results, queue)
+    except _BROKER_DOWN:
+        return False
 
 
 def waited_for(results, queue: str, progress=None) -> list:
     """Wait for each result of tasks sent to `queue` in turn; the results left when their
-    tasks were lost (`tasks_lost` after QUIET_S without one done), else none."""
+    tasks were lost (`tasks_lost` after QUIET_S without one done), else none. Redis out of
+    reach (restarting) counts as not done yet, and as not lost."""
     from celery.exceptions import TimeoutError as NotYet
-
-    from experiments.tasks import tasks_lost
 
     last = time.monotonic()
     for done, result in enumerate(results, start=1):
@@ -511,8 +528,11 @@ def waited_for(results, queue: str, progress=None) -> list:
                 result.get(propagate=False, timeout=5)
                 break
             except NotYet:
-                if time.monotonic() - last > QUIET_S and tasks_lost(results[done - 1 :], queue):
-                    return results[done - 1 :]
+                pass
+            except _BROKER_DOWN:
+                time.sleep(1)  # fails at once while Redis is down: no busy loop
+            if time.monotonic() - last > QUIET_S and _lost(results[done - 1 :], queue):
+                return results[done - 1 :]
         last = time.monotonic()
         if progress:
             progress(done, len(results))
@@ -555,7 +575,8 @@ def import_collection(
         progress(0, len(todo))
     if sync:
         for done, pair in enumerate(todo, start=1):
-            with contextlib.suppress(OperationalError):  # the pair stays pending: reported
+            # The database failed: the pair stays pending, reported.
+            with contextlib.suppress(OperationalError, InterfaceError):
                 import_pair(pair.pk, clip_s, encoder, frame_size)
             if progress:
                 progress(done, len(todo))
@@ -564,6 +585,9 @@ def import_collection(
         results = [import_pair.delay(pair.pk, clip_s, encoder, frame_size) for pair in todo]
         queue = app.amqp.router.route({}, "experiments.tasks.import_pair")["queue"].name
         lost = waited_for(results, queue, progress)
+    if not connection.in_atomic_block:
+        # The wait may be long: a database that restarted meanwhile dropped this connection.
+        connection.close()
     notes = added.notes + refill_places(collection, added.assigned, seed)
     if lost:
         notes.append(
@@ -580,4 +604,5 @@ def import_collection(
         failures=[(key, error) for key, status, error in rows if status == Pair.Status.FAILED],
         changed=added.changed,
         notes=notes,
+        pending_errors=Counter(e for _, status, e in rows if status == Pair.Status.PENDING),
     )

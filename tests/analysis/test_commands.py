@@ -1,9 +1,13 @@
 """The loader, both management commands and the admin results page, on real database rows."""
 
+import contextlib
+import errno
 import io
 import json
+import os
 import re
 import zipfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -203,6 +207,40 @@ def test_report_writes_plot_and_subject_csv(tmp_path):
     first = rows[(rows.subject == 0) & (rows.pair_type == "GR") & (rows.direction == "V2M")]
     assert first.iloc[0][["n", "preferred", "preference"]].tolist() == [4, 4, 100.0]
     assert len(rows) == 8
+
+
+def disk_full_halfway(binary: bool):
+    """A writer of a frame (or plot) to a path or file that gets half its output written,
+    then finds the disk full."""
+
+    def write(df, target, *args, **kwargs):
+        with contextlib.ExitStack() as opened:
+            if isinstance(target, str | Path):  # it opens the path itself
+                target = opened.enter_context(open(target, "wb" if binary else "w"))
+            target.write(b"<?xml half" if binary else "subject,n\n0,")
+            target.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return write
+
+
+@pytest.mark.parametrize("option", ["--plot", "--subjects-csv"])
+def test_report_outputs_replace_a_previous_file_only_once_written_whole(
+    tmp_path, monkeypatch, option
+):
+    make_study()
+    target = tmp_path / ("fig7.svg" if option == "--plot" else "subjects.csv")
+    run("preference_report", "known", option, str(target))
+    before = target.read_bytes()
+    if option == "--plot":
+        command = "experiments.management.commands.preference_report"
+        monkeypatch.setattr(f"{command}.preference_boxplot", disk_full_halfway(binary=True))
+    else:
+        monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full_halfway(binary=False))
+    with pytest.raises(CommandError) as error:
+        run("preference_report", "known", option, str(target))
+    assert str(error.value) == f"{option} {target}: cannot write it (No space left on device)."
+    assert target.read_bytes() == before and list(tmp_path.iterdir()) == [target]
 
 
 def test_report_refuses_clearly_without_answers():

@@ -6,7 +6,7 @@ import openpyxl
 import pandas as pd
 import pytest
 
-from analysis.export import build_report, cells, render, zip_all
+from analysis.export import build_report, cells, escape_latex, render, statistics_note, zip_all
 
 from .frames import exact_answers
 
@@ -211,9 +211,26 @@ def test_the_notes_reach_the_xlsx_and_the_latex_caption():
     left_out = "Left out: 2 subjects who have not finished."
     book = openpyxl.load_workbook(io.BytesIO(render(report, "xlsx")))
     notes = [row[0] for row in book["Notes"].iter_rows(min_row=2, values_only=True)]
-    assert notes == ["Systems: S1 = vmnet.", left_out]
+    assert notes == ["Systems: S1 = vmnet.", left_out, statistics_note(3)]
     caption = render(report, "latex").split("\\caption{", 1)[1].split("}\n", 1)[0]
     assert left_out in caption and "S1 = vmnet" in caption
-    # Nobody left out, no media errors, no systems named: no notes sheet.
+    # Nobody left out, no media errors, no systems named: what the tests assume.
     book = openpyxl.load_workbook(io.BytesIO(render(build_report(df), "xlsx")))
-    assert "Notes" not in book.sheetnames
+    assert [row[0] for row in book["Notes"].iter_rows(min_row=2, values_only=True)] == [
+        statistics_note(3)
+    ]
+
+
+def test_every_format_but_csv_says_which_test_to_claim_with_and_why():
+    """The binomial test counts a subject's answers as independent: where subjects differ it
+    calls a true 50% significant in a quarter of studies. Each format says so, and puts the
+    tests that count subjects first."""
+    report = build_report(exact_answers(SPEC, MACHINE), systems={"S1": "my_model 50%"})
+    note = statistics_note(3)
+    assert note.startswith("Claim a cell differs from 50% with wilcoxon_p_holm")
+    assert note in render(report, "markdown")
+    assert note in json.loads(render(report, "json"))["notes"]
+    latex = render(report, "latex")
+    assert escape_latex(note) in latex and "S1 = my\\_model 50\\%" in latex
+    columns = list(pd.read_csv(io.StringIO(render(report, "csv"))).columns)
+    assert columns.index("subject_ci_low") < columns.index("wilcoxon_p") < columns.index("binom_p")

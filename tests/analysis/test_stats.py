@@ -1,8 +1,16 @@
+import itertools
+
 import numpy as np
 import pytest
 from scipy import stats
 
-from analysis.stats import STAT_COLUMNS, cell_statistics, subject_interval
+from analysis.stats import (
+    EXACT_WILCOXON_MAX,
+    STAT_COLUMNS,
+    cell_statistics,
+    subject_interval,
+    wilcoxon_test,
+)
 
 from .frames import exact_answers
 
@@ -206,3 +214,34 @@ def test_holm_family_is_the_whole_table_not_each_pair_type():
         assert {pair_type for pair_type, _ in raw[tested].index} == {"GR", "GS"}
         expected = multipletests(raw[tested].to_numpy(), method="holm")[1]
         assert table.loc[tested, f"{test}_p_holm"].tolist() == pytest.approx(expected.tolist())
+
+
+def every_sign_flip(differences) -> float:
+    """Two-sided p of Wilcoxon's T+ over all 2^n sign flips, counted one by one."""
+    ranks = stats.rankdata(np.abs(differences))
+    observed = ranks[np.asarray(differences) > 0].sum()
+    sums = np.array(
+        [
+            ranks[np.array(signs, bool)].sum()
+            for signs in itertools.product([0, 1], repeat=len(ranks))
+        ]
+    )
+    tail = min(np.mean(sums <= observed + 1e-9), np.mean(sums >= observed - 1e-9))
+    return min(1.0, 2 * tail)
+
+
+def test_wilcoxon_is_exact_given_the_ties_subjects_shares_always_have():
+    """20 answers a cell give shares in steps of 5 points: ties. From 14 subjects on scipy
+    then takes its normal approximation without continuity correction, up to 0.06 off."""
+    rng = np.random.default_rng(3)
+    for n in (14, 16):
+        differences = rng.choice([-20, -15, -10, -5, 5, 10, 15, 20, 25, 30, 35, 40], n) * 1.0
+        statistic, p = wilcoxon_test(differences)
+        assert p == pytest.approx(every_sign_flip(differences), rel=1e-12)
+        assert statistic == stats.wilcoxon(differences).statistic
+        assert abs(p - stats.wilcoxon(differences).pvalue) > 1e-3  # what scipy says instead
+    untied = rng.normal(0.4, 1, size=20)
+    assert wilcoxon_test(untied)[1] == pytest.approx(stats.wilcoxon(untied, method="exact").pvalue)
+    many = rng.choice([-10, -5, 5, 10, 15], EXACT_WILCOXON_MAX + 1) * 1.0
+    expected = stats.wilcoxon(many, correction=True, method="approx").pvalue
+    assert wilcoxon_test(many)[1] == pytest.approx(expected)

@@ -1,9 +1,12 @@
 """The researchers' admin: staff only, study actions, subject links, progress and exports."""
 
 import csv
+import errno
 import io
+import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -821,6 +824,43 @@ def test_a_refused_upload_leaves_no_collection_and_no_files(admin_client, tmp_pa
     assert page.status_code == 200 and "cannot take 5 test" in page.content.decode()
     assert not Collection.objects.filter(name="Uploaded").exists()
     assert files() == before
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "failing write"])
+def test_an_upload_onto_a_full_disk_says_so_and_leaves_nothing(
+    admin_client, tmp_path, settings, monkeypatch, request, disk
+):
+    """The copies are written before anything is imported: a full MEDIA_ROOT is a form error,
+    with no collection and no truncated copy that nothing refers to (not a server error)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    settings.MEDIA_ROOT = str(media)
+    if disk == "tmpfs":  # a real full disk: 32 KiB, less than the three videos take
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(media)],
+                          capture_output=True).returncode:  # fmt: skip
+            pytest.skip("mounting a tmpfs needs root")
+        request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(media)], check=True))
+    else:  # the second file gets half a chunk, then the disk is full
+        writes = []
+
+        class Filling(io.FileIO):
+            def write(self, chunk):
+                if writes:
+                    super().write(chunk[: len(chunk) // 2])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                writes.append(chunk)
+                return super().write(chunk)
+
+        monkeypatch.setattr("experiments.admin.open", Filling, raising=False)
+    url = reverse("admin:experiments_collection_upload")
+    page = admin_client.post(url, upload_form(tmp_path, n=3))
+    assert page.status_code == 200
+    assert (
+        "Could not store the files in MEDIA_ROOT (No space left on device); nothing was "
+        "imported." in page.content.decode()
+    )
+    assert not Collection.objects.filter(name="Uploaded").exists()
+    assert list((media / "uploads").iterdir()) == []
 
 
 def test_an_upload_into_a_collection_made_with_another_clip_length_is_refused(

@@ -1,8 +1,10 @@
 """The researcher's commands: import, create subjects, prepare, export, report, plan."""
 
 import csv
+import errno
 import io
 import json
+import os
 import re
 import threading
 
@@ -274,6 +276,27 @@ def test_export_responses_to_a_missing_folder_says_so(tmp_path):
     with pytest.raises(CommandError, match="file is not a folder"):
         run("export_responses", study.slug, "--output", str(tmp_path / "file" / "x.csv"))
     assert list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+@pytest.mark.django_db
+def test_export_responses_replaces_a_previous_file_only_once_written_whole(tmp_path, monkeypatch):
+    """A full disk halfway through an export leaves the previous export as it was, and
+    nothing beside it."""
+    study = make_study(per_type=1)
+    target = tmp_path / "answers.json"
+    run("export_responses", study.slug, "--format", "json", "--output", str(target))
+    before = target.read_bytes()
+
+    def disk_full_halfway(rows, fmt, out, columns):
+        out.write("study,subject,")
+        out.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("experiments.management.commands.export_responses.write", disk_full_halfway)
+    with pytest.raises(CommandError) as error:
+        run("export_responses", study.slug, "--output", str(target))
+    assert str(error.value) == f"--output {target}: cannot write it (No space left on device)."
+    assert target.read_bytes() == before and list(tmp_path.iterdir()) == [target]
 
 
 PLAN = {"--effect": "0.7", "--items": "10", "--questions-per-subject": "5", "--sims": "20"}

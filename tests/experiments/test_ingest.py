@@ -1,6 +1,8 @@
 """Importing real (generated) music videos: study media, features, per-file errors, re-runs."""
 
+import errno
 import io
+import os
 import subprocess
 from collections import Counter
 from fractions import Fraction
@@ -11,6 +13,9 @@ import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import OperationalError, connection
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.features import MediaError
 from engine.files import find_videos
@@ -309,7 +314,7 @@ def test_a_failure_while_adding_pairs_writes_nothing(tmp_path, monkeypatch):
     assert not Collection.objects.filter(name="atomic").exists() and not Pair.objects.exists()
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # retried on a new connection, outside any transaction
 def test_a_database_error_while_importing_is_retried_and_never_blamed_on_the_files(
     tmp_path, monkeypatch
 ):
@@ -338,6 +343,34 @@ def test_a_database_error_while_importing_is_retried_and_never_blamed_on_the_fil
     busy["b"] = 0  # the database is back: a re-run finishes the import
     call_command("import_collection", "busy", str(folder), "--sync", stdout=io.StringIO())
     assert Pair.objects.get(key="b").status == Pair.Status.READY
+
+
+@pytest.mark.django_db
+def test_pairs_left_pending_are_reported_by_their_error(tmp_path, monkeypatch):
+    """A full disk leaves its pairs pending with why (experiments.tasks.import_pair): the
+    command says so, and what to do, rather than blame a worker or the database."""
+    folder = stub_files(tmp_path / "v", "a.mp4", "b.mp4", "c.mp4", "d.mp4")
+
+    def process_pair(pair, *settings):
+        if pair.key in ("a", "b"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if pair.key == "c":
+            raise OperationalError("database is locked")
+        pair.status = Pair.Status.READY
+        pair.save()
+        return pair
+
+    monkeypatch.setattr("experiments.tasks.process_pair", process_pair)
+    monkeypatch.setattr("experiments.tasks.DATABASE_RETRIES_S", (0,) * 5)
+    with pytest.raises(CommandError) as error:
+        call_command("import_collection", "full", str(folder), "--sync",
+                     stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip
+    assert str(error.value) == (
+        '3 of 4 pairs are still pending: 2 with "not imported yet: [Errno 28] No space left on '
+        'device"; 1 whose task did not finish (a worker stopped, or the database stayed busy); '
+        "free space, then run the same command again: it processes only those."
+    )
+    assert error.value.returncode == 1
 
 
 @pytest.mark.django_db(transaction=True)
@@ -608,6 +641,86 @@ def test_an_import_through_the_workers_watches_the_queue_its_tasks_are_sent_to(
     summary = import_collection("queued", folder, test=1)
     assert len(sent) == 3 and summary.notes == []
     assert watched == [(3, "gpu")]
+
+
+@pytest.mark.django_db(transaction=True)  # the command's own connection, as in production
+def test_an_import_outlives_a_database_restart_while_it_waits_for_its_tasks(tmp_path, monkeypatch):
+    """PostgreSQL restarting during the (long) wait drops the command's connection: the
+    queries after the wait take a new one; a database still out of reach is a clear error."""
+    from experiments.tasks import import_pair
+    from study_site.celery import app
+
+    monkeypatch.setitem(app.conf, "task_always_eager", False)
+    monkeypatch.setattr(import_pair, "delay", lambda *args: object())
+    command = "experiments.management.commands.import_collection"
+    monkeypatch.setattr(f"{command}.celery_problem", lambda queues: None)
+
+    def waited_for(results, queue, progress=None):
+        Pair.objects.filter(collection__name="restarted").update(status=Pair.Status.READY)
+        connection.connection.close()  # the server went away: this connection is dead
+        return []
+
+    monkeypatch.setattr("experiments.ingest.waited_for", waited_for)
+    folder = stub_files(tmp_path / "v", "a.mp4", "b.mp4", "c.mp4")
+    args = ("import_collection", "restarted", str(folder), "--test", "1")
+    out = io.StringIO()
+    call_command(*args, stdout=out, stderr=io.StringIO())
+    assert "restarted: 3 of 3 pairs ready, 0 failed, 0 already imported" in out.getvalue()
+
+    def unreachable(*args):
+        raise OperationalError('connection to server at "db" failed: Connection refused')
+
+    monkeypatch.setattr("experiments.ingest.refill_places", unreachable)
+    with pytest.raises(CommandError) as error:
+        call_command(*args, stdout=io.StringIO(), stderr=io.StringIO())
+    assert str(error.value) == (
+        'The database could not be reached (connection to server at "db" failed: Connection '
+        "refused). Run the same command again: it processes only the pairs not ready."
+    )
+
+
+class _Restarting:
+    """A task's result while Redis restarts: its first `fails` gets cannot reach Redis."""
+
+    id = "task-1"
+
+    def __init__(self, fails, error):
+        self.fails, self.error = fails, error
+
+    def get(self, propagate=True, timeout=None):
+        if self.fails:
+            self.fails -= 1
+            raise self.error
+        return "ready"
+
+    def ready(self):
+        return False
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RedisConnectionError("Error 111 connecting to redis:6379. Connection refused."),
+        RedisTimeoutError("Timeout reading from redis:6379"),
+        KombuOperationalError("Error 111 connecting to redis:6379. Connection refused."),
+    ],
+)
+def test_an_import_waits_out_a_redis_restart(monkeypatch, error):
+    """Redis out of reach is not a crash: not done yet, and, as `tasks_lost` cannot ask the
+    broker either, not lost yet; the wait goes on (a second a try) until Redis is back."""
+    slept, asked, progress = [], [], []
+    monkeypatch.setattr(ingest.time, "sleep", slept.append)
+    monkeypatch.setattr(ingest, "QUIET_S", -1)  # asks whether the tasks were lost each time
+
+    def tasks_lost(results, queue):
+        asked.append(queue)
+        raise RedisConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+    monkeypatch.setattr("experiments.tasks.tasks_lost", tasks_lost)
+    result = _Restarting(2, error)
+    assert ingest.waited_for([result], "gpu", lambda *done: progress.append(done)) == []
+    assert result.fails == 0 and slept == [1, 1] and asked == ["gpu", "gpu"]
+    assert progress == [(1, 1)]
 
 
 class _Result:

@@ -6,13 +6,12 @@ writes the data dictionary (one row per column with its meaning) instead of the 
 
 import csv
 import json
-import os
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from experiments.export import column_names, dictionary_rows, response_rows, spreadsheet_safe
-from experiments.management import study_named
+from experiments.management import check_output, output_file, study_named
 
 
 class Command(BaseCommand):
@@ -39,36 +38,11 @@ class Command(BaseCommand):
             rows = list(response_rows(study, anonymise=o["anonymise"]))
             what, columns = "answers", column_names(study)
         if o["output"]:
-            try:
-                with open(o["output"], "w", newline="", encoding="utf-8") as out:
-                    write(rows, o["format"], out, columns)
-            except OSError as error:
-                raise CommandError(cannot_write(o["output"], "--output", error)) from None
+            with output_file(o["output"], "--output") as out:
+                write(rows, o["format"], out, columns)
             self.stderr.write(f"{len(rows)} {what} written to {o['output']}")
         else:
             write(rows, o["format"], self.stdout, columns)
-
-
-def check_output(path: Path, option: str) -> None:
-    """CommandError, before any work, when the file `path` given by `option` cannot be written:
-    its folder missing or not a folder, the path a folder, or no permission to write."""
-    path = Path(path)
-    folder = path.parent
-    if not folder.exists():
-        problem = f"the folder {folder} does not exist"
-    elif not folder.is_dir():
-        problem = f"{folder} is not a folder"
-    elif path.is_dir():
-        problem = "it is a folder; give a file name"
-    elif not os.access(path if path.exists() else folder, os.W_OK):
-        problem = "no permission to write it"
-    else:
-        return
-    raise CommandError(f"{option} {path}: {problem}.")
-
-
-def cannot_write(path: Path, option: str, error: OSError) -> str:
-    return f"{option} {path}: cannot write it ({error.strerror or error})."
 
 
 def write(rows: list[dict], fmt: str, out, columns: list[str]):

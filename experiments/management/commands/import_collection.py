@@ -1,6 +1,7 @@
 """`manage.py import_collection NAME PATH`: music videos (a folder or a CSV manifest) → pairs."""
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import InterfaceError, OperationalError
 from tqdm import tqdm
 
 from experiments.ingest import DEFAULT_ENCODER, ManifestError, import_collection, read_source
@@ -95,6 +96,11 @@ class Command(BaseCommand):
             )
         except (ManifestError, ValueError) as error:
             raise CommandError(str(error)) from None
+        except (OperationalError, InterfaceError) as error:  # PostgreSQL restarting, say
+            raise CommandError(
+                f"The database could not be reached ({error}). Run the same command again: "
+                "it processes only the pairs not ready."
+            ) from None
         finally:
             bar.close()
         for key, error in summary.failures:
@@ -120,9 +126,28 @@ class Command(BaseCommand):
                 returncode=1,
             )
         if summary.pending:
-            raise CommandError(
-                f"{summary.pending} of {summary.total} pairs are still pending: their tasks did "
-                "not finish (a worker stopped, or the database stayed busy). Run the same "
-                "command again: it processes only those.",
-                returncode=1,
-            )
+            raise CommandError(pending_message(summary), returncode=1)
+
+
+def pending_message(summary) -> str:
+    """Why the pending pairs are pending, grouped by their error, and what to do."""
+    errors = summary.pending_errors
+    unfinished = "did not finish (a worker stopped, or the database stayed busy)"
+    if not any(errors):
+        return (
+            f"{summary.pending} of {summary.total} pairs are still pending: their tasks "
+            f"{unfinished}. Run the same command again: it processes only those."
+        )
+    named = [(error, n) for error, n in errors.most_common() if error]
+    groups = [f'{n} with "{error}"' for error, n in named[:3]]
+    if rest := sum(n for _, n in named[3:]):  # one error a file, say: the first few tell
+        groups.append(f"{rest} with other errors (the admin lists the collection's pairs)")
+    if n := errors[""]:
+        groups.append(f"{n} whose {'task' if n == 1 else 'tasks'} {unfinished}")
+    # A full disk (experiments.tasks.import_pair): the pair waits for room, not for a fix.
+    disk = any(error.startswith("not imported yet") for error in errors)
+    return (
+        f"{summary.pending} of {summary.total} pairs are still pending: {'; '.join(groups)}; "
+        f"{'free space, then run' if disk else 'run'} the same command again: it processes "
+        "only those."
+    )

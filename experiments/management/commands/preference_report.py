@@ -8,8 +8,7 @@ from analysis.export import LEFT_OUT, TEXT_FORMATS, build_report, render
 from analysis.load import LEFT_OUT_OPTION, left_out, responses_frame, system_names
 from analysis.plots import preference_boxplot
 from analysis.preference import answers
-from experiments.management import study_named
-from experiments.management.commands.export_responses import cannot_write, check_output
+from experiments.management import check_output, output_file, study_named
 
 
 class Command(BaseCommand):
@@ -56,17 +55,13 @@ class Command(BaseCommand):
         self.stdout.write(render(report, options["format"]), ending="")
         # Notes go to stderr, so that stdout stays a clean CSV / JSON document.
         if options["plot"]:
-            try:
-                preference_boxplot(df, options["plot"], title=study.name)
-            except OSError as error:
-                raise CommandError(cannot_write(options["plot"], "--plot", error)) from None
+            plot = options["plot"]
+            with output_file(plot, "--plot", binary=True) as out:
+                preference_boxplot(df, out, title=study.name, format=plot.suffix.lstrip("."))
             self.stderr.write(f"Box plot written to {options['plot']}")
         if options["subjects_csv"]:
-            try:
-                report.subjects.to_csv(options["subjects_csv"], index=False)
-            except OSError as error:
-                path = options["subjects_csv"]
-                raise CommandError(cannot_write(path, "--subjects-csv", error)) from None
+            with output_file(options["subjects_csv"], "--subjects-csv") as out:
+                report.subjects.to_csv(out, index=False)
             self.stderr.write(f"Per-subject preferences written to {options['subjects_csv']}")
 
 
