@@ -37,6 +37,7 @@ from .models import (
     UPLOADS,
     Collection,
     Pair,
+    Question,
     Response,
     Split,
     Study,
@@ -76,6 +77,48 @@ class SummarisedDeletion(admin.ModelAdmin):
     def get_deleted_objects(self, objs, request):
         to_delete, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
         return shortened(to_delete), counts, perms_needed, protected
+
+
+class PlansDeletion(SummarisedDeletion):
+    """Deleting studies or subjects: their subjects' answers and questions (120 a subject) go
+    by one statement each, and the confirmation counts them. Django's walk visits every one
+    of them: a study of 1,000 subjects asked about 124,000 questions in one query, past
+    PostgreSQL's 65,535 parameters (a 503 after 40 s and 0.5 GB; 100 s without that limit)."""
+
+    def subjects_of(self, objs):
+        raise NotImplementedError
+
+    def get_deleted_objects(self, objs, request):
+        objs = list(objs)
+        subjects = self.subjects_of(objs)
+        counts = {
+            self.model: len(objs),
+            Subject: subjects.count(),
+            Question: Question.objects.filter(subject__in=subjects).count(),
+            Response: Response.objects.filter(subject__in=subjects).count(),
+        }
+        if self.model is Study:
+            counts[StudySystem] = StudySystem.objects.filter(study__in=objs).count()
+        model_count = {m._meta.verbose_name_plural: n for m, n in counts.items() if n}
+        perms_needed = set()
+        subject_admin = self.admin_site._registry[Subject]
+        if counts[Subject] and not subject_admin.has_delete_permission(request):
+            perms_needed.add(Subject._meta.verbose_name_plural)
+        return shortened([str(obj) for obj in objs]), model_count, perms_needed, []
+
+    def delete_model(self, request, obj):
+        self.delete_queryset(request, self.model.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request, queryset):
+        with transaction.atomic():
+            chosen = list(queryset.values_list("pk", flat=True))
+            subjects = self.subjects_of(chosen)
+            # Locked first: an answer being stored waits, then finds its subject gone.
+            list(Subject.objects.select_for_update().filter(pk__in=subjects).values_list("pk"))
+            Response.objects.filter(subject__in=subjects).delete()  # nothing refers to them
+            # Their answers gone, nothing refers to the questions: one statement, no walk.
+            Question.objects.filter(subject__in=subjects)._raw_delete(Question.objects.db)
+            super().delete_queryset(request, self.model.objects.filter(pk__in=chosen))
 
 
 def shortened(nested: list) -> list:
@@ -489,17 +532,16 @@ class StudySystemInline(admin.TabularInline):
 
 
 def with_progress(subjects):
-    """Subjects with `answered` and `total` counts (a subquery: two joins would multiply)."""
-    answered = (
-        Response.objects.filter(subject=OuterRef("pk"))
-        .values("subject")
-        .annotate(n=Count("pk"))
-        .values("n")
-    )
-    return subjects.annotate(
-        answered=Coalesce(Subquery(answered, output_field=IntegerField()), 0),
-        total=Count("questions"),
-    )
+    """Subjects with `answered` and `total` counts, each a subquery: a join with GROUP BY made
+    PostgreSQL run the answers' subquery once per question of every subject listed (8 s for
+    1,000 subjects; 5 ms this way), and the list's count pay the same."""
+
+    def per_subject(model):
+        counted = model.objects.filter(subject=OuterRef("pk")).values("subject")
+        counted = counted.annotate(n=Count("pk")).values("n")
+        return Coalesce(Subquery(counted, output_field=IntegerField()), 0)
+
+    return subjects.annotate(answered=per_subject(Response), total=per_subject(Question))
 
 
 class DesignLocked(Exception):
@@ -507,13 +549,17 @@ class DesignLocked(Exception):
 
 
 @admin.register(Study)
-class StudyAdmin(SummarisedDeletion):
+class StudyAdmin(PlansDeletion):
     list_display = ["name", "collection", "status", "progress_percent", "subjects_summary"]
     list_filter = ["status", "collection"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     inlines = [StudySystemInline]
+
+    def subjects_of(self, objs):
+        return Subject.objects.filter(study__in=[getattr(o, "pk", o) for o in objs])
+
     actions = [
         "prepare_studies",
         "draft_studies",
@@ -966,7 +1012,7 @@ class ResponseInline(admin.TabularInline):
 
 
 @admin.register(Subject)
-class SubjectAdmin(SummarisedDeletion):
+class SubjectAdmin(PlansDeletion):
     list_display = [
         "__str__",
         "external_id",
@@ -979,6 +1025,7 @@ class SubjectAdmin(SummarisedDeletion):
     ]
     list_filter = ["study", CompletedFilter, "outcome"]
     search_fields = ["external_id", "token"]
+    show_full_result_count = False  # a second count of every subject: seconds in a big study
     list_select_related = ["study"]
     ordering = ["study", "ordinal"]
     readonly_fields = [
@@ -1001,16 +1048,8 @@ class SubjectAdmin(SummarisedDeletion):
     # An answer being stored holds its subject's row: a deletion that locks the rows first
     # waits for it and deletes it with the rest; one that did not failed (PostgreSQL: a
     # foreign key broken by the new answer, or a deadlock) with a 500.
-    def delete_model(self, request, obj):
-        with transaction.atomic():
-            Subject.objects.select_for_update().filter(pk=obj.pk).exists()
-            super().delete_model(request, obj)
-
-    def delete_queryset(self, request, queryset):
-        with transaction.atomic():
-            chosen = list(queryset.values_list("pk", flat=True))
-            list(Subject.objects.select_for_update().filter(pk__in=chosen).values_list("pk"))
-            super().delete_queryset(request, queryset)
+    def subjects_of(self, objs):
+        return Subject.objects.filter(pk__in=[getattr(o, "pk", o) for o in objs])
 
     def get_queryset(self, request):
         return with_progress(super().get_queryset(request))

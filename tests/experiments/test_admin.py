@@ -1159,3 +1159,41 @@ def test_a_subject_deleted_while_an_answer_is_stored_goes_with_it(admin_client):
         thread.join()
         assert not Subject.objects.filter(pk=subject.pk).exists()
     assert not Response.objects.exists()
+
+
+def test_a_study_with_more_questions_than_postgresql_takes_parameters_is_deleted(admin_client):
+    """Django's deletion walk listed every question in one query: past PostgreSQL's 65,535
+    parameters at about 530 subjects, the study could not be deleted (a 503 after 40 s). Its
+    subjects' plans now go by one statement each, and the confirmation counts them."""
+    from django.test.utils import CaptureQueriesContext
+
+    from experiments.models import Question
+
+    study = make_study(per_type=1)
+    first = make_subject(study)
+    answer_all(first, 2)
+    plan = list(Question.objects.filter(subject=first).order_by("position"))
+    n = 65_536 // len(plan) + 1  # subjects: more questions than 65,535
+    subjects = Subject.objects.bulk_create(
+        Subject(study=study, ordinal=ordinal) for ordinal in range(1, n + 1)
+    )
+    questions = [
+        Question(**{f.attname: getattr(q, f.attname) for f in Question._meta.concrete_fields
+                    if f.name not in ("id", "subject")}, subject=subject)
+        for subject in subjects for q in plan
+    ]  # fmt: skip
+    Question.objects.bulk_create(questions, batch_size=5000)
+    total = Question.objects.filter(subject__study=study).count()
+    assert total > 65_535
+
+    url = reverse("admin:experiments_study_delete", args=[study.pk])
+    page = admin_client.get(url).content.decode()
+    assert f"<li>Questions: {total}</li>" in page and "<li>Responses: 2</li>" in page
+    assert f"<li>Subjects: {n + 1}</li>" in page
+    with CaptureQueriesContext(connection) as queries:
+        assert admin_client.post(url, {"post": "yes"}).status_code == 302
+    by_id = [q for q in queries.captured_queries if '"experiments_question"."id" IN' in q["sql"]]
+    assert by_id == []  # no walk over the questions: one statement
+    assert not Study.objects.filter(pk=study.pk).exists()
+    assert not Question.objects.exists() and not Response.objects.exists()
+    assert not Subject.objects.exists()
