@@ -334,3 +334,35 @@ def test_the_admin_power_form_has_the_commands_limits():
             option = "--" + name.replace("_", "-")
             with pytest.raises(CommandError, match=f"{option} must be"):
                 run("plan_power", *(a for o, v in {**PLAN, option: below}.items() for a in (o, v)))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_export_responses_writes_each_answer_as_it_comes(fmt):
+    """A big study's answers held 1.2 GB as one JSON string: each row is written before the
+    next is read, and the output is the same rows."""
+    from experiments.management.commands.export_responses import write
+
+    drawn, seen = [], []
+
+    def rows():
+        for i in range(3):
+            drawn.append(i)
+            yield {"position": i + 1, "choice": "a"}
+
+    class Out(io.StringIO):
+        def write(self, text):
+            seen.append(len(drawn))
+            return super().write(text)
+
+    out = Out()
+    assert write(rows(), fmt, out, ["position", "choice"]) == 3
+    assert seen[:2] == [0, 1]  # the first answer written before the second was read
+    text = out.getvalue()
+    parsed = json.loads(text) if fmt == "json" else list(csv.DictReader(io.StringIO(text)))
+    assert [int(r["position"]) for r in parsed] == [1, 2, 3]
+    empty = io.StringIO()
+    assert write(iter([]), fmt, empty, ["position", "choice"]) == 0
+    assert (json.loads(empty.getvalue()) if fmt == "json" else empty.getvalue()) in (
+        [],
+        "position,choice\r\n",
+    )

@@ -35,21 +35,30 @@ class Command(BaseCommand):
         if o["dictionary"]:
             rows, what, columns = dictionary_rows(study), "columns", ["column", "meaning"]
         else:
-            rows = list(response_rows(study, anonymise=o["anonymise"]))
+            rows = response_rows(study, anonymise=o["anonymise"])
             what, columns = "answers", column_names(study)
         if o["output"]:
             with output_file(o["output"], "--output") as out:
-                write(rows, o["format"], out, columns)
-            self.stderr.write(f"{len(rows)} {what} written to {o['output']}")
+                n = write(rows, o["format"], out, columns)
+            self.stderr.write(f"{n} {what} written to {o['output']}")
         else:
             write(rows, o["format"], self.stdout, columns)
 
 
-def write(rows: list[dict], fmt: str, out, columns: list[str]):
-    """JSON: a list of the rows; CSV: the header of `columns` (even without rows), then rows."""
+def write(rows, fmt: str, out, columns: list[str]) -> int:
+    """JSON: a list of the rows, one a line; CSV: the header of `columns` (even without rows),
+    then the rows. Written as they come (a big study's answers held 1.2 GB as one JSON
+    string); the number of rows written."""
+    n = 0
     if fmt == "json":
-        out.write(json.dumps(rows, indent=1) + "\n")
-    else:
-        writer = csv.DictWriter(out, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
+        out.write("[")
+        for n, row in enumerate(rows, start=1):
+            out.write(("\n" if n == 1 else ",\n") + json.dumps(row))
+        out.write("\n]\n" if n else "]\n")
+        return n
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
+        n += 1
+    return n
