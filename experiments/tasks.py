@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from celery import chain, shared_task
+from celery import shared_task, signature
 from celery.exceptions import Ignore
 from django.conf import settings
 from django.core.files.base import ContentFile
@@ -125,10 +125,20 @@ def load_features(collection_id: int, split: str):
 
 @shared_task
 def gpu_train_system(
-    system_id: int, study_id: int | None = None, step=(0, 1), preparation: int | None = None
+    system_id: int,
+    study_id: int | None = None,
+    step=(0, 1),
+    preparation: int | None = None,
+    then=(),
 ):
     """Train the system on its collection's train split (validating on val), save the
-    checkpoint, embed the test pairs and evaluate on them. A saved checkpoint is reused."""
+    checkpoint, embed the test pairs and evaluate on them. A saved checkpoint is reused.
+    Then send the preparation's next step (`then`)."""
+    _train_system(system_id, study_id, step, preparation)
+    _send_next(then, study_id, preparation)
+
+
+def _train_system(system_id: int, study_id: int | None, step, preparation: int | None):
     from engine.pipeline import evaluate, load_system, train_system
 
     system = System.objects.get(pk=system_id)
@@ -201,9 +211,16 @@ def gpu_search(
     study_id: int | None = None,
     step=(0, 1),
     preparation: int | None = None,
+    then=(),
 ):
-    """Store the system's top-k results for every test query in both directions."""
+    """Store the system's top-k results for every test query in both directions, then send
+    the preparation's next step (`then`)."""
+    stored = _search(system_id, k, study_id, step, preparation)
+    _send_next(then, study_id, preparation)
+    return stored
 
+
+def _search(system_id: int, k: int, study_id: int | None, step, preparation: int | None):
     system = System.objects.get(pk=system_id)
     if _in_fixed_design(system):
         return None
@@ -263,8 +280,9 @@ def queue_preparation(study: Study) -> bool:
 def prepare_study(study_id: int):
     """Train and search every system of the study that needs it, then mark the study ready.
 
-    The work is a chain of `gpu_` tasks ending in `finish_study`; a failing step marks the
-    study failed with its message and stops the chain.
+    The work is a chain of `gpu_` tasks ending in `finish_study`, each sending the next as it
+    ends (`_send_next`); a failing step marks the study failed with its message and stops the
+    chain.
     """
     work = with_database_retries(lambda: _planned(study_id), f"preparing study {study_id}")
     if isinstance(work, str):  # nothing to do, or failed
@@ -314,7 +332,37 @@ def _planned(study_id: int):
         task.si(system_id, step=(i, len(steps)), **at_work)
         for i, (task, system_id) in enumerate(steps)
     ]
-    return chain(*signatures, finish_study.si(**at_work))
+    first, *then = [*signatures, finish_study.si(**at_work)]
+    if then:  # finish_study takes none
+        first.kwargs["then"] = then
+    return first
+
+
+def _send_next(then, study_id: int | None, preparation: int | None) -> None:
+    """Send the next of a preparation's steps (`then`: the rest, in order) as one ends well.
+
+    Not Celery's chain: it sends the next step after the task has returned, and where Redis
+    stays away longer than the publish retries (~40 s) it gives up in a log line, leaving the
+    study preparing for ever. Here the study is marked failed, with what to do.
+    """
+    if not then:
+        return
+    step, *rest = then
+    step = signature(step)
+    if rest:
+        step.kwargs["then"] = rest
+    try:
+        step.apply_async()
+    except Exception as error:
+        if step.app.conf.task_always_eager:  # run here, not sent: the step's own failure
+            raise
+        _fail_study(
+            study_id,
+            f"The next step could not be queued ({type(error).__name__}: {error}): Redis "
+            "(REDIS_URL) did not answer. Prepare the study again: what is done is kept.",
+            _preparing(study_id, preparation),
+        )
+        raise
 
 
 def _design_problem(study: Study) -> str | None:

@@ -249,6 +249,53 @@ def test_a_chain_no_longer_at_work_leaves_its_study_and_systems_alone():
     assert System.objects.get(pk=system.pk).status == System.Status.READY
 
 
+def test_a_next_step_that_cannot_be_sent_fails_the_study_and_says_what_to_do(monkeypatch):
+    """Celery's chain gave up sending the next step after ~40 s without Redis in a log line,
+    and the study stayed preparing for ever."""
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from experiments.tasks import _send_next
+
+    study, system = make_study(make_collection(), {"n_components": 4})
+    Study.objects.filter(pk=study.pk).update(status=Study.Status.PREPARING, preparation=1)
+    sent = []
+    monkeypatch.setattr("celery.canvas.Signature.apply_async", lambda step: sent.append(step))
+    then = [gpu_search.si(system.pk, study_id=study.pk, preparation=1), finish_study.si()]
+    _send_next(then, study.pk, 1)
+    _send_next(then[1:], study.pk, 1)
+    assert [step.task for step in sent] == [
+        "experiments.tasks.gpu_search",
+        "experiments.tasks.finish_study",
+    ]
+    assert sent[0].kwargs["then"] == [finish_study.si()]  # the rest goes with it
+    assert "then" not in sent[1].kwargs  # the last step takes none
+
+    def unreachable(step):
+        raise BrokerError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr("celery.canvas.Signature.apply_async", unreachable)
+    with pytest.raises(BrokerError):
+        _send_next(then, study.pk, 1)
+    study.refresh_from_db()
+    assert study.status == Study.Status.FAILED
+    assert study.message.startswith("The next step could not be queued (OperationalError: ")
+    assert study.message.endswith("Prepare the study again: what is done is kept.")
+
+
+def test_a_preparation_with_nothing_to_train_or_search_only_finishes():
+    from experiments.tasks import _planned
+
+    from .factories import make_study as make_ready_study
+
+    study = make_ready_study(status=Study.Status.DRAFT)  # its system has its results
+    step = _planned(study.pk)
+    assert (step.task, step.kwargs) == (
+        "experiments.tasks.finish_study",
+        {"study_id": study.pk, "preparation": 1},
+    )
+    assert step.apply().get() == Study.Status.READY
+
+
 def test_training_stops_with_its_preparation_or_a_change_of_its_system(celery_worker, admin_client):
     """Back to draft stops the training at work at its next report, and a system changed
     since its training began keeps nothing of it: no status, metrics or files of the old
