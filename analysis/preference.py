@@ -64,6 +64,16 @@ def answers(df: pd.DataFrame) -> pd.DataFrame:
         kinds = d["pair_type"].map(split_pair_type)
         d["first"] = kinds.str[0]
         d["second"] = kinds.str[1]
+    # A choice of neither item counted for the second, silently (a table made elsewhere).
+    if bad := sorted(set(d.loc[~d["direction"].isin(DIRECTIONS), "direction"].astype(str))):
+        raise ValueError(f"directions must be {' or '.join(DIRECTIONS)}, not {bad[:5]}")
+    neither = (d["chosen"] != d["first"]) & (d["chosen"] != d["second"])
+    if neither.any():
+        row = d[neither].iloc[0]
+        raise ValueError(
+            f"{int(neither.sum())} answers chose neither item of their pair type, e.g. "
+            f"{row['chosen']!r} in a {row['pair_type']} question"
+        )
     d["prefers_first"] = d["chosen"] == d["first"]
     return d
 

@@ -152,3 +152,13 @@ def test_empty_frame_gives_empty_cells():
     table = preference_table(empty)
     assert table.index.tolist() == ["GR", "GS", "SR"]
     assert np.isnan(table.to_numpy()).all()
+
+
+def test_an_answer_of_neither_item_or_an_unknown_direction_is_refused():
+    """A table made elsewhere: a missing choice counted silently for the second item."""
+    df = exact_answers({(1, "GR", "V2M"): (3, 4)})
+    bad = df.assign(chosen=df["chosen"].where(df.index > 0, None))
+    with pytest.raises(ValueError, match="1 answers chose neither item .* in a GR question"):
+        preference_table(bad)
+    with pytest.raises(ValueError, match=r"directions must be V2M or M2V, not \['v2m'\]"):
+        preference_table(df.assign(direction="v2m"))
