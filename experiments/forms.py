@@ -92,9 +92,21 @@ class SoundCheckForm(forms.Form):
         return [self.cleaned_data[name] for name in self.fields]
 
 
+# Subject links made in one request: about 20 s on a slow server (~0.1 s a subject with 124
+# questions). 980 at once took 140 s: a proxy's timeout left them made and their CSV lost.
+MAX_LINKS_AT_ONCE = 200
+
+
 class SubjectLinksForm(forms.Form):
     count = forms.IntegerField(
-        min_value=1, max_value=5000, initial=10, label="Number of new subject links"
+        min_value=1,
+        max_value=MAX_LINKS_AT_ONCE,
+        initial=10,
+        label="Number of new subject links",
+        help_text=f"At most {MAX_LINKS_AT_ONCE} at a time: submit again for more (or run "
+        "manage.py create_subjects STUDY --count N on the server). Every "
+        "subject's link, these included, is in the download of every subject's link at the "
+        "top of this page.",
     )
     base_url = forms.URLField(
         label="Site address",

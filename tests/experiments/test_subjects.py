@@ -1,6 +1,7 @@
 """Creating subjects stores their plans and the machines' answers, from the database alone."""
 
 import io
+import math
 from collections import Counter
 
 import numpy as np
@@ -122,3 +123,66 @@ def test_concurrent_creations_get_distinct_ordinals():
     errors = at_once(lambda: create_subject(Study.objects.get(pk=study.pk)), 4)
     assert not errors
     assert sorted(study.subjects.values_list("ordinal", flat=True)) == [0, 1, 2, 3]
+
+
+def stored_plan(subject) -> list[tuple]:
+    return [
+        (q.position, q.direction, q.pair_type, q.query.key, q.option_a.key, q.option_b.key)
+        for q in subject.questions.select_related("query", "option_a", "option_b")
+    ]
+
+
+def planned(study, ordinal) -> list[tuple]:
+    return [
+        (p.position, p.direction, p.pair_type, p.query, p.option_a, p.option_b)
+        for p in plan_for(study, ordinal)
+    ]
+
+
+@pytest.mark.django_db
+def test_many_subjects_cost_a_few_queries_a_batch_not_a_few_a_subject(monkeypatch):
+    """980 subjects made from the admin took 5,893 queries (lock, last ordinal, subject,
+    questions, transaction: 6 a subject) and 140 s: now each batch of subjects is one
+    transaction with one lock, one last ordinal and a few inserts."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    monkeypatch.setattr("experiments.subjects.BATCH", 20, raising=False)
+    study = make_study(two_systems=True)  # 24 questions a subject
+    with CaptureQueriesContext(connection) as few:
+        create_subjects(study, 2)
+    with CaptureQueriesContext(connection) as many:
+        subjects = create_subjects(study, 40)  # two batches
+
+    def counted(queries) -> tuple[int, int]:
+        """Queries but the questions' inserts, and those inserts."""
+        sqls = [q["sql"] for q in queries.captured_queries]
+        inserts = sum(sql.startswith('INSERT INTO "experiments_question"') for sql in sqls)
+        return len(sqls) - inserts, inserts
+
+    (others_few, _), (others, inserts) = counted(few), counted(many)
+    print(f"2 subjects: {len(few)} queries; 40 subjects: {len(many)} queries, {inserts} of them "
+          "questions' inserts")  # fmt: skip
+    # The study's inputs are read once a call; a second batch adds its transaction, lock,
+    # last ordinal and subjects' insert.
+    assert others - others_few <= 7
+    # A batch's 480 questions: one insert on PostgreSQL, 6 on SQLite (999 parameters, 90 rows).
+    assert inserts <= 2 * math.ceil(20 * 24 / 90)
+    assert [s.ordinal for s in subjects] == list(range(2, 42))
+    for subject in subjects[::13]:  # a plan of each batch's
+        assert stored_plan(subject) == planned(study, subject.ordinal)
+        assert any(q.machine for q in subject.questions.all())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_batches_made_at_once_get_distinct_ordinals_and_the_plans_of_theirs(monkeypatch):
+    """Each batch's plans are built before its lock for the ordinals due then: a batch
+    whose ordinals another took meanwhile gets the plans of those it has."""
+    monkeypatch.setattr("experiments.subjects.BATCH", 3, raising=False)
+    study = make_study(per_type=1)
+    errors = at_once(lambda: create_subjects(Study.objects.get(pk=study.pk), 5), 3)
+    assert not errors
+    subjects = list(study.subjects.order_by("ordinal"))
+    assert [s.ordinal for s in subjects] == list(range(15))
+    for subject in subjects:
+        assert stored_plan(subject) == planned(study, subject.ordinal), subject.ordinal
