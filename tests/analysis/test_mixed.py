@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit, logit
+from statsmodels.genmod.bayes_mixed_glm import BinomialBayesMixedGLM
 
-from analysis.mixed import fit_preference_model
+from analysis.mixed import _laplace_sd, _model, fit_preference_model
 from analysis.preference import preference_table
 
 PLANTED = 0.70  # a typical subject on a typical item prefers G in 70% of G-S answers
@@ -60,3 +63,40 @@ def test_one_direction_and_errors():
         fit_preference_model(df, "GR")
     with pytest.raises(ValueError, match="item"):
         fit_preference_model(df.drop(columns="item"), "GS")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_laplace_sd_equals_dense_definition(seed):
+    # The model's data as fit_preference_model builds it; string subjects sort '10' < '2'.
+    rng = np.random.default_rng(seed)
+    n, subjects, items = 300, 25, 30
+    data = pd.DataFrame(
+        {
+            "y": rng.integers(0, 2, n).astype(float),
+            "subject": rng.integers(0, subjects, n).astype(str),
+            "item": np.where(rng.random(n) < 0.5, "V2M:", "M2V:")
+            + rng.integers(0, items, n).astype(str),
+        }
+    )
+    reference = BinomialBayesMixedGLM.from_formula(
+        "y ~ 1", {"subject": "0 + C(subject)", "item": "0 + C(item)"}, data
+    )
+    model = _model(data)
+    # The sparse-built model is the formula's model, column for column.
+    assert model.vc_names == reference.vc_names and model.vcp_names == reference.vcp_names
+    assert np.array_equal(model.ident, reference.ident)
+    assert np.array_equal(model.exog, reference.exog)
+    assert np.array_equal(model.endog, reference.endog)
+    assert np.array_equal(model.exog_vc.toarray(), reference.exog_vc.toarray())
+    # A stand-in posterior (any means will do): every term of H matters.
+    k = reference.exog_vc.shape[1]
+    fit = SimpleNamespace(
+        fe_mean=np.array([0.3]), vc_mean=rng.normal(0, 1, k), vcp_mean=np.array([0.2, -0.4])
+    )
+    # H = A'WA + diag(prior precisions) with A = [fixed | random design], dense, inverted whole.
+    a = np.hstack([reference.exog, reference.exog_vc.toarray()])
+    p = expit(a @ np.concatenate([fit.fe_mean, fit.vc_mean]))
+    prior = np.concatenate([[1 / reference.fe_p**2], np.exp(-2 * fit.vcp_mean[reference.ident])])
+    h = a.T @ np.diag(p * (1 - p)) @ a + np.diag(prior)
+    expected = np.sqrt(np.linalg.inv(h)[0, 0])
+    assert _laplace_sd(model, fit) == pytest.approx(expected, rel=1e-10, abs=0)

@@ -187,8 +187,9 @@ def test_a_two_system_study_end_to_end(two_system_study, admin_client):
             assert agreement.loc[(label, pair_type), "n_answers"] == len(judged)
 
     # The report command, the export and the admin results page include every comparison.
-    out = io.StringIO()
-    call_command("preference_report", study.slug, "--mixed", stdout=out)
+    out, err = io.StringIO(), io.StringIO()
+    call_command("preference_report", study.slug, "--mixed", stdout=out, stderr=err)
+    assert err.getvalue().startswith("Fitting the mixed model to ")  # before minutes of silence
     report, mixed = out.getvalue().split("## Mixed-effects logistic model")
     assert "Human–machine agreement" in report
     assert "Systems: S1 = theirs, S2 = ours." in report  # which system each label is

@@ -48,6 +48,11 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Study '{study.slug}' has no answers to analyse: {why_none(study, options)}."
             )
+        if options["mixed"]:  # minutes a comparison in a study of 1,000 subjects: say so first
+            self.stderr.write(
+                f"Fitting the mixed model to {answers(df)['subject'].nunique()} subjects' "
+                f"{len(answers(df))} answers, one comparison at a time (minutes each in a large study)"
+            )
         report = build_report(
             df, title=study.name, mixed=options["mixed"], systems=system_names(study),
             left_out=left_out(study, options["include_incomplete"], options["include_failed"]),
