@@ -78,6 +78,7 @@ class Report:
     systems: dict = field(default_factory=dict)  # label (S1, …) -> the system's name
     left_out: dict = field(default_factory=dict)  # reason (LEFT_OUT) -> subjects
     unheard: int = 0  # answers given while a candidate (or the query) could not be loaded
+    heard_only: bool = False  # those answers left out
 
     @property
     def counts(self) -> dict:
@@ -125,9 +126,11 @@ LEFT_OUT = {
 }
 
 
-def sample_notes(systems: dict, left_out: dict, unheard: int = 0) -> list[str]:
+def sample_notes(
+    systems: dict, left_out: dict, unheard: int = 0, heard_only: bool = False
+) -> list[str]:
     """What the system labels stand for, who is not counted and which answers were given
-    without all their media (`Report`), as sentences."""
+    without all their media, and whether they count (`Report`), as sentences."""
     notes = []
     if systems:
         named = ", ".join(f"{label} = {name}" for label, name in systems.items())
@@ -138,20 +141,37 @@ def sample_notes(systems: dict, left_out: dict, unheard: int = 0) -> list[str]:
     if unheard:
         notes.append(
             f"{unheard} answer{'s were' if unheard != 1 else ' was'} given while a medium could "
-            "not be loaded (`media_errors` in the export); they are counted."
+            "not be loaded (`media_errors` in the export); they are "
+            + ("left out." if heard_only else "counted.")
         )
     return notes
 
 
 def _notes(report: Report) -> list[str]:
-    return sample_notes(report.systems, report.left_out, report.unheard)
+    return sample_notes(report.systems, report.left_out, report.unheard, report.heard_only)
+
+
+def unheard_answers(df: pd.DataFrame) -> int:
+    """The answers that count given while a medium could not be loaded (a guess, maybe)."""
+    d = answers(df)
+    return int((d["media_errors"] > 0).sum()) if "media_errors" in d.columns else 0
 
 
 def build_report(
-    df: pd.DataFrame, title="Human preference test", mixed=False, systems=None, left_out=None
+    df: pd.DataFrame,
+    title="Human preference test",
+    mixed=False,
+    systems=None,
+    left_out=None,
+    heard_only=False,
 ) -> Report:
     """Everything the exports show. `mixed=True` also fits the mixed model per comparison.
-    `systems` (label -> name) and `left_out` (reason -> subjects) are told in the notes."""
+    `systems` (label -> name) and `left_out` (reason -> subjects) are told in the notes;
+    `heard_only` leaves out the answers given while a medium could not be loaded (counted
+    by default: an answer given without hearing a candidate leans towards 50%)."""
+    unheard = unheard_answers(df)
+    if heard_only and unheard:
+        df = df[df["media_errors"].fillna(0) == 0]
     d = answers(df)
     has_items = "item" in d.columns and d["item"].notna().all() and len(d) > 0
     fits = None
@@ -177,7 +197,8 @@ def build_report(
         n_answers=len(d),
         systems=dict(systems or {}),
         left_out=dict(left_out or {}),
-        unheard=int((d["media_errors"] > 0).sum()) if "media_errors" in d.columns else 0,
+        unheard=unheard,
+        heard_only=heard_only,
     )
 
 

@@ -5,6 +5,7 @@ Hooked into the admin by StudyAdmin.get_urls as `admin:experiments_study_results
 """
 
 import base64
+from urllib.parse import urlencode
 
 import pandas as pd
 from django.contrib import admin
@@ -18,7 +19,7 @@ from django.utils.html import escape
 from django.utils.safestring import mark_safe
 
 from analysis.agreement import disagreements
-from analysis.export import FORMATS, build_report, render, sample_notes
+from analysis.export import FORMATS, build_report, render, sample_notes, unheard_answers
 from analysis.load import left_out, responses_frame, system_names
 from analysis.preference import COLUMNS, answers
 
@@ -39,12 +40,16 @@ def study_results(request, study_id):
     ):
         raise PermissionDenied
     study = get_object_or_404(Study, pk=study_id)
-    include_incomplete = request.GET.get("incomplete") == "1"
-    include_failed = request.GET.get("failed") == "1"
+    # Who and what is counted: each a query parameter, "1" for the non-default choice.
+    options = {
+        name: request.GET.get(name) == "1" for name in ("incomplete", "failed", "heard_only")
+    }
+    include_incomplete, include_failed, heard_only = options.values()
     df = responses_frame(study, include_incomplete, include_failed)
     sample = {
         "systems": system_names(study),
         "left_out": left_out(study, include_incomplete, include_failed),
+        "heard_only": heard_only,
     }
     fmt = request.GET.get("download")
     if fmt is not None and fmt not in FORMATS:
@@ -56,11 +61,16 @@ def study_results(request, study_id):
         report = build_report(df, title=study.name, **sample)
         extension, content_type = FORMATS[fmt]
         response = HttpResponse(render(report, fmt), content_type=content_type)
-        suffix = "-incomplete" * include_incomplete + "-with-failed" * include_failed
+        suffix = (
+            "-incomplete" * include_incomplete
+            + "-with-failed" * include_failed
+            + "-heard-only" * heard_only
+        )
         filename = f"{study.slug}-preference{suffix}.{extension}"
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
 
+    unheard = unheard_answers(df)
     context = {
         **admin.site.each_context(request),
         "title": f"Results of {study}",
@@ -68,12 +78,19 @@ def study_results(request, study_id):
         "opts": Study._meta,
         "include_incomplete": include_incomplete,
         "include_failed": include_failed,
+        "heard_only": heard_only,
+        "unheard": unheard,
+        # The page with one choice changed and the others kept.
+        "toggled": {
+            name: urlencode({k: 1 for k, v in {**options, name: not on}.items() if v})
+            for name, on in options.items()
+        },
         "has_attention_checks": study.attention_checks,
-        "notes": sample_notes(**sample),
+        "notes": sample_notes(**sample, unheard=unheard),
         "has_answers": has_answers,
         "columns": COLUMNS,
         "formats": [f for f in FORMATS if f != "markdown"] + ["markdown"],
-        "sample_query": "&incomplete=1" * include_incomplete + "&failed=1" * include_failed,
+        "sample_query": "".join(f"&{name}=1" for name, on in options.items() if on),
     }
     if has_answers:
         report = build_report(df, title=study.name, **sample)
@@ -94,7 +111,7 @@ def study_results(request, study_id):
             agreement_rows=_rows(report.agreement),
             kappa_rows=_rows(report.kappa) if report.kappa is not None else [],
             plot_png=base64.b64encode(render(report, "png")).decode("ascii"),
-            disagreements=_disagreement_rows(df),
+            disagreements=_disagreement_rows(report.responses),
         )
     return TemplateResponse(request, "admin/experiments/results.html", context)
 

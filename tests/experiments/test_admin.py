@@ -1297,3 +1297,29 @@ def test_a_study_with_more_questions_than_postgresql_takes_parameters_is_deleted
     assert not Study.objects.filter(pk=study.pk).exists()
     assert not Question.objects.exists() and not Response.objects.exists()
     assert not Subject.objects.exists()
+
+
+def test_the_results_page_can_leave_out_answers_given_without_their_media(admin_client):
+    """An answer given while a candidate could not be loaded may be a guess: the page says how
+    many there are, counts them by default and leaves them out on request, keeping the other
+    choices of who is counted."""
+    study = make_study(per_type=1)
+    done, unfinished = make_subject(study), make_subject(study)
+    answer_all(done, 6)
+    answer_all(unfinished, 2)
+    Response.objects.filter(subject=done, question__position=1).update(
+        behaviour={"errors": [{"role": "b", "reason": "timeout"}]}
+    )
+    url = reverse("admin:experiments_study_results", args=[study.pk])
+    page = admin_client.get(url).content.decode()
+    assert "<strong>6</strong> answers" in page
+    assert "1 answer was given while a medium could not be loaded" in page and "counted." in page
+    assert 'href="?heard_only=1">leave out the answers given while a medium' in page
+    page = admin_client.get(url + "?incomplete=1").content.decode()
+    assert 'href="?incomplete=1&amp;heard_only=1">leave out the answers' in page
+    page = admin_client.get(url + "?heard_only=1&incomplete=1").content.decode()
+    assert "<strong>7</strong> answers" in page and "they are left out." in page
+    assert 'href="?incomplete=1">count the answers given while a medium' in page
+    assert 'href="?heard_only=1">Count completed subjects only' in page
+    download = admin_client.get(url + "?heard_only=1&download=csv")
+    assert download["Content-Disposition"].endswith('-preference-heard-only.csv"')

@@ -774,6 +774,12 @@ def test_the_behaviour_log_is_stored_and_exported(client):
     report = build_report(frame)
     assert report.counts["answers_with_media_errors"] == 1
     assert "1 answer was given while a medium could not be loaded" in render(report, "markdown")
+    # Or left out: an answer given without hearing a candidate may be a guess.
+    heard = build_report(frame, heard_only=True)
+    assert (heard.n_answers, report.n_answers) == (1, 2)
+    assert "could not be loaded (`media_errors` in the export); they are left out." in render(
+        heard, "markdown"
+    )
     # The log is the browser's: only the page's own words reach the export.
     crafted = {"errors": [{"role": "=SUM(1+1", "reason": "1)+cmd|' /C calc'!A0"}, "x"]}
     Response.objects.filter(subject=subject, question__position=2).update(behaviour=crafted)

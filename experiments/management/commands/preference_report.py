@@ -29,6 +29,11 @@ class Command(BaseCommand):
             "--include-failed", action="store_true", help="count subjects who failed the checks"
         )
         parser.add_argument(
+            "--heard-only",
+            action="store_true",
+            help="leave out answers given while a medium could not be loaded",
+        )
+        parser.add_argument(
             "--mixed", action="store_true", help="also fit the mixed-effects model per comparison"
         )
 
@@ -56,13 +61,16 @@ class Command(BaseCommand):
         report = build_report(
             df, title=study.name, mixed=options["mixed"], systems=system_names(study),
             left_out=left_out(study, options["include_incomplete"], options["include_failed"]),
+            heard_only=options["heard_only"],
         )  # fmt: skip
         self.stdout.write(render(report, options["format"]), ending="")
         # Notes go to stderr, so that stdout stays a clean CSV / JSON document.
         if options["plot"]:
             plot = options["plot"]
             with output_file(plot, "--plot", binary=True) as out:
-                preference_boxplot(df, out, title=study.name, format=plot.suffix.lstrip("."))
+                preference_boxplot(
+                    report.responses, out, title=study.name, format=plot.suffix.lstrip(".")
+                )
             self.stderr.write(f"Box plot written to {options['plot']}")
         if options["subjects_csv"]:
             with output_file(options["subjects_csv"], "--subjects-csv") as out:
