@@ -7,7 +7,7 @@
 //   request and the next question of the block is shown in place, its buttons live only
 //   after a moment (a double tap must not answer a question not yet seen); an answer sent
 //   without a connection waits on the page and goes when the connection is back.
-// - Sound check: one tone playing at a time.
+// - Sound check: a play button a tone, one tone playing at a time.
 // - End pages: back to the recruiting platform after some seconds, unless one stays.
 "use strict";
 
@@ -423,13 +423,26 @@
     updateButtons();
   }
 
-  // The sound check: one tone at a time.
+  // The sound check: a play button a tone instead of the player's controls (their volume
+  // slider would let one tone be made louder, and each player took six Tab stops), one tone
+  // at a time, each from its start.
   var check = document.querySelector("form[data-sound-check]");
   if (check) {
     var tones = Array.prototype.slice.call(check.querySelectorAll("audio[data-tone]"));
     tones.forEach(function (tone) {
+      var button = tone.parentNode.querySelector("[data-play]");
+      tone.controls = false;
+      button.addEventListener("click", function () {
+        if (!tone.paused) { tone.pause(); return; }
+        tone.currentTime = 0;
+        tone.play();
+      });
       tone.addEventListener("play", function () {
         tones.forEach(function (other) { if (other !== tone) other.pause(); });
+        button.setAttribute("aria-pressed", "true");
+      });
+      ["pause", "ended"].forEach(function (name) {
+        tone.addEventListener(name, function () { button.setAttribute("aria-pressed", "false"); });
       });
     });
     var missing = document.getElementById("sound-error"); // back with rows unanswered: say which

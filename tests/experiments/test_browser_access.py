@@ -9,7 +9,7 @@ from experiments.checks import QUIET
 from experiments.models import Subject
 
 from .factories import make_study, make_subject
-from .test_browser import answerable, answers, counter, first_question
+from .test_browser import answerable, answers, counter, first_question, until
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -65,9 +65,9 @@ def test_each_sound_of_the_check_sits_with_its_own_player(chromium, live_server,
             const box = e => { const r = e.getBoundingClientRect();
                                return [r.top, r.bottom, r.left, r.right]; };
             return {box: box(tone), label: box(tone.querySelector('label')),
-                    player: box(tone.querySelector('audio')),
+                    player: box(tone.querySelector('[data-play]')),
                     name: tone.querySelector('label').innerText.trim(),
-                    player_name: tone.querySelector('audio').getAttribute('aria-label')};
+                    player_name: tone.querySelector('[data-play]').innerText.trim()};
         })"""
     )
     assert len(tones) == 18  # six questions of three sounds
@@ -76,9 +76,38 @@ def test_each_sound_of_the_check_sits_with_its_own_player(chromium, live_server,
         for part in (tone["label"], tone["player"]):
             assert top <= part[0] and part[1] <= bottom and left <= part[2] and part[3] <= right
         assert tone["label"][1] <= tone["player"][0]  # the name above its player
-        assert tone["name"] == tone["player_name"]
+        assert tone["player_name"] == "Play s" + tone["name"][1:]  # Play sound n
     for upper, lower in zip(tones, tones[1:], strict=False):
         assert upper["box"][1] < lower["box"][0]  # boxes apart
+    context.close()
+
+
+def test_the_sound_checks_tones_play_from_their_buttons_without_a_volume_control(
+    chromium, live_server
+):
+    """The players' own controls had a volume slider (one tone made louder passes the check
+    by ear) and six Tab stops each: a play button a tone instead, one tone at a time."""
+    subject = make_subject(make_study(per_type=1, sound_check=True))
+    context = chromium.new_context(viewport={"width": 800, "height": 640})
+    page = context.new_page()
+    page.goto(f"{live_server.url}/s/{subject.token}/")
+    page.get_by_role("button", name="Start").click()
+    page.get_by_role("heading", name="Sound check").wait_for()
+    assert (
+        page.evaluate("Array.from(document.querySelectorAll('audio')).some(a => a.controls)")
+        is False
+    )
+    first = page.get_by_role("button", name="Play sound 1").first
+    second = page.get_by_role("button", name="Play sound 2").first
+    first.click()
+    until(page, "!document.querySelectorAll('audio[data-tone]')[0].paused")
+    assert first.get_attribute("aria-pressed") == "true"
+    second.click()
+    until(page, "document.querySelectorAll('audio[data-tone]')[0].paused")
+    assert (first.get_attribute("aria-pressed"), second.get_attribute("aria-pressed")) == (
+        "false",
+        "true",
+    )
     context.close()
 
 
