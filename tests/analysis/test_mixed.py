@@ -49,6 +49,13 @@ def test_recovers_planted_preference_and_spreads():
     assert abs(fit.preference - 100 * PLANTED) < abs(pooled - 100 * PLANTED) + 3
 
 
+def test_a_report_fits_the_same_numbers_each_time():
+    """statsmodels' fit_vb starts from a random point: unseeded, two reports of one study
+    differed in their last digits."""
+    df = simulate(seed=3)
+    assert fit_preference_model(df, "GS") == fit_preference_model(df, "GS")
+
+
 def test_interval_is_honest_not_mean_field_narrow():
     # fit_vb's own sd of β0 is ~0.1 here; the sampling sd of β0 is ~0.24.
     fit = fit_preference_model(simulate(seed=5), "GS")
