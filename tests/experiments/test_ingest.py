@@ -314,6 +314,21 @@ def test_a_failure_while_adding_pairs_writes_nothing(tmp_path, monkeypatch):
     assert not Collection.objects.filter(name="atomic").exists() and not Pair.objects.exists()
 
 
+def processing_fails(monkeypatch, error_for):
+    """A pair's processing (in import_pair) raises `error_for(pair)` where that gives an error,
+    else makes the pair ready; database errors are tried again without waiting."""
+
+    def process_pair(pair, *settings):
+        if (error := error_for(pair)) is not None:
+            raise error
+        pair.status = Pair.Status.READY
+        pair.save()
+        return pair
+
+    monkeypatch.setattr("experiments.tasks.process_pair", process_pair)
+    monkeypatch.setattr("experiments.tasks.DATABASE_RETRIES_S", (0,) * 5)
+
+
 @pytest.mark.django_db(transaction=True)  # retried on a new connection, outside any transaction
 def test_a_database_error_while_importing_is_retried_and_never_blamed_on_the_files(
     tmp_path, monkeypatch
@@ -322,16 +337,12 @@ def test_a_database_error_while_importing_is_retried_and_never_blamed_on_the_fil
     busy = {"a": 2, "b": 99}  # times each pair's processing meets a locked database
     calls = []
 
-    def process_pair(pair, *settings):
+    def locked(pair):
         calls.append(pair.key)
         if calls.count(pair.key) <= busy[pair.key]:
-            raise OperationalError("database is locked")
-        pair.status = Pair.Status.READY
-        pair.save()
-        return pair
+            return OperationalError("database is locked")
 
-    monkeypatch.setattr("experiments.tasks.process_pair", process_pair)
-    monkeypatch.setattr("experiments.tasks.DATABASE_RETRIES_S", (0,) * 5)
+    processing_fails(monkeypatch, locked)
     out, err = io.StringIO(), io.StringIO()
     with pytest.raises(CommandError, match="1 of 2 pairs are still pending") as error:
         call_command("import_collection", "busy", str(folder), "--sync", stdout=out, stderr=err)
@@ -350,18 +361,12 @@ def test_pairs_left_pending_are_reported_by_their_error(tmp_path, monkeypatch):
     """A full disk leaves its pairs pending with why (experiments.tasks.import_pair): the
     command says so, and what to do, rather than blame a worker or the database."""
     folder = stub_files(tmp_path / "v", "a.mp4", "b.mp4", "c.mp4", "d.mp4")
-
-    def process_pair(pair, *settings):
-        if pair.key in ("a", "b"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if pair.key == "c":
-            raise OperationalError("database is locked")
-        pair.status = Pair.Status.READY
-        pair.save()
-        return pair
-
-    monkeypatch.setattr("experiments.tasks.process_pair", process_pair)
-    monkeypatch.setattr("experiments.tasks.DATABASE_RETRIES_S", (0,) * 5)
+    errors = {
+        "a": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+        "b": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+        "c": OperationalError("database is locked"),
+    }
+    processing_fails(monkeypatch, lambda pair: errors.get(pair.key))
     with pytest.raises(CommandError) as error:
         call_command("import_collection", "full", str(folder), "--sync",
                      stdout=io.StringIO(), stderr=io.StringIO())  # fmt: skip

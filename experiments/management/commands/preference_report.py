@@ -49,14 +49,15 @@ class Command(BaseCommand):
             include_incomplete=options["include_incomplete"],
             include_failed=options["include_failed"],
         )
-        if answers(df).empty:
+        counted = answers(df)
+        if counted.empty:
             raise CommandError(
                 f"Study '{study.slug}' has no answers to analyse: {why_none(study, options)}."
             )
         if options["mixed"]:  # minutes a comparison in a study of 1,000 subjects: say so first
             self.stderr.write(
-                f"Fitting the mixed model to {answers(df)['subject'].nunique()} subjects' "
-                f"{len(answers(df))} answers, one comparison at a time (minutes each in a large study)"
+                f"Fitting the mixed model to {counted['subject'].nunique()} subjects' "
+                f"{len(counted)} answers, one comparison at a time (minutes each in a large study)"
             )
         report = build_report(
             df, title=study.name, mixed=options["mixed"], systems=system_names(study),
