@@ -29,9 +29,12 @@ from django.http import (
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone, translation
+from django.utils.crypto import salted_hmac
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods
+
+from study_site.client import client_address
 
 from . import checks
 from .forms import AnswerForm, SoundCheckForm, StartForm
@@ -48,6 +51,10 @@ ENTRY_PARAMS = (
 )
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "workerId")  # who the participant is, where unconfigured
 JOINED = "joined"  # marks, in a subject's meta, one made by the join link (its cap counts them)
+# A keyed hash of the address a subject joined from, in its meta until it starts: the join
+# link's limit counts those that have not started (a script fetching the link again and again
+# would fill the study's cap, or the database, with subjects nobody takes part as).
+JOINED_FROM = "joined_from"
 LOAD_TIMEOUT_MS = 20_000  # media not loaded by then: the page offers a retry
 # End pages go back to the recruiting platform after this long unless the participant stays:
 # time to read the page and reach "Stay" (WCAG 2.2.1 asks for at least 20 s).
@@ -324,7 +331,8 @@ def _apply(request, subject: Subject, step: Step, action: str, form, now):
         if not start.is_valid():
             return _render_step(request, subject, step, start_form=start)
         subject.consented_at = now
-        return ["consented_at"]
+        subject.meta.pop(JOINED_FROM, None)  # needed no longer
+        return ["consented_at", "meta"]
     if step.name == "welcome" and action == "decline" and subject.study.require_consent:
         if request.POST.get("confirm") != "1":  # one stray tap must not end the study
             return _render_step(request, subject, step, confirm_decline=True)
@@ -543,8 +551,13 @@ def join(request, join_token):
             )
             if study.join_cap is not None and joined.count() >= study.join_cap:
                 return _study_page(request, study, "full", status=403)
+            joined_from = _address_key(request)
+            if joined_from and _too_many_unstarted(study, joined_from):
+                busy = _study_page(request, study, "busy", status=429)
+                busy["Retry-After"] = "60"
+                return busy
             try:
-                meta = {JOINED: True, "entry": entry_params(request)}
+                meta = {JOINED: True, "entry": entry_params(request), JOINED_FROM: joined_from}
                 subject = create_subject(study, external_id=external_id, meta=meta)
             except PlanError:  # cannot happen to a prepared study; a participant sees "closed"
                 logger.exception("join: no plan for a subject of %s", study.slug)
@@ -552,6 +565,26 @@ def join(request, join_token):
     _capture_external_id(request, subject)  # a returning worker's new assignment
     request.session[session_key] = subject.token
     return redirect(subject_path(subject))
+
+
+def _address_key(request) -> str:
+    """The client's address as a keyed hash ("" without one): enough to count one address's
+    subjects, not to tell the address."""
+    address = client_address(request)
+    return salted_hmac("experiments.join", address).hexdigest()[:16] if address else ""
+
+
+def _too_many_unstarted(study: Study, joined_from: str) -> bool:
+    """Whether JOIN_UNSTARTED_PER_ADDRESS subjects joined `study` from `joined_from` within
+    JOIN_HOLD and have not started (declined ones too). A lab's participants behind one
+    address start within a minute of joining, which takes them out of the count."""
+    limit = settings.JOIN_UNSTARTED_PER_ADDRESS
+    unstarted = study.subjects.filter(
+        consented_at__isnull=True,
+        created_at__gte=timezone.now() - JOIN_HOLD,
+        **{f"meta__{JOINED_FROM}": joined_from},
+    )
+    return limit > 0 and unstarted.count() >= limit
 
 
 def _same_submission(request, subject: Subject, session_key: str) -> bool:

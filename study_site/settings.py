@@ -24,14 +24,17 @@ ADMIN_UPLOAD_MAX_BYTES  the largest admin upload (a collection's files together,
 PARTICIPANT_FRAME_ANCESTORS  origins (space- or comma-separated) that may show participant
                pages in a frame; default: MTurk's worker sites; "" for none
 TRUSTED_PROXY_COUNT  how many reverse proxies of our own stand before the site, each adding
-               the address it was reached from to X-Forwarded-For; the login lockout counts
-               failures per client address, the one the outermost of them saw; default 0: the
-               connection's own address (REMOTE_ADDR), and X-Forwarded-For is ignored
+               the address it was reached from to X-Forwarded-For; the login lockout and the
+               join link's limit count per client address, the one the outermost of them saw;
+               default 0: the connection's own address (REMOTE_ADDR), and X-Forwarded-For is
+               ignored
+JOIN_UNSTARTED_PER_ADDRESS  how many subjects one client address may make through a study's
+               join link that have not started (consented) within 30 minutes; more are asked
+               to wait a minute (429); default 10; 0: no limit
 AXES_FAILURE_LIMIT  failed logins from one client address that lock it out for an hour;
                default 5
 """
 
-import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -152,39 +155,12 @@ AXES_LOCKOUT_PARAMETERS = ["ip_address"]
 TRUSTED_PROXY_COUNT = int(os.environ.get("TRUSTED_PROXY_COUNT", "0"))
 if TRUSTED_PROXY_COUNT < 0:
     raise ImproperlyConfigured("TRUSTED_PROXY_COUNT is the number of proxies: 0 or more")
-
-
-def _client_address(request) -> str | None:
-    """The client's address for the login lockout (axes). Behind TRUSTED_PROXY_COUNT proxies
-    the last that many X-Forwarded-For entries are theirs (each appends the address that
-    reached it), and the first of those is the client as the outermost proxy saw it; anything
-    further left came from the client and is not trusted. REMOTE_ADDR, the connection's own
-    address, with no trusted proxies, a header with too few entries (a request that did not
-    pass them all) or an entry that is no address (a port after it is left out). Set the
-    count only where the site cannot be reached but through those proxies: a client reaching
-    it directly could name any address in the header."""
-    from django.conf import settings
-
-    remote = request.META.get("REMOTE_ADDR")
-    count = settings.TRUSTED_PROXY_COUNT
-    if count <= 0:
-        return remote
-    entries = [e.strip() for e in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
-    entries = [e for e in entries if e]
-    if len(entries) < count:
-        return remote
-    entry = entries[-count]
-    if entry.startswith("["):  # "[2001:db8::1]:443": some proxies append the client's port
-        entry = entry[1:].partition("]")[0]
-    elif entry.count(":") == 1:  # "198.51.100.7:51234"
-        entry = entry.partition(":")[0]
-    try:
-        return str(ipaddress.ip_address(entry))
-    except ValueError:
-        return remote
-
-
-AXES_CLIENT_IP_CALLABLE = _client_address
+AXES_CLIENT_IP_CALLABLE = "study_site.client.client_address"
+JOIN_UNSTARTED_PER_ADDRESS = int(os.environ.get("JOIN_UNSTARTED_PER_ADDRESS", "10"))
+if JOIN_UNSTARTED_PER_ADDRESS < 0:
+    raise ImproperlyConfigured(
+        "JOIN_UNSTARTED_PER_ADDRESS is a number of subjects: 0 (no limit) or more"
+    )
 
 LANGUAGE_CODE = "en"
 LANGUAGES = [("en", "English"), ("de", "Deutsch")]

@@ -1066,10 +1066,10 @@ def test_behind_a_proxy_one_clients_failures_lock_out_only_that_client(settings)
 def test_a_port_a_proxy_appends_to_the_clients_address_is_left_out():
     from django.test import RequestFactory
 
-    from study_site.settings import _client_address
+    from study_site.client import client_address
 
     def address(header):
-        return _client_address(RequestFactory().get("/", REMOTE_ADDR=PROXY, **header))
+        return client_address(RequestFactory().get("/", REMOTE_ADDR=PROXY, **header))
 
     assert address({"HTTP_X_FORWARDED_FOR": "198.51.100.7:51234"}) == "198.51.100.7"
     assert address({"HTTP_X_FORWARDED_FOR": "1.2.3.4, [2001:db8::1]:443"}) == "2001:db8::1"

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from django.core.files.base import ContentFile
 from django.core.management import call_command
+from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 from hypothesis import given, settings
@@ -730,6 +731,50 @@ def test_a_joined_subject_who_never_started_holds_a_place_for_half_an_hour(clien
     other = type(client)().get(join_url(study, "?PROLIFIC_PID=b"))
     assert ("This study is full" in other.content.decode()) is full
     assert Subject.objects.filter(external_id="b").exists() is not full
+
+
+@override_settings(JOIN_UNSTARTED_PER_ADDRESS=2)
+def test_one_address_makes_only_a_few_subjects_that_do_not_start(client):
+    """A script fetching the join link again and again (no cookies, new ids) would fill the
+    study's cap, or the database, with subjects nobody takes part as."""
+    study = make_study(per_type=1, require_consent=True)
+
+    def join(address, query=""):  # each time a browser of its own
+        return type(client)(REMOTE_ADDR=address).get(join_url(study, query))
+
+    assert join("203.0.113.5").status_code == 302
+    assert join("203.0.113.5", "?PROLIFIC_PID=x").status_code == 302  # new ids do not help
+    busy = join("203.0.113.5")
+    assert busy.status_code == 429 and busy["Retry-After"] == "60"
+    assert "Please wait a minute" in busy.content.decode()
+    assert Subject.objects.count() == 2
+    assert join("198.51.100.9").status_code == 302  # nobody else is held up
+    # One who starts no longer counts, and keeps no trace of the address; one who declines does.
+    first, second = Subject.objects.order_by("pk")[:2]
+    client.post(url(first), {"step": "start", "consent": "on"})
+    first.refresh_from_db()
+    assert first.consented_at and views.JOINED_FROM not in first.meta
+    client.post(url(second), {"step": "decline", "confirm": "1"})
+    assert Subject.objects.get(pk=second.pk).outcome == Subject.Outcome.NO_CONSENT
+    assert join("203.0.113.5").status_code == 302
+    assert join("203.0.113.5").status_code == 429
+    # Nor do those who joined longer than JOIN_HOLD ago.
+    Subject.objects.update(created_at=timezone.now() - JOIN_HOLD)
+    assert join("203.0.113.5").status_code == 302
+    assert Subject.objects.count() == 5
+
+
+@override_settings(JOIN_UNSTARTED_PER_ADDRESS=1, TRUSTED_PROXY_COUNT=1)
+def test_behind_a_proxy_the_join_limit_counts_the_address_the_proxy_saw(client):
+    study = make_study(per_type=1)
+
+    def join(forwarded):
+        browser = type(client)(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR=forwarded)
+        return browser.get(join_url(study)).status_code
+
+    assert join("203.0.113.5") == 302
+    assert join("198.51.100.9") == 302  # the proxy's own address is everyone's
+    assert join("198.51.100.9, 203.0.113.5") == 429  # what the client claims is not trusted
 
 
 # --- Behaviour log and exports ---------------------------------------------------------------
