@@ -254,7 +254,8 @@ def main(argv=None):
         "--encoder",
         default="efficientnet-lite0",
         choices=["efficientnet-lite0", "inception-v3"],
-        help="frame CNN",
+        help="frame CNN: efficientnet-lite0 (1280-d, weights shipped) or the paper's "
+        "inception-v3 (2048-d, weights downloaded once)",
     )
     s.add_argument(
         "--image-size", type=int, default=None, help="CNN input size (default: the encoder's)"

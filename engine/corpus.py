@@ -49,6 +49,7 @@ DEMO_VMNET_CONFIG = DEMO_FEATURES | {
     "top_k": 30,
     "max_epochs": 150,
     "patience": 40,
+    "lambdas": (1.0, 1.0, 0.2, 0.2),  # equal weights, as the README's demo figures were measured
 }
 ADJECTIVES = ["Neon", "Velvet", "Broken", "Golden", "Silent", "Electric", "Paper", "Midnight"]
 NOUNS = ["Rivers", "Engines", "Gardens", "Mirrors", "Signals", "Horizons", "Echoes", "Streets"]

@@ -15,7 +15,10 @@ coefficients are signed, so they are kept as they are. (The authors' release app
 `logamplitude(ref=max)` to everything, which clips signed features to the floor.)
 
 HPSS uses the same frames as the features (n_fft 512, hop 256, librosa's 31-bin median
-kernels).
+kernels), and so do the mel bands (96) and the MFCCs (20, from those 96 bands); the
+release used librosa's defaults (n_fft 2048, 128 bands) at a sample rate its audio did not
+have. RMS goes through the same dB conversion as the power features (10·log10 of an
+amplitude: half the 20·log10 scale, which the standardisation before the network removes).
 
 `music_features` is the hot path and one row of `audio_batch.music_features_batch` (one
 tensor implementation of the maths): one STFT of the mixture for HPSS, one inverse STFT
