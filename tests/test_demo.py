@@ -75,7 +75,8 @@ def test_demo_prepares_a_study_that_a_subject_can_finish(demo_env):
     with sqlite3.connect(database) as db:
         hashed = db.execute("SELECT password FROM auth_user WHERE username = 'admin'").fetchall()
     other = _manage(demo_env, "demo", "--no-serve", "--pairs", "24", "--test", "6")
-    assert "already prepared with 8 test pairs and 2 questions per type" in other
+    assert "set up with 24 pairs, 8 test pairs and 2 questions per type" in other
+    assert "--fresh" in other
     assert "password: (your own: this user was not made by the demo)" in other
     with sqlite3.connect(database) as db:
         assert db.execute("SELECT password FROM auth_user WHERE username = 'admin'").fetchall() == (
@@ -110,6 +111,16 @@ def test_demo_prepares_a_study_that_a_subject_can_finish(demo_env):
     report = _manage(demo_env, "preference_report", "demo", "--format", "json")
     assert '"GR"' in report and "V2M" in report, report
 
+    # Other sizes start afresh on request: a new study and collection of those sizes.
+    fresh = _manage(demo_env, "demo", "--no-serve", "--fresh", "--pairs", "20", "--test", "6",
+                    "--per-type", "2")  # fmt: skip
+    assert "Deleted the earlier demo's study and collection" in fresh
+    assert not set(re.findall(r"http://127\.0\.0\.1:8000(/s/[\w-]+/)", fresh)) & set(links)
+    with sqlite3.connect(database) as db:
+        splits = dict(db.execute("SELECT split, COUNT(*) FROM experiments_pair GROUP BY split"))
+        assert splits.get("test") == 6 and sum(splits.values()) - splits.get("catch", 0) == 20
+        assert db.execute("SELECT COUNT(*) FROM experiments_response").fetchone() == (0,)
+
 
 def test_the_demo_says_why_the_redis_it_started_did_not_run(tmp_path, settings, monkeypatch):
     """A port taken by something else: redis-server exits at once, and its reason is shown."""
@@ -134,3 +145,55 @@ def test_the_demo_says_why_the_redis_it_started_did_not_run(tmp_path, settings, 
     said = command.stdout.getvalue()
     assert "did not start" in said and "Address already in use" in said
     assert str(tmp_path / "redis.log") in said
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--test", "5", "--per-type", "2"], "--test 5 is too few for --per-type 2"),
+        (["--pairs", "24", "--test", "20", "--per-type", "2"], "at least --pairs 30"),
+        (["--per-type", "0"], "--per-type must be at least 1"),
+    ],
+)
+def test_demo_sizes_no_study_can_take_are_refused_before_any_work(args, message, db):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    from experiments.models import Collection
+
+    with pytest.raises(CommandError, match=re.escape(message)):
+        call_command("demo", "--no-serve", *args)
+    assert not Collection.objects.exists()
+
+
+def test_the_demo_refuses_a_port_in_use_before_any_work(db):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    from experiments.models import Collection
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        with pytest.raises(CommandError, match=f"cannot serve on 127.0.0.1:{port}"):
+            call_command("demo", "--port", port, "--pairs", "24", "--test", "6", "--per-type", "2")
+    assert not Collection.objects.exists()
+
+
+def test_the_demo_says_it_starts_no_redis_for_another_host(tmp_path, settings, monkeypatch):
+    import io
+
+    from experiments.management.commands.demo import Command
+    from study_site.celery import app
+
+    monkeypatch.setitem(app.conf, "task_always_eager", app.conf.task_always_eager)
+    monkeypatch.setenv("CELERY_ALWAYS_EAGER", os.environ.get("CELERY_ALWAYS_EAGER", "0"))
+    settings.CELERY_BROKER_URL = f"redis://127.0.0.2:{_free_port()}/0"  # nothing listens there
+    settings.VAR_DIR = tmp_path
+    command = Command(stdout=io.StringIO())
+    command.children = []
+    assert command._ensure_redis() is None and command.children == []  # in-process
+    assert "REDIS_URL names 127.0.0.2: a redis-server is started only here" in (
+        command.stdout.getvalue()
+    )

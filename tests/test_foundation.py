@@ -63,3 +63,19 @@ def test_production_settings_pass_check_deploy(tmp_path):
             )
             assert proc.returncode == 0, proc.stdout + proc.stderr
         assert proc.stdout.splitlines()[-1] == secure
+
+
+def test_a_command_whose_reader_stops_early_ends_without_a_traceback(tmp_path):
+    """`manage.py export_responses STUDY | head`: the reader closes the pipe halfway."""
+    lines = "import sys\nfor i in range(200_000): sys.stdout.write(f'row {i}\\n')"
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "shell", "-c", lines],
+        env={**os.environ, "VAR_DIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=settings.BASE_DIR,
+    )
+    proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(60) == 1
+    assert b"Traceback" not in proc.stderr.read()

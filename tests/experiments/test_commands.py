@@ -78,6 +78,10 @@ def test_create_subjects_prints_their_links():
     tokens = re.findall(r"^https://x\.org/s/([\w-]+)/$", out, re.M)
     assert len(tokens) == 3
     assert sorted(study.subjects.values_list("token", flat=True)) == sorted(tokens)
+    # Without the site's address the links only work here, and it says so (not in the links).
+    out, err = run("create_subjects", study.slug, "--count", "1")
+    assert re.fullmatch(r"http://localhost:8000/s/[\w-]+/\n", out)
+    assert "pass --base-url with your site's address" in err
     assert all(s.questions.count() == 12 for s in study.subjects.all())
     with pytest.raises(CommandError, match="No study"):
         run("create_subjects", "nope", "--count", "1")

@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from experiments.models import Collection, Pair, Split, Study, StudySystem, Syst
 from study_site.celery import app, redis_answers
 
 DEMO = "demo"
+AFRESH = "`manage.py demo --fresh` starts it afresh"
 
 
 class Command(BaseCommand):
@@ -31,31 +33,46 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--no-serve", action="store_true", help="Prepare, print, and exit.")
-        parser.add_argument("--pairs", type=int, default=400, help="Music videos to generate.")
+        parser.add_argument(
+            "--fresh",
+            action="store_true",
+            help="Delete the demo's study and collection first, to start it afresh (with other "
+            "sizes); their media files stay under MEDIA_ROOT.",
+        )
+        parser.add_argument(
+            "--pairs", type=int, default=400, help="Music videos to generate (default: 400)."
+        )
         parser.add_argument(
             "--test",
             type=int,
             default=120,
-            help="Of which held out: a block needs 3 x per-type queries; the more held out, "
-            "the fewer items a subject meets twice (docs/guarantees.md).",
+            help="Of which held out (default: 120): a block needs 3 x per-type queries; the more "
+            "held out, the fewer items a subject meets twice (docs/guarantees.md).",
         )
         parser.add_argument(
             "--per-type",
             type=int,
             default=20,
-            help="Questions per comparison (G-R, G-S, S-R) and direction; 6 x this per subject.",
+            help="Questions per comparison (G-R, G-S, S-R) and direction (default: 20); 6 x this "
+            "per subject.",
         )
         parser.add_argument(
             "--subjects",
             type=int,
             default=3,
-            help="Subjects whose links are printed (made if the demo has fewer).",
+            help="Subjects whose links are printed, made if the demo has fewer (default: 3).",
         )
-        parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+        parser.add_argument("--port", type=int, default=8000, help="(default: 8000)")
 
     def handle(self, *args, **opts):
         started = time.monotonic()
+        # What would fail after minutes of preparation fails now.
+        if not opts["no_serve"]:
+            _check_port(opts["host"], opts["port"])
+        call_command("migrate", "--noinput", verbosity=0)  # a fresh machine has no tables
+        if opts["fresh"] or not Collection.objects.filter(name=DEMO).exists():
+            _check_sizes(opts)  # the sizes of a new demo (an earlier one keeps its own)
         self.children: list[subprocess.Popen] = []
         # `kill` stops the worker and the web server too, as Ctrl-C does.
         signal.signal(signal.SIGTERM, _interrupt)
@@ -82,8 +99,12 @@ class Command(BaseCommand):
             return url
         binary = shutil.which("redis-server")
         parsed = urlparse(url)
-        why = "install it with `apt-get install redis-server`, or set REDIS_URL"
-        if binary and parsed.hostname in {"localhost", "127.0.0.1", "::1"}:
+        local = parsed.hostname in {"localhost", "127.0.0.1", "::1"}
+        if not local:
+            why = f"REDIS_URL names {parsed.hostname}: a redis-server is started only here"
+        else:
+            why = "install it with `apt-get install redis-server`, or set REDIS_URL"
+        if binary and local:
             port = parsed.port or 6379
             log = Path(settings.VAR_DIR) / "redis.log"
             server = subprocess.Popen(
@@ -149,15 +170,25 @@ class Command(BaseCommand):
     def _prepare(self, opts):
         from engine.corpus import DEMO_FEATURES, DEMO_VMNET_CONFIG, make_demo_corpus
 
-        call_command("migrate", "--noinput", verbosity=0)  # a fresh machine has no tables
+        if opts["fresh"]:
+            self._delete_demo()
+        # First: a demo whose preparation fails still leaves a login to look at it with.
+        self.password = self._admin_password()
         corpus = Path(settings.VAR_DIR) / "demo" / "corpus"
         collection = Collection.objects.filter(name=DEMO).first()
-        ready = collection.pairs.filter(status=Pair.Status.READY).count() if collection else 0
-        if ready < opts["pairs"]:  # new, or an import that was stopped: it resumes
-            if len(list(corpus.glob("*.mp4"))) < opts["pairs"]:
-                self.stdout.write(f"Generating {opts['pairs']} synthetic music videos in {corpus}")
+        # An earlier demo's collection keeps its size (an import stopped halfway included).
+        pairs = collection.pairs.exclude(split=Split.CATCH) if collection else None
+        total = pairs.count() if collection else opts["pairs"]
+        ready = pairs.filter(status=Pair.Status.READY).count() if collection else 0
+        if ready < total:  # new, or an import that was stopped: it resumes
+            if len(list(corpus.glob("*.mp4"))) != total:  # the folder is imported whole
+                shutil.rmtree(corpus, ignore_errors=True)
+                self.stdout.write(
+                    f"Generating {total} synthetic music videos in {corpus} (on this machine's "
+                    "cores; a few minutes for 400)"
+                )
                 # 8 s clips: enough to judge a match, and the demo stays within minutes.
-                make_demo_corpus(corpus, opts["pairs"], seed=0, duration=8.0)
+                make_demo_corpus(corpus, total, seed=0, duration=8.0)
             # The synthetic clips are 160x120: a 112-px CNN input loses nothing and is 7x faster.
             call_command(
                 "import_collection", DEMO, str(corpus), "--test", str(opts["test"]),
@@ -193,36 +224,46 @@ class Command(BaseCommand):
         if created:
             StudySystem.objects.create(study=study, system=vmnet, label="S")
         n_test = collection.pairs.filter(split=Split.TEST).count()
-        if (study.per_type, n_test) != (opts["per_type"], opts["test"]) and not created:
+        sizes = (total, n_test, study.per_type)
+        if sizes != (opts["pairs"], opts["test"], opts["per_type"]) and not created:
             self.stdout.write(
                 self.style.WARNING(
-                    f"The demo is already prepared with {n_test} test pairs and "
-                    f"{study.per_type} questions per type; --test and --per-type apply to a "
-                    "new demo (delete the study and then the collection named demo in the admin to start "
-                    "it afresh)."
+                    f"The demo was set up with {total} pairs, {n_test} test pairs and "
+                    f"{study.per_type} questions per type; --pairs, --test and --per-type apply "
+                    f"to a new demo ({AFRESH})."
                 )
             )
         if study.status in {Study.Status.DRAFT, Study.Status.FAILED, Study.Status.PREPARING}:
-            call_command("prepare_study", DEMO, "--wait")
+            try:
+                call_command("prepare_study", DEMO, "--wait")
+            except CommandError as error:
+                raise CommandError(f"{error} ({AFRESH})") from None
             study.refresh_from_db()
         if study.status == Study.Status.FAILED:
-            raise CommandError(f"study preparation failed: {study.message}")
+            raise CommandError(f"study preparation failed: {study.message} ({AFRESH})")
         baseline = System.objects.get(collection=collection, name="CCA")
         if baseline.status != System.Status.READY:
             from experiments.tasks import gpu_train_system
 
+            self.stdout.write("Training the CCA baseline")
             gpu_train_system.delay(baseline.id).get(timeout=600)
         if study.status == Study.Status.READY:
             study.status = Study.Status.OPEN
             study.save(update_fields=["status"])
 
-        self.password = self._admin_password()
         from experiments.subjects import create_subjects
 
         missing = opts["subjects"] - study.subjects.count()
         if missing > 0:
             create_subjects(study, missing)
         self.study = study
+
+    def _delete_demo(self):
+        """The demo's study (its subjects and answers) and collection (pairs, systems)."""
+        studies, _ = Study.objects.filter(slug=DEMO).delete()
+        collections, _ = Collection.objects.filter(name=DEMO).delete()
+        if studies or collections:
+            self.stdout.write("Deleted the earlier demo's study and collection")
 
     def _admin_password(self) -> str | None:
         path = Path(settings.VAR_DIR) / "demo" / "admin-password"
@@ -279,8 +320,41 @@ class Command(BaseCommand):
         self.stdout.write(f"Web: http://{addr}/  (Ctrl-C stops the web server and the worker)")
         while all(child.poll() is None for child in self.children):
             time.sleep(0.5)
+        if self.children[-1].poll() is not None:
+            raise CommandError("the web server stopped unexpectedly (its output is above)")
         log = Path(settings.VAR_DIR) / "worker.log"
-        raise CommandError(f"a demo process stopped unexpectedly; see {log}")
+        raise CommandError(f"the Celery worker or Redis stopped unexpectedly; see {log}")
+
+
+def _check_sizes(opts) -> None:
+    """The sizes a study can be prepared from, checked before minutes of generating and
+    importing: each block asks G-R, G-S and S-R `per_type` times, each with its own test
+    query, and training needs pairs beside the test ones."""
+    pairs, test, per_type = opts["pairs"], opts["test"], opts["per_type"]
+    if per_type < 1 or opts["subjects"] < 0:
+        raise CommandError("--per-type must be at least 1 and --subjects 0 or more")
+    if test < 3 * per_type:
+        raise CommandError(
+            f"--test {test} is too few for --per-type {per_type}: a block asks 3 x {per_type} "
+            f"questions, each with a test pair of its own (at least --test {3 * per_type})"
+        )
+    if pairs < test + 10:
+        raise CommandError(
+            f"--pairs {pairs} leaves too few for training beside --test {test} "
+            f"(at least --pairs {test + 10})"
+        )
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as runserver binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise CommandError(
+                f"cannot serve on {host}:{port} ({error.strerror}): pass another --port, or "
+                "--no-serve"
+            ) from None
 
 
 def _recall_cells(recall: dict) -> str:

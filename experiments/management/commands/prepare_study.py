@@ -3,6 +3,7 @@
 
 import threading
 import time
+from textwrap import shorten
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
@@ -100,7 +101,8 @@ class Command(BaseCommand):
             while True:
                 ended = running is not None and not running()  # before the last look
                 study.refresh_from_db()
-                bar.set_description(study.message[:60], refresh=False)
+                # Cut at a word, marked (the whole message is printed at the end).
+                bar.set_description(shorten(study.message, 60, placeholder=" …"), refresh=False)
                 bar.update(round(100 * study.progress) - bar.n)  # drawn every mininterval
                 if ended or (running is None and study.status in FINAL):
                     return study
