@@ -10,29 +10,29 @@ import pandas as pd
 from statsmodels.stats.inter_rater import fleiss_kappa
 
 from .machine import MACHINE_PREFIX, machine_labels
-from .preference import answers, ordered_pair_types
+from .preference import ordered_pair_types, takes_answers
 
 QUESTION = ["pair_type", "direction", "item"]
 
 
-def _answers_with_items(df):
-    d = answers(df)
+def _need_items(d):
     if "item" not in d.columns:
         raise ValueError("agreement needs an 'item' column (the query id)")
-    return d
 
 
-def item_agreement(df: pd.DataFrame) -> pd.DataFrame:
+@takes_answers
+def item_agreement(d: pd.DataFrame) -> pd.DataFrame:
     """Per question: `n` answers, `first_share` (percent preferring the first kind) and
     `agreement` (percent of answers that side with the majority, 50–100)."""
-    d = _answers_with_items(df)
+    _need_items(d)
     out = d.groupby(QUESTION, observed=True)["prefers_first"].agg(n="size", first="mean")
     out["first_share"] = 100.0 * out.pop("first")
     out["agreement"] = np.maximum(out["first_share"], 100.0 - out["first_share"])
     return out.reset_index()
 
 
-def comparison_kappa(df: pd.DataFrame) -> pd.DataFrame:
+@takes_answers
+def comparison_kappa(d: pd.DataFrame) -> pd.DataFrame:
     """Fleiss' kappa per pair type (both directions' questions together).
 
     Fleiss' kappa needs the same number of raters r for every question; questions were answered
@@ -40,21 +40,25 @@ def comparison_kappa(df: pd.DataFrame) -> pd.DataFrame:
     with at least r answers), and each such question's first r answers (in subject order) count.
     Columns: `kappa`, `raters` (r), `questions`.
     """
-    d = _answers_with_items(df).sort_values(
-        ["subject", "position"] if "position" in df else "subject"
-    )
+    _need_items(d)
+    d = d.sort_values(["subject", "position"] if "position" in d else "subject")
     rows = []
     for pair_type in ordered_pair_types(d["pair_type"].unique()):
         cell = d[d["pair_type"] == pair_type]
-        sizes = cell.groupby(QUESTION[1:], observed=True).size()
+        questions = cell.groupby(QUESTION[1:], observed=True)
+        sizes = questions.size()
         candidates = np.arange(2, sizes.max() + 1) if len(sizes) and sizes.max() >= 2 else []
         if len(candidates) == 0:
             rows.append({"pair_type": pair_type, "kappa": np.nan, "raters": 0, "questions": 0})
             continue
-        used = [r * int((sizes >= r).sum()) for r in candidates]
-        r = int(candidates[int(np.argmax(used))])
-        kept = cell.groupby(QUESTION[1:], observed=True).filter(lambda g, r=r: len(g) >= r)
-        first_r = kept.groupby(QUESTION[1:], observed=True).head(r)
+        # r × the questions with at least r answers, for each r at once
+        at_least = np.bincount(sizes)[::-1].cumsum()[::-1]
+        r = int(candidates[int(np.argmax(candidates * at_least[candidates]))])
+        # Each question's first r answers, of those with at least r (in whole columns: a
+        # group at a time took most of the report's time).
+        first_r = cell[
+            (questions["prefers_first"].transform("size") >= r) & (questions.cumcount() < r)
+        ]
         counts = first_r.groupby(QUESTION[1:], observed=True)["prefers_first"].agg(["sum", "size"])
         table = np.column_stack([counts["sum"], counts["size"] - counts["sum"]])
         # Every answer the same: chance agreement is 1 and kappa 0/0, undefined (NaN).
@@ -73,14 +77,15 @@ def comparison_kappa(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def disagreements(df: pd.DataFrame, top: int | None = 20) -> pd.DataFrame:
+@takes_answers
+def disagreements(d: pd.DataFrame, top: int | None = 20) -> pd.DataFrame:
     """Per machine, the questions where people and the machine disagree most.
 
     Rows: machine, pair_type, direction, item, n, `human_first` and `machine_first` (percent of
     answers / machine judgements preferring the first kind) and `gap` = |difference|, the
     largest gaps first (ties: more answers first), at most `top` per machine.
     """
-    d = _answers_with_items(df)
+    _need_items(d)
     parts = []
     for label in machine_labels(d):
         judged = d[d[MACHINE_PREFIX + label].notna()].assign(

@@ -15,7 +15,7 @@ import pandas as pd
 
 from . import agreement, machine, plots, stats
 from .mixed import fit_preference_model
-from .preference import COLUMNS, answers, preference_table, subject_preferences
+from .preference import COLUMNS, answers, preference_table, subject_preferences, takes_answers
 
 # format → (file extension, content type)
 FORMATS = {
@@ -79,6 +79,7 @@ class Report:
     left_out: dict = field(default_factory=dict)  # reason (LEFT_OUT) -> subjects
     unheard: int = 0  # answers given while a candidate (or the query) could not be loaded
     heard_only: bool = False  # those answers left out
+    answers: pd.DataFrame | None = field(default=None, repr=False)  # analysis.answers(responses)
 
     @property
     def counts(self) -> dict:
@@ -96,22 +97,24 @@ def _machine_judge(label: str, n_machines: int) -> str:
     return "Machine" if n_machines == 1 else f"Machine {label}"
 
 
-def results_table(df: pd.DataFrame) -> pd.DataFrame:
+@takes_answers
+def results_table(d: pd.DataFrame) -> pd.DataFrame:
     """Table IV as in the paper: the human rows, then a "Machine" GR row per machine judge
     (its share over the G-R questions it judged; how many: `machine_coverage`)."""
-    human = preference_table(df)
+    human = preference_table.of_answers(d)
     parts = {"Human": human}
-    gr = machine.machine_gr_counts(df)["percent"].unstack("direction")
+    gr = machine.machine_gr_counts.of_answers(d)["percent"].unstack("direction")
     for label, row in gr.iterrows():
         parts[_machine_judge(label, len(gr))] = row.to_frame("GR").T
     table = pd.concat(parts, names=["judge", "pair_type"])
     return table[COLUMNS]
 
 
-def machine_coverage(df: pd.DataFrame) -> pd.DataFrame:
+@takes_answers
+def machine_coverage(d: pd.DataFrame) -> pd.DataFrame:
     """The machine G-R rows of `results_table` with their counts: index (judge, direction),
     columns percent, preferred, n_judged, n_questions, coverage (analysis.machine_gr_counts)."""
-    counts = machine.machine_gr_counts(df)
+    counts = machine.machine_gr_counts.of_answers(d)
     labels = counts.index.get_level_values("machine")
     judges = [_machine_judge(label, labels.nunique()) for label in labels]
     directions = counts.index.get_level_values("direction")
@@ -120,7 +123,7 @@ def machine_coverage(df: pd.DataFrame) -> pd.DataFrame:
 
 
 LEFT_OUT = {
-    "not_finished": "who have not finished",
+    "not_finished": "yet to finish",  # no verb: one or many alike
     "failed_attention": "who failed the attention checks",
     "cannot_pass": "who can no longer pass the attention checks",
 }
@@ -151,9 +154,9 @@ def _notes(report: Report) -> list[str]:
     return sample_notes(report.systems, report.left_out, report.unheard, report.heard_only)
 
 
-def unheard_answers(df: pd.DataFrame) -> int:
+@takes_answers
+def unheard_answers(d: pd.DataFrame) -> int:
     """The answers that count given while a medium could not be loaded (a guess, maybe)."""
-    d = answers(df)
     return int((d["media_errors"] > 0).sum()) if "media_errors" in d.columns else 0
 
 
@@ -169,29 +172,30 @@ def build_report(
     `systems` (label -> name) and `left_out` (reason -> subjects) are told in the notes;
     `heard_only` leaves out the answers given while a medium could not be loaded (counted
     by default: an answer given without hearing a candidate leans towards 50%)."""
-    unheard = unheard_answers(df)
+    d = answers(df)  # once, for every part below
+    unheard = unheard_answers.of_answers(d)
     if heard_only and unheard:
         df = df[df["media_errors"].fillna(0) == 0]
-    d = answers(df)
+        d = answers(df)
     has_items = "item" in d.columns and d["item"].notna().all() and len(d) > 0
     fits = None
     if mixed and has_items:
         fits = pd.DataFrame(
             [
                 _mixed_row(df, d, p)
-                for p in preference_table(df).index
+                for p in preference_table.of_answers(d).index
                 if (d["pair_type"] == p).any()
             ]
         )
     return Report(
         title=title,
         responses=df,
-        table=results_table(df),
-        machine=machine_coverage(df),
-        statistics=stats.cell_statistics(df),
-        subjects=subject_preferences(df),
-        agreement=machine.machine_agreement(df),
-        kappa=agreement.comparison_kappa(df) if has_items else None,
+        table=results_table.of_answers(d),
+        machine=machine_coverage.of_answers(d),
+        statistics=stats.cell_statistics.of_answers(d),
+        subjects=subject_preferences.of_answers(d),
+        agreement=machine.machine_agreement.of_answers(d),
+        kappa=agreement.comparison_kappa.of_answers(d) if has_items else None,
         mixed=fits,
         n_subjects=int(d["subject"].nunique()),
         n_answers=len(d),
@@ -199,6 +203,7 @@ def build_report(
         left_out=dict(left_out or {}),
         unheard=unheard,
         heard_only=heard_only,
+        answers=d,
     )
 
 
@@ -373,7 +378,9 @@ def render(report: Report, fmt: str) -> str | bytes:
         return out.getvalue()
     if fmt in ("png", "svg"):
         out = io.BytesIO()
-        plots.preference_boxplot(report.responses, out, title=report.title, format=fmt)
+        plots.preference_boxplot(
+            report.responses, out, title=report.title, format=fmt, subjects=report.subjects
+        )
         return out.getvalue()
     if fmt == "zip":
         return zip_all(report)

@@ -13,7 +13,7 @@ empty there). Its shares are over the questions it judged (no 50% is made up for
 import numpy as np
 import pandas as pd
 
-from .preference import COLUMNS, DIRECTIONS, answers, ordered_pair_types
+from .preference import COLUMNS, DIRECTIONS, ordered_pair_types, takes_answers
 
 MACHINE_PREFIX = "machine_"
 GR_COUNT_COLUMNS = ["percent", "preferred", "n_judged", "n_questions", "coverage"]
@@ -24,13 +24,13 @@ def machine_labels(df: pd.DataFrame) -> list[str]:
     return [c.removeprefix(MACHINE_PREFIX) for c in df.columns if c.startswith(MACHINE_PREFIX)]
 
 
-def machine_gr_counts(df: pd.DataFrame) -> pd.DataFrame:
+@takes_answers
+def machine_gr_counts(d: pd.DataFrame) -> pd.DataFrame:
     """The machine G-R row with its coverage: rows (machine, direction) for V2M, M2V and Total;
     columns `percent` (of the judged G-R questions, choosing G: the machine's row of Table
     IV), `preferred` (judged questions choosing G), `n_judged` (G-R
     questions the machine judged), `n_questions` (G-R questions answered) and `coverage`
     (percent of them judged). Counts are pandas' nullable Int64."""
-    d = answers(df)
     gr = d[d["pair_type"] == "GR"]
     rows = {}
     for label in machine_labels(d):
@@ -54,10 +54,10 @@ def machine_gr_counts(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def machine_agreement(df: pd.DataFrame) -> pd.DataFrame:
+@takes_answers
+def machine_agreement(d: pd.DataFrame) -> pd.DataFrame:
     """Human–machine agreement per comparison: rows (machine, pair_type), columns V2M, M2V,
     Total, the percent of answers in which the subject chose what the machine chose."""
-    d = answers(df)
     pair_types = ordered_pair_types(d["pair_type"].unique())
     rows = []
     for label in machine_labels(d):

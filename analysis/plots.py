@@ -8,6 +8,7 @@ the figure), red crosses for the subjects beyond, a green line at the 50% chance
 
 from pathlib import Path
 
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -17,9 +18,11 @@ FORMATS = {"png", "svg", "pdf"}
 WHISKER_IQR = 1.5
 
 
-def preference_figure(df, title="Per-subject preference (Fig. 7)") -> Figure:
-    """The box plot as a Figure; boxes left to right: each pair type's V2M, then M2V."""
-    subjects = subject_preferences(df)
+def preference_figure(df, title="Per-subject preference (Fig. 7)", subjects=None) -> Figure:
+    """The box plot as a Figure; boxes left to right: each pair type's V2M, then M2V.
+    `subjects`: `subject_preferences(df)` when already made."""
+    if subjects is None:
+        subjects = subject_preferences(df)
     pair_types = ordered_pair_types(subjects["pair_type"].unique())
     boxes, labels, positions = [], [], []
     for i, pair_type in enumerate(pair_types):
@@ -61,14 +64,18 @@ def preference_figure(df, title="Per-subject preference (Fig. 7)") -> Figure:
     return fig
 
 
-def preference_boxplot(df, path, title="Per-subject preference (Fig. 7)", format=None) -> Figure:
+def preference_boxplot(
+    df, path, title="Per-subject preference (Fig. 7)", format=None, subjects=None
+) -> Figure:
     """Write Fig. 7 to `path` (PNG, SVG or PDF by suffix, or `format` for a binary file object)
-    and return the Figure."""
+    and return the Figure. `subjects`: `subject_preferences(df)` when already made."""
     fmt = (format or Path(str(path)).suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
         raise ValueError(f"plot format must be one of {sorted(FORMATS)}, not {fmt!r}")
-    fig = preference_figure(df, title)
-    fig.savefig(path, format=fmt, dpi=150, metadata=_metadata(fmt))
+    fig = preference_figure(df, title, subjects)
+    # SVG element ids are random unless salted: with a salt the same data gives the same file.
+    with rc_context({"svg.hashsalt": "fig7"}):
+        fig.savefig(path, format=fmt, dpi=150, metadata=_metadata(fmt))
     return fig
 
 

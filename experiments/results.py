@@ -5,11 +5,14 @@ Hooked into the admin by StudyAdmin.get_urls as `admin:experiments_study_results
 """
 
 import base64
+import dataclasses
+import hashlib
 from urllib.parse import urlencode
 
 import pandas as pd
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
+from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404
@@ -54,13 +57,14 @@ def study_results(request, study_id):
     fmt = request.GET.get("download")
     if fmt is not None and fmt not in FORMATS:
         return HttpResponseBadRequest(f"unknown download format; one of {', '.join(FORMATS)}")
-    has_answers = not answers(df).empty
+    found = _cached_analysis(df, study.name, sample)
+    has_answers, unheard = found["has_answers"], found["unheard"]
     if fmt is not None:
         if not has_answers:
             return HttpResponseBadRequest("this study has no answers to export yet")
-        report = build_report(df, title=study.name, **sample)
+        content = found["plot_png"] if fmt == "png" else render(found["report"], fmt)
         extension, content_type = FORMATS[fmt]
-        response = HttpResponse(render(report, fmt), content_type=content_type)
+        response = HttpResponse(content, content_type=content_type)
         suffix = (
             "-incomplete" * include_incomplete
             + "-with-failed" * include_failed
@@ -70,7 +74,6 @@ def study_results(request, study_id):
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
 
-    unheard = unheard_answers(df)
     context = {
         **admin.site.each_context(request),
         "title": f"Results of {study}",
@@ -93,9 +96,10 @@ def study_results(request, study_id):
         "sample_query": "".join(f"&{name}=1" for name, on in options.items() if on),
     }
     if has_answers:
-        report = build_report(df, title=study.name, **sample)
+        report = found["report"]
         context.update(
-            report=report,
+            n_subjects=report.n_subjects,
+            n_answers=report.n_answers,
             table_rows=_rows(report.table),
             machine_coverage=[
                 {"judge": judge, **row}
@@ -110,10 +114,40 @@ def study_results(request, study_id):
             ],
             agreement_rows=_rows(report.agreement),
             kappa_rows=_rows(report.kappa) if report.kappa is not None else [],
-            plot_png=base64.b64encode(render(report, "png")).decode("ascii"),
-            disagreements=_disagreement_rows(report.responses),
+            plot_png=base64.b64encode(found["plot_png"]).decode("ascii"),
+            disagreements=found["disagreements"],
         )
     return TemplateResponse(request, "admin/experiments/results.html", context)
+
+
+def _cached_analysis(df: pd.DataFrame, title: str, sample: dict) -> dict:
+    """`_analyse`'s results, kept in Django's cache under a digest of all they are made from:
+    every value of the frame (pandas' 64-bit hash of each row), its columns and types, the
+    title and the sample's notes. A kept one is what computing it anew gives, whatever
+    changed in the database and however (counts and last ids would miss an answer corrected
+    in place). Each page and download still reads the frame (1 s at 100,000 answers); the
+    report and its plot (1-2 s more) are made once for the page and all its downloads.
+    Not in the key: the code; a shared cache that outlives a deploy wants clearing then."""
+    digest = hashlib.sha256(repr((list(df.columns), [str(t) for t in df.dtypes])).encode())
+    digest.update(pd.util.hash_pandas_object(df).to_numpy().tobytes())
+    digest.update(repr((title, sample)).encode())
+    return cache.get_or_set(f"results:{digest.hexdigest()}", lambda: _analyse(df, title, sample))
+
+
+def _analyse(df: pd.DataFrame, title: str, sample: dict) -> dict:
+    """Whether any answers count and how many were given unheard; where some count, the
+    report without its frames (`responses` and `answers` None: 0.5 MB to keep at 1,000
+    subjects, not tens of MB), its plot (PNG) and the disagreements shown."""
+    counted = answers(df)
+    found = {"has_answers": not counted.empty, "unheard": unheard_answers.of_answers(counted)}
+    if found["has_answers"]:
+        report = build_report(df, title=title, **sample)
+        found.update(
+            report=dataclasses.replace(report, responses=None, answers=None),
+            plot_png=render(report, "png"),
+            disagreements=_disagreement_rows(report),
+        )
+    return found
 
 
 # One style per kind of number, in every table of the page: counts as integers, p-values with
@@ -151,11 +185,12 @@ def _blank_nan(frame):
     return frame.astype(object).where(frame.notna(), None)
 
 
-def _disagreement_rows(df):
+def _disagreement_rows(report):
     """The questions where people and each machine disagree most, with a link to the query."""
+    df = report.responses
     if "item" not in df.columns or df["item"].isna().any():
         return []
-    top = disagreements(df, top=DISAGREEMENTS_SHOWN)
+    top = disagreements.of_answers(report.answers, top=DISAGREEMENTS_SHOWN)
     query_ids = df.drop_duplicates("item").set_index("item")["query_id"]
     rows = []
     for row in top.itertuples(index=False):

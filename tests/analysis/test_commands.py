@@ -251,7 +251,7 @@ def test_report_refuses_clearly_without_answers():
     with pytest.raises(CommandError, match="No study"):
         run("preference_report", "nope")
     make_study(slug="partial", completed=False)
-    with pytest.raises(CommandError, match=r"2 subject\(s\) who have not finished \(--incl"):
+    with pytest.raises(CommandError, match=r"2 subject\(s\) yet to finish \(--incl"):
         run("preference_report", "partial")
     make_study(slug="failed", outcome=Subject.Outcome.FAILED_ATTENTION)
     with pytest.raises(
@@ -360,7 +360,7 @@ def test_results_page_without_answers_and_for_non_staff(staff_request):
     study = make_study(completed=False)
     page = staff_request(study).content.decode()
     assert "No answers to analyse yet from the subjects counted." in page
-    assert "Left out: 2 subjects who have not finished." in page
+    assert "Left out: 2 subjects yet to finish." in page
     assert staff_request(study, incomplete="1").content.decode().count("75.0<") >= 1
     assert staff_request(study, download="csv").status_code == 400
     request = RequestFactory().get("/")

@@ -208,7 +208,7 @@ def test_an_answer_with_two_media_errors_is_one_answer_with_media_errors():
 def test_the_notes_reach_the_xlsx_and_the_latex_caption():
     df = exact_answers(SPEC, MACHINE)
     report = build_report(df, systems={"S1": "vmnet"}, left_out={"not_finished": 2})
-    left_out = "Left out: 2 subjects who have not finished."
+    left_out = "Left out: 2 subjects yet to finish."
     book = openpyxl.load_workbook(io.BytesIO(render(report, "xlsx")))
     notes = [row[0] for row in book["Notes"].iter_rows(min_row=2, values_only=True)]
     assert notes == ["Systems: S1 = vmnet.", left_out, statistics_note(3)]

@@ -31,6 +31,9 @@ def test_writes_each_format_by_suffix(tmp_path, suffix, magic):
     assert path.read_bytes().startswith(magic)
     assert path.stat().st_size > 1000
     assert len(_boxes(fig)) == 6
+    again = tmp_path / f"again{suffix}"
+    preference_boxplot(exact_answers(_spec(5)), again)
+    assert again.read_bytes() == path.read_bytes()  # the same data, the same file
 
 
 def test_boxes_labels_chance_line_and_outliers(tmp_path):
