@@ -41,6 +41,27 @@ def chromium():
         yield browser
 
 
+@pytest.fixture
+def staff_request():
+    """`get(study, **params)`: the admin's results page of `study` (or a download) as a
+    researcher with only the permission to view studies sees it, rendered."""
+    from django.contrib.auth.models import Permission, User
+    from django.test import RequestFactory
+
+    from experiments.results import study_results
+
+    staff = User.objects.create_user("researcher", password="x", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_study"))
+
+    def get(study, **params):
+        request = RequestFactory().get("/", params)
+        request.user = staff
+        response = study_results(request, study.pk)
+        return response.render() if hasattr(response, "render") else response
+
+    return get
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from django.contrib.auth.models import AnonymousUser, Permission, User
+from django.contrib.auth.models import AnonymousUser
 from django.core.management import CommandError, call_command
 from django.test import RequestFactory
 from django.urls import reverse
@@ -314,20 +314,6 @@ def test_plan_power_command_prints_both_targets():
     assert 2 < n80 <= n90 <= 60
     with pytest.raises(CommandError, match="effect"):
         run("plan_power", "--effect", "1.5", "--items", "10", "--questions-per-subject", "5")
-
-
-@pytest.fixture
-def staff_request():
-    staff = User.objects.create_user("researcher", password="x", is_staff=True)
-    staff.user_permissions.add(Permission.objects.get(codename="view_study"))
-
-    def get(study, **params):
-        request = RequestFactory().get("/", params)
-        request.user = staff
-        response = study_results(request, study.pk)
-        return response.render() if hasattr(response, "render") else response
-
-    return get
 
 
 def test_results_page_shows_table_plot_and_links(staff_request):
