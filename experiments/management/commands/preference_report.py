@@ -54,10 +54,10 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Study '{study.slug}' has no answers to analyse: {why_none(study, options)}."
             )
-        if options["mixed"]:  # minutes a comparison in a study of 1,000 subjects: say so first
+        if options["mixed"]:  # seconds a comparison in a study of 1,000 subjects: say so first
             self.stderr.write(
                 f"Fitting the mixed model to {counted['subject'].nunique()} subjects' "
-                f"{len(counted)} answers, one comparison at a time (minutes each in a large study)"
+                f"{len(counted)} answers, one comparison at a time"
             )
         report = build_report(
             df, title=study.name, mixed=options["mixed"], systems=system_names(study),
